@@ -1,0 +1,54 @@
+"""The Celery app, shared by the API (which only sends tasks by name) and the
+worker (which runs them). Importing this module never imports torch.
+
+Reliability lives here, in configuration, as Celery's docs advise for long
+tasks: late acks, reject on worker loss (at-least-once delivery; the task is
+idempotent), prefetch 1, results ignored (the SQL database is the record).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from bonedetect.settings import Settings
+
+SEGMENT_TASK = "worker.tasks.segment_chunk"
+
+
+def make_celery(settings: Settings) -> Celery:
+    settings.ensure_home()
+    app = Celery("bonedetect", broker=settings.broker_url)
+    transport_options: dict = {}
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Redis redelivers a task not acked within visibility_timeout: keep it
+        # above the slowest chunk. (kombu's SQLAlchemy transport passes its
+        # options to create_engine, so Redis-only options must not go there.)
+        transport_options["visibility_timeout"] = settings.visibility_timeout_s
+    app.conf.update(
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue_name,
+        task_routes={SEGMENT_TASK: {"queue": settings.queue_name}},
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(settings.task_time_limit_s - 60, 60),
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        # The model loads lazily on the first task; a prefork child doing it in
+        # worker_process_init would be killed after 4 s.
+        worker_proc_alive_timeout=60,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+def enqueue_chunks(app: Celery, image_ids: list[str], chunk_size: int) -> int:
+    """Send one segment_chunk task per chunk of ids; returns the number sent."""
+    sent = 0
+    for start in range(0, len(image_ids), chunk_size):
+        app.send_task(SEGMENT_TASK, args=[image_ids[start : start + chunk_size]])
+        sent += 1
+    return sent
