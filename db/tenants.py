@@ -1,0 +1,58 @@
+"""Tenants (hospitals) and their API keys.
+
+A key is 32 random bytes, shown once at creation and stored only as its
+SHA-256 hash. Lookup is by hash; the final comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import ApiKey, Tenant, utcnow
+
+KEY_PREFIX = "bd_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
+    """Create a tenant with one API key; returns (tenant, the key in clear)."""
+    if not name or not name.strip():
+        raise ValueError("tenant name must not be empty")
+    if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
+        raise ValueError(f"tenant {name!r} already exists")
+    tenant = Tenant(name=name)
+    session.add(tenant)
+    session.flush()
+    return tenant, issue_key(session, tenant)
+
+
+def issue_key(session: Session, tenant: Tenant) -> str:
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10]))
+    session.flush()
+    return key
+
+
+def revoke_key(session: Session, key_prefix: str) -> int:
+    """Revoke every active key whose visible prefix matches; returns how many."""
+    keys = session.scalars(select(ApiKey).where(ApiKey.prefix == key_prefix, ApiKey.revoked_at.is_(None))).all()
+    for k in keys:
+        k.revoked_at = utcnow()
+    return len(keys)
+
+
+def tenant_for_key(session: Session, key: str) -> Tenant | None:
+    """The tenant owning an active key, or None."""
+    digest = hash_key(key)
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        return None
+    return row.tenant
