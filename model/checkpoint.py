@@ -1,0 +1,166 @@
+"""Self-describing checkpoints: loading needs nothing but the file.
+
+A checkpoint is a ``torch.save`` of one dict of plain types and tensors::
+
+    {
+        "format": "bonedetect-checkpoint/1",
+        "version": str,            # recorded in every result row
+        "label": str,              # e.g. "synthetic, not for clinical use"
+        "network_config": dict,    # UNetConfig as a dict (filters as a list)
+        "state_dict": dict,        # weights; floating tensors in fp16 when saved with half=True
+        "preprocessing": dict,     # Preprocessor.as_dict(): size, mean, std
+        "postprocessing": dict,    # Postprocessor.as_dict(): threshold, ...
+        "metrics": dict,           # what the checkpoint earned, and on which data
+        "extra": dict,             # training config, data license, ...
+        "created_at": str,         # ISO 8601, UTC
+    }
+
+``load_checkpoint`` reads it with ``torch.load(weights_only=True)``, which
+unpickles no arbitrary objects; that is why everything stored is converted to
+plain types (tuples become lists, Paths strings, dataclasses dicts) when saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.network import AttentionUNet, UNetConfig
+from model.postprocess import Postprocessor
+from model.preprocess import Preprocessor
+
+FORMAT = "bonedetect-checkpoint/1"
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "synthetic-demo.pt"
+_INFO_KEYS = ("format", "created_at", "network_config")  # copied into LoadedModel.info next to extra
+
+
+@dataclass
+class LoadedModel:
+    network: AttentionUNet  # eval mode, float32
+    preprocessor: Preprocessor
+    postprocessor: Postprocessor
+    version: str  # recorded in every result row
+    label: str  # e.g. "synthetic, not for clinical use"
+    metrics: dict
+    info: dict  # the saved ``extra`` (training config, data license ...) plus format, created_at, network_config
+
+
+def _plain(obj, where: str):
+    """Convert ``obj`` to types that ``torch.load(weights_only=True)`` accepts."""
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    for kind in (int, float, str):  # subclasses (torch.__version__, IntEnum, ...) are not plain
+        if isinstance(obj, kind):
+            return kind(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        bad = [k for k in obj if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"{where}: dict keys must be strings, got {bad[0]!r}")
+        return {k: _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    raise ValueError(f"{where}: a {type(obj).__name__} cannot be stored in a checkpoint; use plain types")
+
+
+def save_checkpoint(
+    path,
+    network: AttentionUNet,
+    *,
+    preprocessor: Preprocessor,
+    postprocessor: Postprocessor,
+    version: str,
+    label: str,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+    half: bool = False,
+) -> Path:
+    """Write a checkpoint (module docstring: contents) atomically; returns its path.
+
+    Args:
+        network: the trained network (a ``torch.compile`` wrapper is unwrapped).
+        half: store floating weights as fp16 (half the file); they are
+            restored to float32 on load.
+    """
+    if not isinstance(version, str) or not version:
+        raise ValueError(f"version must be a non-empty string, got {version!r}")
+    extra = _plain(extra or {}, "extra")
+    clash = [k for k in _INFO_KEYS if k in extra]
+    if clash:
+        raise ValueError(f"extra must not use the reserved key {clash[0]!r}")
+    network = getattr(network, "_orig_mod", network)
+    state = {}
+    for name, tensor in network.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        state[name] = tensor.half() if half and tensor.is_floating_point() else tensor
+    payload = {
+        "format": FORMAT,
+        "version": version,
+        "label": str(label),
+        "network_config": _plain(dataclasses.asdict(network.config), "network_config"),
+        "state_dict": state,
+        "preprocessing": preprocessor.as_dict(),
+        "postprocessing": postprocessor.as_dict(),
+        "metrics": _plain(metrics or {}, "metrics"),
+        "extra": extra,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # readers never see a half-written file
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> LoadedModel:
+    """Read a checkpoint written by ``save_checkpoint``; the network comes back
+    in eval mode, in float32, on ``map_location``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a bonedetect checkpoint (or not this format version).
+    """
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # unpickling errors of all kinds: not ours
+        raise ValueError(f"{path} is not a bonedetect checkpoint: {exc}") from exc
+    found = data.get("format") if isinstance(data, dict) else type(data).__name__
+    if found != FORMAT:
+        raise ValueError(f"{path} is not a bonedetect checkpoint: format {found!r}, expected {FORMAT!r}")
+    try:
+        config = UNetConfig(**data["network_config"])
+        network = AttentionUNet(config)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in data["state_dict"].items()}
+        network.load_state_dict(state)
+        preprocessor = Preprocessor(**data["preprocessing"])
+        postprocessor = Postprocessor(**data["postprocessing"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{path}: damaged bonedetect checkpoint: {exc}") from exc
+    network.to(map_location).eval()
+    info = {**data.get("extra", {}), **{k: data.get(k) for k in _INFO_KEYS}}
+    return LoadedModel(
+        network=network,
+        preprocessor=preprocessor,
+        postprocessor=postprocessor,
+        version=data["version"],
+        label=data.get("label", ""),
+        metrics=data.get("metrics", {}),
+        info=info,
+    )

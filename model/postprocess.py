@@ -1,0 +1,103 @@
+"""From a probability map to a clean binary tumor mask, and an overlay to look at.
+
+All of it runs at the image's original resolution, after
+``Geometry.restore``: small regions are measured against the real image area.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+from model.preprocess import to_unit_float
+
+OVERLAY_COLOR = (255, 0, 0)  # RGB red: stands out on a gray radiograph
+OVERLAY_FILL_ALPHA = 0.25  # translucent fill inside the mask, so the bone stays visible
+
+
+class Postprocessor:
+    """Probability map -> uint8 {0, 1} mask.
+
+    1. ``prob > threshold``.
+    2. Drop 8-connected regions smaller than ``min_region_fraction`` of the
+       image area (at least 1 pixel, so the default keeps everything on tiny
+       images): isolated speckles are not tumors.
+    3. Fill holes (background not 4-connected to the border), when
+       ``fill_holes``: a tumor region is solid on a radiograph.
+
+    Args:
+        threshold: decision threshold on the probability, in (0, 1); stored in
+            the checkpoint, chosen on validation data.
+        min_region_fraction: smallest kept region as a fraction of H * W, in [0, 1).
+        fill_holes: fill enclosed background.
+    """
+
+    def __init__(self, threshold: float = 0.5, min_region_fraction: float = 1e-4, fill_holes: bool = True):
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        if not 0.0 <= min_region_fraction < 1.0:
+            raise ValueError(f"min_region_fraction must be in [0, 1), got {min_region_fraction!r}")
+        self.threshold = float(threshold)
+        self.min_region_fraction = float(min_region_fraction)
+        self.fill_holes = bool(fill_holes)
+
+    def __call__(self, prob: np.ndarray) -> np.ndarray:
+        prob = np.asarray(prob)
+        if prob.ndim != 2 or prob.size == 0:
+            raise ValueError(f"expected a non-empty (H, W) probability map, got shape {prob.shape}")
+        mask = (prob > self.threshold).astype(np.uint8)
+        min_area = max(1, math.ceil(self.min_region_fraction * mask.size))
+        if min_area > 1:
+            mask = remove_small_regions(mask, min_area)
+        if self.fill_holes:
+            mask = fill_holes(mask)
+        return mask
+
+    def as_dict(self) -> dict:
+        return {"threshold": self.threshold, "min_region_fraction": self.min_region_fraction, "fill_holes": self.fill_holes}
+
+    def __repr__(self) -> str:
+        return f"Postprocessor(threshold={self.threshold}, min_region_fraction={self.min_region_fraction}, fill_holes={self.fill_holes})"
+
+
+def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """Keep the 8-connected regions of ``mask`` with at least ``min_area`` pixels."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(mask, np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area  # (n,) one flag per label
+    keep[0] = False  # label 0 is the background
+    return keep[labels].astype(np.uint8)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Set to 1 every background pixel not 4-connected to the image border
+    (4-connected background is the complement of 8-connected foreground)."""
+    h, w = mask.shape
+    padded = np.zeros((h + 2, w + 2), np.uint8)  # a background ring joins every border pixel
+    padded[1:-1, 1:-1] = mask != 0
+    outside = padded.copy()
+    flood_mask = np.zeros((h + 4, w + 4), np.uint8)  # cv2.floodFill wants 2 more than the image
+    cv2.floodFill(outside, flood_mask, (0, 0), 2, flags=4)
+    return (outside[1:-1, 1:-1] != 2).astype(np.uint8)
+
+
+def render_overlay(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Gray radiograph and its mask -> (H, W, 3) uint8 RGB: the image in gray,
+    the tumor lightly tinted and outlined in red (line width grows with the
+    image, about 1/256 of the long side)."""
+    unit = to_unit_float(pixels)
+    mask = np.asarray(mask)
+    if mask.shape != unit.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match image shape {unit.shape}")
+    gray = np.round(unit * 255).astype(np.uint8)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3)
+    inside = mask != 0
+    if not inside.any():
+        return rgb
+    color = np.asarray(OVERLAY_COLOR, np.float32)
+    rgb[inside] = np.round((1 - OVERLAY_FILL_ALPHA) * rgb[inside] + OVERLAY_FILL_ALPHA * color).astype(np.uint8)
+    contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    thickness = max(1, round(max(unit.shape) / 256))
+    cv2.drawContours(rgb, contours, -1, OVERLAY_COLOR, thickness=thickness)
+    return rgb

@@ -1,0 +1,83 @@
+"""Tumor statistics of one mask, at the image's original resolution.
+
+Plain Python numbers only (no numpy scalars), so a ``TumorStats`` can go
+straight into a database row or JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass
+class TumorStats:
+    tumor_detected: bool
+    area_px: int
+    area_fraction: float  # area_px / (H * W)
+    area_mm2: float | None  # None without pixel spacing; "mm at the detector" for ImagerPixelSpacing
+    bbox_x: int | None  # bounding box of all tumor pixels: left column,
+    bbox_y: int | None  # top row,
+    bbox_w: int | None  # width and height in pixels
+    bbox_h: int | None
+    centroid_x: float | None  # mean column of the tumor pixels
+    centroid_y: float | None  # mean row
+    n_regions: int  # 8-connected regions
+    prob_max: float | None  # over the mask; None when the mask is empty or prob not given
+    prob_mean: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def tumor_statistics(
+    mask: np.ndarray, prob: np.ndarray | None, pixel_spacing_mm: tuple[float, float] | None = None
+) -> TumorStats:
+    """Measure the tumor in ``mask``.
+
+    Args:
+        mask: (H, W), nonzero = tumor, at the original resolution.
+        prob: (H, W) probability map the mask came from, or None (e.g. for a
+            ground-truth mask): then prob_max and prob_mean are None.
+        pixel_spacing_mm: (row spacing, column spacing) in mm; area_mm2 is
+            ``area_px * row * col`` (0.0 for an empty mask), None without it.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"expected a non-empty (H, W) mask, got shape {mask.shape}")
+    if prob is not None and np.shape(prob) != mask.shape:
+        raise ValueError(f"prob shape {np.shape(prob)} does not match mask shape {mask.shape}")
+    row_mm = col_mm = None
+    if pixel_spacing_mm is not None:
+        row_mm, col_mm = (float(s) for s in pixel_spacing_mm)
+        if not all(math.isfinite(s) and s > 0 for s in (row_mm, col_mm)):
+            raise ValueError(f"pixel_spacing_mm must be two positive numbers, got {pixel_spacing_mm!r}")
+
+    inside = mask != 0
+    ys, xs = np.nonzero(inside)
+    area = int(ys.size)
+    area_mm2 = None if row_mm is None else area * row_mm * col_mm
+    if area == 0:
+        return TumorStats(False, 0, 0.0, area_mm2, None, None, None, None, None, None, 0, None, None)
+
+    n_labels, _ = cv2.connectedComponents(inside.astype(np.uint8), connectivity=8)
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+    prob_in = None if prob is None else np.asarray(prob, np.float64)[inside]
+    return TumorStats(
+        tumor_detected=True,
+        area_px=area,
+        area_fraction=area / mask.size,
+        area_mm2=area_mm2,
+        bbox_x=x0,
+        bbox_y=y0,
+        bbox_w=x1 - x0 + 1,
+        bbox_h=y1 - y0 + 1,
+        centroid_x=float(xs.mean()),
+        centroid_y=float(ys.mean()),
+        n_regions=int(n_labels) - 1,
+        prob_max=None if prob_in is None else float(prob_in.max()),
+        prob_mean=None if prob_in is None else float(prob_in.mean()),
+    )

@@ -1,0 +1,186 @@
+"""Checkpoints round-trip; the Segmenter returns what a manual forward pass gives."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import DEFAULT_CHECKPOINT, FORMAT, LoadedModel, load_checkpoint, save_checkpoint
+from model.inference import Prediction, Segmenter
+from model.network import AttentionUNet, UNetConfig
+from model.postprocess import Postprocessor
+from model.preprocess import Preprocessor
+
+CONFIG = UNetConfig(filters=(4, 8, 16), dropout=0.3)
+
+
+def tiny_network(seed=0) -> AttentionUNet:
+    torch.manual_seed(seed)
+    net = AttentionUNet(CONFIG)
+    # non-trivial BatchNorm statistics, as after training
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    net = tiny_network()
+    path = save_checkpoint(
+        tmp_path / "sub" / "tiny.pt",
+        net,
+        preprocessor=Preprocessor(32, mean=0.4, std=0.25),
+        postprocessor=Postprocessor(0.45, 1e-3),
+        version="tiny-1",
+        label="random weights, test only",
+        metrics={"val": {"dice": 0.5, "n": np.int64(3)}},
+        extra={"train_config": {"lr": 1e-3, "filters": (4, 8, 16)}, "data_dir": Path("/data"), "torch": torch.__version__},
+    )
+    return path, net
+
+
+def test_round_trip_restores_everything_and_identical_outputs(saved):
+    path, net = saved
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == FORMAT and set(raw) == {
+        "format", "version", "label", "network_config", "state_dict",
+        "preprocessing", "postprocessing", "metrics", "extra", "created_at",
+    }
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded, LoadedModel)
+    assert loaded.version == "tiny-1" and loaded.label == "random weights, test only"
+    assert loaded.network.config == CONFIG and not loaded.network.training
+    assert loaded.preprocessor.as_dict() == {"size": 32, "mean": 0.4, "std": 0.25}
+    assert loaded.postprocessor.as_dict() == {"threshold": 0.45, "min_region_fraction": 1e-3, "fill_holes": True}
+    assert loaded.metrics == {"val": {"dice": 0.5, "n": 3}}
+    assert loaded.info["train_config"] == {"lr": 1e-3, "filters": [4, 8, 16]}
+    assert loaded.info["data_dir"] == "/data" and loaded.info["format"] == FORMAT
+    assert type(loaded.info["torch"]) is str  # torch.__version__ is a str subclass: stored as a plain str
+    assert loaded.info["network_config"]["filters"] == [4, 8, 16] and "created_at" in loaded.info
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.network(x), net(x))
+
+
+def test_half_checkpoint_is_smaller_and_close(saved, tmp_path):
+    path, net = saved
+    half = save_checkpoint(
+        tmp_path / "half.pt", net, preprocessor=Preprocessor(32), postprocessor=Postprocessor(),
+        version="tiny-1-half", label="test", half=True,
+    )
+    raw = torch.load(half, weights_only=True)["state_dict"]
+    assert raw["head.weight"].dtype == torch.float16
+    assert raw["encoder.0.body.1.num_batches_tracked"].dtype == torch.int64
+    loaded = load_checkpoint(half)
+    assert all(p.dtype == torch.float32 for p in loaded.network.parameters())
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.sigmoid(loaded.network(x)), torch.sigmoid(net(x)), atol=5e-3, rtol=0)
+
+
+def test_not_a_checkpoint_gives_a_clear_value_error(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="not a bonedetect checkpoint"):
+        load_checkpoint(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ValueError, match="format None"):
+        load_checkpoint(other)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_unstorable_extra_is_rejected_at_save_time(tmp_path):
+    kwargs = dict(preprocessor=Preprocessor(32), postprocessor=Postprocessor(), version="v", label="l")
+    with pytest.raises(ValueError, match="extra.fn"):
+        save_checkpoint(tmp_path / "a.pt", tiny_network(), extra={"fn": print}, **kwargs)
+    with pytest.raises(ValueError, match="'format'"):
+        save_checkpoint(tmp_path / "a.pt", tiny_network(), extra={"format": "x"}, **kwargs)
+    with pytest.raises(ValueError, match="version"):
+        save_checkpoint(tmp_path / "a.pt", tiny_network(), **{**kwargs, "version": ""})
+    assert not any(tmp_path.iterdir())
+
+
+def test_default_checkpoint_path_is_in_the_package():
+    assert DEFAULT_CHECKPOINT.parent == Path(__file__).resolve().parents[2] / "model" / "checkpoints"
+    assert DEFAULT_CHECKPOINT.name == "synthetic-demo.pt"
+
+
+# --- Segmenter -------------------------------------------------------------------
+
+
+@pytest.fixture
+def segmenter(saved):
+    return Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=2)
+
+
+def test_predictions_come_back_at_each_original_size(segmenter):
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (45, 30)).astype(np.uint8),
+        rng.integers(0, 4096, (100, 250)).astype(np.uint16),
+        rng.random((32, 32)).astype(np.float32),
+        rng.integers(0, 256, (7, 3)).astype(np.uint8),
+        rng.integers(0, 256, (1, 1)).astype(np.uint8),
+    ]
+    preds = segmenter.predict(images)  # 3 batches of 2, 2, 1
+    assert len(preds) == len(images)
+    for image, pred in zip(images, preds):
+        assert isinstance(pred, Prediction)
+        assert pred.prob.shape == pred.mask.shape == image.shape
+        assert pred.prob.dtype == np.float32 and pred.mask.dtype == np.uint8
+        assert 0.0 <= pred.prob.min() and pred.prob.max() <= 1.0
+        assert set(np.unique(pred.mask)) <= {0, 1}
+    assert segmenter.predict([]) == []
+
+
+def test_segmenter_prob_equals_a_manual_forward_pass(saved, segmenter):
+    path, _ = saved
+    image = np.random.default_rng(1).integers(0, 256, (70, 41)).astype(np.uint8)
+    pred = segmenter.predict([image])[0]
+    loaded = load_checkpoint(path)
+    frame, geometry = loaded.preprocessor(image)
+    with torch.no_grad():
+        logits = loaded.network(torch.from_numpy(frame)[None, None])
+    prob = geometry.restore(torch.sigmoid(logits)[0, 0].numpy())
+    np.testing.assert_allclose(pred.prob, prob, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(pred.mask, loaded.postprocessor(prob))
+
+
+def test_batching_does_not_change_results(saved):
+    images = [np.random.default_rng(s).integers(0, 256, (40 + s, 33)).astype(np.uint8) for s in range(3)]
+    one = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=1).predict(images)
+    three = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=3).predict(images)
+    for a, b in zip(one, three):
+        np.testing.assert_allclose(a.prob, b.prob, atol=1e-5)
+
+
+def test_predict_batch_tensor_gives_probabilities(segmenter):
+    probs = segmenter.predict_batch_tensor(torch.randn(3, 1, 32, 32))
+    assert probs.shape == (3, 1, 32, 32) and probs.dtype == torch.float32
+    assert probs.min() >= 0 and probs.max() <= 1
+    segmenter.warmup()
+
+
+def test_segmenter_rejects_bad_settings(saved):
+    loaded = load_checkpoint(saved[0])
+    with pytest.raises(ValueError, match="batch_size"):
+        Segmenter(loaded, device="cpu", batch_size=0)
+    bad = dataclasses.replace(loaded, preprocessor=Preprocessor(30))
+    with pytest.raises(ValueError, match="30"):
+        Segmenter(bad, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_matches_cpu(saved):
+    images = [np.random.default_rng(s).integers(0, 256, (300, 200 + 50 * s)).astype(np.uint8) for s in range(3)]
+    cpu = Segmenter(load_checkpoint(saved[0]), device="cpu").predict(images)
+    gpu = Segmenter(load_checkpoint(saved[0]), device="cuda").predict(images)
+    for a, b in zip(cpu, gpu):
+        assert np.abs(a.prob - b.prob).max() < 0.03

@@ -1,0 +1,167 @@
+"""Postprocessing, the overlay, and tumor statistics on hand-drawn masks."""
+
+import cv2
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from model.postprocess import Postprocessor, fill_holes, remove_small_regions, render_overlay
+from model.stats import TumorStats, tumor_statistics
+
+# --- postprocessing ----------------------------------------------------------
+
+
+def test_threshold_is_strict_and_from_the_postprocessor():
+    prob = np.array([[0.2, 0.5, 0.51, 0.9]], np.float32)
+    out = Postprocessor(threshold=0.5, min_region_fraction=0, fill_holes=False)(prob)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, [[0, 0, 1, 1]])
+    np.testing.assert_array_equal(Postprocessor(0.85, 0, False)(prob), [[0, 0, 0, 1]])
+
+
+def test_regions_smaller_than_the_fraction_of_the_image_are_removed():
+    prob = np.zeros((100, 100), np.float32)
+    prob[10:20, 10:20] = 0.9  # 100 px = 1% of the image: kept
+    prob[50:53, 50:53] = 0.9  # 9 px: removed at 1e-3 (10 px minimum)
+    prob[80, 80] = prob[81, 81] = 0.9  # 2 px, diagonal: one 8-connected region, removed
+    out = Postprocessor(0.5, min_region_fraction=1e-3, fill_holes=False)(prob)
+    assert out.sum() == 100 and out[10:20, 10:20].all()
+    kept = Postprocessor(0.5, min_region_fraction=9e-4, fill_holes=False)(prob)  # 9 px minimum
+    assert kept.sum() == 109
+
+
+def test_diagonal_neighbours_form_one_region():
+    mask = np.eye(5, dtype=np.uint8)  # 5 px touching only at corners
+    np.testing.assert_array_equal(remove_small_regions(mask, 5), mask)
+    assert not remove_small_regions(mask, 6).any()
+
+
+def test_default_keeps_single_pixels_on_tiny_images():
+    prob = np.zeros((50, 50), np.float32)
+    prob[25, 25] = 1.0  # 1e-4 * 2500 = 0.25 px: at least 1 px, so this one stays
+    assert Postprocessor()(prob).sum() == 1
+
+
+def test_holes_are_filled_but_open_bays_are_not():
+    mask = np.zeros((40, 40), np.uint8)
+    cv2.rectangle(mask, (5, 5), (20, 20), 1, thickness=2)  # closed ring: filled
+    mask[25:35, 25:35] = 1
+    mask[28:32, 30:35] = 0  # a bay open to the right edge of the square: stays open
+    out = fill_holes(mask)
+    assert out[5:21, 5:21].all()
+    np.testing.assert_array_equal(out[25:35, 25:35], mask[25:35, 25:35])
+
+
+def test_fill_holes_matches_scipy_on_random_masks():
+    for seed in range(20):
+        mask = (np.random.default_rng(seed).random((37, 53)) < 0.55).astype(np.uint8)
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask).astype(np.uint8))
+
+
+def test_corner_touching_background_is_a_hole_for_8_connected_foreground():
+    mask = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.uint8)  # a diamond: centre enclosed
+    assert fill_holes(mask)[1, 1] == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"threshold": 0.0}, "threshold"), ({"threshold": 1.5}, "1.5"), ({"min_region_fraction": -1e-3}, "min_region_fraction")],
+)
+def test_bad_postprocessor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Postprocessor(**kwargs)
+
+
+def test_postprocessor_rejects_non_2d_and_round_trips_as_dict():
+    with pytest.raises(ValueError, match=r"\(2, 3, 4\)"):
+        Postprocessor()(np.zeros((2, 3, 4)))
+    post = Postprocessor(0.4, 2e-4, False)
+    assert Postprocessor(**post.as_dict()).as_dict() == post.as_dict() == {
+        "threshold": 0.4,
+        "min_region_fraction": 2e-4,
+        "fill_holes": False,
+    }
+
+
+def test_overlay_is_rgb_gray_outside_and_red_on_the_contour():
+    img = np.full((300, 400), 60, np.uint8)
+    mask = np.zeros((300, 400), np.uint8)
+    mask[100:200, 150:250] = 1
+    rgb = render_overlay(img, mask)
+    assert rgb.shape == (300, 400, 3) and rgb.dtype == np.uint8
+    assert (rgb[10, 10] == 60).all()  # untouched gray
+    assert tuple(rgb[100, 200]) == (255, 0, 0)  # contour, in red
+    r, g, b = rgb[150, 200].astype(int)  # tinted fill: redder, bone still visible
+    assert r > g == b > 0
+    assert (render_overlay(img, np.zeros_like(mask)) == 60).all()
+
+
+def test_overlay_accepts_16_bit_images_and_rejects_mismatched_masks():
+    img = np.random.default_rng(0).integers(0, 4096, (64, 48)).astype(np.uint16)
+    assert render_overlay(img, np.ones((64, 48), np.uint8)).shape == (64, 48, 3)
+    with pytest.raises(ValueError, match=r"\(48, 64\)"):
+        render_overlay(img, np.ones((48, 64), np.uint8))
+
+
+# --- statistics ----------------------------------------------------------------
+
+
+def test_rectangle_statistics():
+    mask = np.zeros((100, 200), np.uint8)
+    mask[10:30, 40:90] = 1  # 20 rows x 50 columns
+    prob = np.where(mask, 0.8, 0.1).astype(np.float32)
+    prob[15, 60] = 0.95
+    s = tumor_statistics(mask, prob, pixel_spacing_mm=(0.2, 0.15))
+    assert s.tumor_detected and s.area_px == 1000 and s.area_fraction == 1000 / 20000
+    assert (s.bbox_x, s.bbox_y, s.bbox_w, s.bbox_h) == (40, 10, 50, 20)
+    assert (s.centroid_x, s.centroid_y) == (64.5, 19.5)
+    assert s.n_regions == 1
+    assert s.area_mm2 == pytest.approx(1000 * 0.2 * 0.15, rel=1e-12)
+    assert s.prob_max == pytest.approx(0.95) and s.prob_mean == pytest.approx((999 * 0.8 + 0.95) / 1000, rel=1e-6)
+
+
+def test_disc_area_is_counted_from_the_drawn_pixels():
+    mask = np.zeros((201, 301), np.uint8)
+    cv2.circle(mask, (150, 100), 60, 1, thickness=-1)
+    drawn = sum(int(row.sum()) for row in mask)  # what cv2 actually drew, row by row
+    s = tumor_statistics(mask, None)
+    assert s.area_px == drawn
+    assert abs(s.area_px - np.pi * 60**2) / (np.pi * 60**2) < 0.01
+    assert (s.centroid_x, s.centroid_y) == (150.0, 100.0)
+    assert (s.bbox_x, s.bbox_y, s.bbox_w, s.bbox_h) == (90, 40, 121, 121)
+    assert s.area_mm2 is None and s.prob_max is None and s.prob_mean is None
+
+
+def test_two_separate_squares_are_two_regions_and_diagonal_touch_is_one():
+    mask = np.zeros((50, 50), np.uint8)
+    mask[5:10, 5:10] = 1
+    mask[30:40, 20:30] = 1
+    s = tumor_statistics(mask, np.zeros((50, 50), np.float32))
+    assert s.n_regions == 2 and s.area_px == 125
+    assert (s.bbox_x, s.bbox_y, s.bbox_w, s.bbox_h) == (5, 5, 25, 35)
+    assert s.centroid_x == pytest.approx((25 * 7 + 100 * 24.5) / 125)
+    mask[10, 10] = 1  # touches the first square at a corner only
+    assert tumor_statistics(mask, None).n_regions == 2
+
+
+def test_empty_mask_gives_no_tumor():
+    s = tumor_statistics(np.zeros((30, 40), np.uint8), np.full((30, 40), 0.3, np.float32))
+    assert s == TumorStats(False, 0, 0.0, None, None, None, None, None, None, None, 0, None, None)
+    assert tumor_statistics(np.zeros((3, 3)), None, (0.1, 0.1)).area_mm2 == 0.0
+
+
+def test_statistics_are_plain_python_numbers():
+    mask = np.zeros((10, 10), bool)
+    mask[2:4, 3:7] = True
+    d = tumor_statistics(mask, np.ones((10, 10), np.float16), (0.5, 0.5)).as_dict()
+    for key, value in d.items():
+        assert type(value) in (bool, int, float), (key, type(value))
+
+
+@pytest.mark.parametrize("spacing", [(0.0, 0.1), (-0.1, 0.1), (float("nan"), 0.1)])
+def test_bad_spacing_or_shapes_raise(spacing):
+    mask = np.ones((4, 4), np.uint8)
+    with pytest.raises(ValueError, match="pixel_spacing_mm"):
+        tumor_statistics(mask, None, spacing)
+    with pytest.raises(ValueError, match=r"\(4, 5\)"):
+        tumor_statistics(mask, np.ones((4, 5)))
