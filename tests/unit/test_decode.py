@@ -1,0 +1,105 @@
+"""Decoding uploads: accepted formats become grayscale arrays in display
+orientation; everything else fails with a reason a user can act on."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker.decode import DecodeError, decode_image
+
+
+def encode(array: np.ndarray, fmt: str, mode: str | None = None, **kw) -> bytes:
+    buf = io.BytesIO()
+    im = Image.fromarray(array, mode) if mode else Image.fromarray(array)
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(h=40, w=60) -> np.ndarray:
+    return (np.arange(h * w).reshape(h, w) % 251).astype(np.uint8)
+
+
+def test_8bit_png_roundtrips_exactly():
+    img = gradient()
+    out = decode_image(encode(img, "PNG"))
+    assert out.format == "PNG" and out.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(out.pixels, img)
+
+
+def test_16bit_png_keeps_16_bits():
+    img = (np.arange(40 * 60).reshape(40, 60) * 17).astype(np.uint16)
+    out = decode_image(encode(img, "PNG"))
+    assert out.pixels.dtype == np.uint16
+    np.testing.assert_array_equal(out.pixels, img)
+
+
+def test_rgb_and_rgba_become_luminance():
+    gray = gradient()
+    rgb = np.stack([gray] * 3, axis=-1)
+    rgba = np.dstack([rgb, np.full_like(gray, 255)])
+    for data in (encode(rgb, "PNG"), encode(rgba, "PNG")):
+        out = decode_image(data)
+        assert out.pixels.shape == gray.shape
+        np.testing.assert_allclose(out.pixels, gray, atol=1)
+
+
+def test_cmyk_jpeg_is_accepted():
+    buf = io.BytesIO()
+    Image.new("CMYK", (64, 48), (0, 0, 0, 100)).save(buf, format="JPEG")
+    out = decode_image(buf.getvalue())
+    assert out.pixels.shape == (48, 64)
+
+
+def test_exif_orientation_is_honoured():
+    img = np.zeros((40, 80), dtype=np.uint8)
+    img[:, :10] = 255  # bright band on the left edge of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes(), quality=95))
+    assert out.pixels.shape == (80, 40), "displayed frame is portrait"
+    assert out.pixels[:10].mean() > 200 and out.pixels[-10:].mean() < 50
+
+
+def test_truncated_jpeg_fails_with_reason():
+    data = encode(gradient(200, 200), "JPEG")
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_image(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty file"),
+        (b"patient notes\n" * 10, "not a PNG or JPEG"),
+        (b"GIF89a" + b"\0" * 50, "not a PNG or JPEG"),
+    ],
+)
+def test_non_images_fail_with_reason(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        decode_image(data)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, with a tiny (invalid) body."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_refused_before_decoding():
+    with pytest.raises(DecodeError, match="30000x30000 pixels, above the limit"):
+        decode_image(png_header_only(30000, 30000), max_pixels=100_000_000)
+
+
+def test_tiny_image_refused():
+    with pytest.raises(DecodeError, match="1x1 pixels, smaller than the minimum"):
+        decode_image(encode(np.zeros((1, 1), np.uint8), "PNG"))

@@ -1,0 +1,67 @@
+"""The worker's in-process pipeline: decode -> network -> postprocess ->
+encode, in batches, with a bad file failing alone."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.inference import Segmenter
+from model.network import AttentionUNet, UNetConfig
+from model.postprocess import Postprocessor
+from model.preprocess import Preprocessor
+from worker.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    network = AttentionUNet(UNetConfig(filters=(4, 8, 16)))
+    # A threshold this low marks every pixel: the statistics are then known exactly.
+    save_checkpoint(path, network, preprocessor=Preprocessor(64, 0.5, 0.25),
+                    postprocessor=Postprocessor(threshold=1e-6), version="tiny-test", label="random weights")
+    pipe = Pipeline(Segmenter(load_checkpoint(path), batch_size=3), threads=2)
+    yield pipe
+    pipe.close()
+
+
+def jpeg(h: int, w: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(h * w).integers(0, 255, (h, w), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_results_in_order_with_bad_files_failing_alone(pipeline):
+    sizes = [(40, 50), (64, 64), (33, 90), (120, 70), (48, 48), (200, 100), (37, 41)]
+    items = [(f"img{i}", (lambda d=jpeg(h, w): d)) for i, (h, w) in enumerate(sizes)]
+    items.insert(2, ("corrupt", lambda: jpeg(50, 50)[:100]))
+    items.insert(5, ("text", lambda: b"hello"))
+
+    def unreadable():
+        raise FileNotFoundError("blob vanished")
+
+    items.append(("missing", unreadable))
+    results = pipeline.run(items)
+
+    assert [r.image_id for r in results] == [i for i, _ in items]
+    by_id = {r.image_id: r for r in results}
+    assert "truncated" in by_id["corrupt"].error
+    assert "not a PNG or JPEG" in by_id["text"].error
+    assert "blob vanished" in by_id["missing"].error
+    for i, (h, w) in enumerate(sizes):
+        r = by_id[f"img{i}"]
+        assert r.ok, r.error
+        assert (r.height, r.width) == (h, w)
+        assert r.stats.area_px == h * w and r.stats.tumor_detected
+        mask = np.array(Image.open(io.BytesIO(r.mask_png)))
+        assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+        overlay = Image.open(io.BytesIO(r.overlay_png))
+        assert overlay.size == (w, h) and overlay.mode == "RGB"
+        assert r.processing_ms > 0
