@@ -97,8 +97,12 @@ class LocalBlobStore:
 
 def open_blob_store(url: str) -> BlobStore:
     parsed = urlparse(url)
-    if parsed.scheme in ("", "file"):
-        return LocalBlobStore(parsed.path if parsed.scheme else url)
+    if parsed.scheme == "":
+        return LocalBlobStore(url)
+    if parsed.scheme == "file":
+        # file:///abs/path (or file://localhost/abs/path); file://var/blobs is read
+        # as the relative path var/blobs, not as host "var" and path /blobs.
+        return LocalBlobStore(parsed.path if parsed.netloc in ("", "localhost") else parsed.netloc + parsed.path)
     raise ValueError(f"unsupported BLOB_URL scheme {parsed.scheme!r} in {url!r} (supported: file://)")
 
 

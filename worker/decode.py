@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bonedetect.formats import HEAD_BYTES, UNSUPPORTED, sniff_format
+
 ACCEPTED_FORMATS = {"PNG", "JPEG"}  # through Pillow; "DICOM" goes to worker/dicom.py
-SNIFF_BYTES = 132  # a DICOM file's 'DICM' prefix sits after a 128-byte preamble
 MIN_SIDE = 16  # a radiograph smaller than this cannot be segmented meaningfully
 
 # We check the pixel count ourselves before decoding, with the configured limit.
@@ -42,23 +43,12 @@ class DecodedImage:
     dicom: dict | None = None
 
 
-def sniff_format(head: bytes) -> str | None:
-    """The format named by a file's first bytes, or None."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head[128:132] == b"DICM":
-        return "DICOM"
-    return None
-
-
 def decode_image(data: bytes, max_pixels: int = 100_000_000) -> DecodedImage:
     if not data:
         raise DecodeError("empty file")
-    kind = sniff_format(data[:SNIFF_BYTES])
+    kind = sniff_format(data[:HEAD_BYTES])
     if kind is None:
-        raise DecodeError("unsupported file type: not a PNG or JPEG image, nor a DICOM file")
+        raise DecodeError(UNSUPPORTED)
     if kind == "DICOM":
         from worker.dicom import decode_dicom  # pydicom is loaded only when a DICOM file comes
 

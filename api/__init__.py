@@ -1,0 +1,115 @@
+"""The Bone Detect HTTP API: a thin Flask app that stores uploads, writes rows
+and sends Celery tasks by name. It never imports torch, worker/ or model/.
+
+    app = create_app()                       # settings from the environment
+    app = create_app(settings, enqueue=fn)   # tests: fn(image_ids) replaces the broker
+    gunicorn "api:create_app()"
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from flask import Flask, current_app, g
+from sqlalchemy.orm import Session
+
+from api.errors import register_error_handlers
+from bonedetect.queue import enqueue_chunks, make_celery
+from bonedetect.settings import Settings
+from db.blobstore import open_blob_store
+from db.session import make_engine, make_sessionmaker
+
+Enqueue = Callable[[list[str]], object]  # called with the ids of committed, queued images
+
+
+class Services:
+    """What the request handlers share: app.extensions["bonedetect"]."""
+
+    def __init__(self, settings: Settings, enqueue: Enqueue | None = None):
+        self.settings = settings
+        engine_args = {"connect_args": {"connect_timeout": 10}} if settings.database_url.startswith("postgres") else {}
+        self.engine = make_engine(settings.database_url, **engine_args)
+        self.sessionmaker = make_sessionmaker(self.engine)
+        self.blobs = open_blob_store(settings.blob_url)
+        self._enqueue = enqueue
+        self._celery = None
+        self._lock = threading.Lock()
+
+    @property
+    def celery(self):
+        """The Celery app, made on first use, so the API starts without a broker."""
+        with self._lock:
+            if self._celery is None:
+                self._celery = make_celery(self.settings)
+            return self._celery
+
+    def enqueue(self, image_ids: list[str]) -> None:
+        if self._enqueue is not None:
+            self._enqueue(image_ids)
+        else:
+            enqueue_chunks(self.celery, image_ids, self.settings.chunk_size)
+
+
+def services() -> Services:
+    return current_app.extensions["bonedetect"]
+
+
+def db_session() -> Session:
+    """The request's session, opened on first use and closed at teardown."""
+    if "db" not in g:
+        g.db = services().sessionmaker()
+    return g.db
+
+
+def index():
+    return {
+        "service": "bonedetect",
+        "auth": "Authorization: Bearer <key> on every /v1 call",
+        "endpoints": {
+            "POST /v1/jobs": "submit radiographs: multipart 'files' (PNG/JPEG), 'external_id' per file, 'label'",
+            "GET /v1/jobs": "this tenant's jobs, newest first (?limit=&cursor=)",
+            "GET /v1/jobs/<job_id>": "status, counts and progress",
+            "DELETE /v1/jobs/<job_id>": "cancel the images not yet processed",
+            "GET /v1/jobs/<job_id>/images": "per-image status and statistics (?limit=&cursor=&status=)",
+            "GET /v1/jobs/<job_id>/results.csv": "the same as CSV",
+            "GET /v1/images/<image_id>": "one image",
+            "GET /v1/images/<image_id>/mask.png": "tumor mask at the original size",
+            "GET /v1/images/<image_id>/overlay.png": "radiograph with the tumor outlined",
+            "GET /healthz": "liveness",
+            "GET /readyz": "readiness (database reachable)",
+        },
+    }
+
+
+def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = None) -> Flask:
+    from api import health, images, jobs
+
+    settings = settings or Settings.from_env()
+    settings.ensure_home()
+    app = Flask(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,
+        # one part per file, one per external_id, a few more for label and friends
+        MAX_FORM_PARTS=2 * settings.max_files_per_job + 16,
+    )
+    app.json.sort_keys = False
+    app.extensions["bonedetect"] = Services(settings, enqueue)
+
+    @app.teardown_appcontext
+    def close_session(_exc):
+        session = g.pop("db", None)
+        if session is not None:
+            session.close()
+
+    @app.after_request
+    def no_sniff(response):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    register_error_handlers(app)
+    app.add_url_rule("/", "index", index)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    app.register_blueprint(images.bp)
+    return app

@@ -1,0 +1,313 @@
+"""Jobs: submit a batch, poll it, page through its images, download the CSV, cancel.
+
+A submission is committed whole or not at all: blobs first, then the job
+and all its image rows in one transaction, and only then the chunk tasks.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import logging
+import uuid
+from datetime import datetime, timezone
+
+from flask import Blueprint, Response, request, stream_with_context, url_for
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api import Services, db_session, services
+from api.auth import authenticate, owned, tenant_id
+from api.errors import ApiError
+from api.images import IMAGE_FIELDS, image_json, iso
+from api.uploads import (
+    Submission,
+    discard_body,
+    idempotency_key,
+    parse_submission,
+    sanitize_filename,
+    sniff,
+    stream_size,
+)
+from db.blobstore import TooLarge, image_prefix, job_prefix
+from db.jobs import job_progress
+from db.models import CANCELLED, FAILED, IMAGE_STATUSES, QUEUED, UNFINISHED, Image, Job, new_id, utcnow
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+bp.before_request(authenticate)
+
+CSV_PAGE = 500
+
+
+# -- JSON shapes ---------------------------------------------------------------
+
+
+def links(job_id: str) -> dict:
+    return {
+        "self": url_for("jobs.get_job", job_id=job_id),
+        "images": url_for("jobs.list_images", job_id=job_id),
+        "results_csv": url_for("jobs.results_csv", job_id=job_id),
+    }
+
+
+def job_json(session: Session, job: Job) -> dict:
+    p = job_progress(session, job)
+    return {
+        "job_id": job.id,
+        "label": job.label,
+        "status": p.status,
+        "counts": p.counts,
+        "total": p.total,
+        "progress": p.progress,
+        "created_at": iso(job.created_at),
+        "started_at": iso(p.started_at),
+        "finished_at": iso(p.finished_at),
+        "cancelled_at": iso(job.cancelled_at),
+        "model_versions": p.model_versions,
+        "links": links(job.id),
+    }
+
+
+def submitted(session: Session, job: Job, status: int):
+    """The answer to a submission; the same for its idempotent replays."""
+    rejected = session.execute(
+        select(Image.position, Image.filename, Image.error)
+        .where(Image.job_id == job.id, Image.blob_key.is_(None))
+        .order_by(Image.position)
+    ).all()
+    status_url = url_for("jobs.get_job", job_id=job.id)
+    body = {
+        "job_id": job.id,
+        "status_url": status_url,
+        "image_count": job.image_count,
+        "accepted": job.image_count - len(rejected),
+        "rejected": [{"position": r.position, "filename": r.filename, "error": r.error} for r in rejected],
+    }
+    return body, status, {"Location": status_url}
+
+
+# -- pagination ------------------------------------------------------------------
+
+
+def parse_limit(default: int, maximum: int) -> int:
+    raw = request.args.get("limit")
+    if raw is None:
+        return default
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ApiError(400, f"limit must be a positive integer (at most {maximum})")
+    return min(limit, maximum)
+
+
+def encode_cursor(*parts) -> str:
+    return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> list:
+    try:
+        return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except ValueError:
+        raise ApiError(400, "invalid cursor") from None
+
+
+# -- endpoints -------------------------------------------------------------------
+
+
+@bp.post("")
+def submit_job():
+    session, svc = db_session(), services()
+    key = idempotency_key(request)
+    if key and (existing := _job_by_key(session, key)):
+        discard_body(request)
+        return submitted(session, existing, 200)
+    sub = parse_submission(request, svc.settings)
+    job = Job(id=new_id(), tenant_id=tenant_id(), label=sub.label, idempotency_key=key, image_count=len(sub.files))
+    try:
+        session.add(job)
+        queued = _store_images(session, svc, job, sub)
+        session.commit()
+    except IntegrityError:
+        _discard(session, svc, job)
+        existing = _job_by_key(session, key) if key else None
+        if existing is None:
+            raise
+        return submitted(session, existing, 200)  # a concurrent request with the same key won
+    except BaseException:
+        _discard(session, svc, job)
+        raise
+    try:
+        if queued:
+            svc.enqueue(queued)
+    except Exception:
+        # The rows are committed and queued: the reconciler re-enqueues them.
+        log.exception("job %s: could not enqueue %d images; left queued for the reconciler", job.id, len(queued))
+    return submitted(session, job, 202)
+
+
+def _job_by_key(session: Session, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id(), Job.idempotency_key == key))
+
+
+def _discard(session: Session, svc: Services, job: Job) -> None:
+    try:
+        session.rollback()
+    finally:
+        svc.blobs.delete_prefix(job_prefix(job.tenant_id, job.id))
+
+
+def _store_images(session: Session, svc: Services, job: Job, sub: Submission) -> list[str]:
+    """Copy each file to the blob store and add its row; returns the queued ids.
+
+    A file that is not PNG or JPEG becomes a failed row with its reason; the
+    rest of the batch goes on.
+    """
+    queued = []
+    for position, (upload, external_id) in enumerate(zip(sub.files, sub.external_ids, strict=True)):
+        filename = sanitize_filename(upload.filename)
+        image = Image(id=new_id(), job_id=job.id, tenant_id=job.tenant_id, position=position)
+        image.filename, image.external_id = filename, external_id
+        content_type, error = sniff(upload.stream)
+        if error:
+            image.status, image.error, image.finished_at = FAILED, error, utcnow()
+            image.size_bytes = stream_size(upload.stream)
+        else:
+            blob_key = image_prefix(job.tenant_id, job.id, image.id) + "/source"
+            try:
+                image.size_bytes = svc.blobs.put_stream(blob_key, upload.stream, max_bytes=svc.settings.max_file_bytes)
+            except TooLarge:
+                limit = svc.settings.max_file_bytes
+                raise ApiError(413, f"file {filename!r} is larger than the limit of {limit} bytes") from None
+            image.status, image.content_type, image.blob_key = QUEUED, content_type, blob_key
+            queued.append(image.id)
+        session.add(image)
+    return queued
+
+
+@bp.get("")
+def list_jobs():
+    session = db_session()
+    limit = parse_limit(default=20, maximum=100)
+    query = select(Job).where(Job.tenant_id == tenant_id())
+    if cursor := request.args.get("cursor"):
+        created_at, job_id = _job_cursor(cursor)
+        query = query.where(or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id)))
+    jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    last = jobs[limit - 1] if len(jobs) > limit else None
+    return {
+        "jobs": [job_json(session, job) for job in jobs[:limit]],
+        "next_cursor": encode_cursor(iso(last.created_at), last.id) if last else None,
+    }
+
+
+def _job_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created_at, job_id = decode_cursor(cursor)
+        created_at = datetime.fromisoformat(created_at)
+        return created_at.astimezone(timezone.utc), str(uuid.UUID(job_id))
+    except (TypeError, ValueError):
+        raise ApiError(400, "invalid cursor") from None
+
+
+@bp.get("/<job_id>")
+def get_job(job_id: str):
+    session = db_session()
+    return job_json(session, owned(Job, job_id, "job"))
+
+
+@bp.delete("/<job_id>")
+def cancel_job(job_id: str):
+    """Cancel what is still queued; images already processing finish. Idempotent."""
+    session = db_session()
+    job = owned(Job, job_id, "job")
+    now = utcnow()
+    unfinished = session.scalar(select(func.count()).where(Image.job_id == job.id, Image.status.in_(UNFINISHED)))
+    if unfinished and job.cancelled_at is None:
+        job.cancelled_at = now
+    session.execute(
+        update(Image)
+        .where(Image.job_id == job.id, Image.status == QUEUED)
+        .values(status=CANCELLED, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return job_json(session, job), 202
+
+
+@bp.get("/<job_id>/images")
+def list_images(job_id: str):
+    session = db_session()
+    job = owned(Job, job_id, "job")
+    limit = parse_limit(default=100, maximum=1000)
+    after = _position_cursor(request.args.get("cursor"))
+    query = select(Image).where(Image.job_id == job.id, Image.position > after)
+    if status := request.args.get("status"):
+        if status not in IMAGE_STATUSES:
+            raise ApiError(400, f"status must be one of {', '.join(IMAGE_STATUSES)}")
+        query = query.where(Image.status == status)
+    images = session.scalars(query.order_by(Image.position).limit(limit + 1)).all()
+    return {
+        "job_id": job.id,
+        "images": [image_json(im) for im in images[:limit]],
+        "next_cursor": encode_cursor(images[limit - 1].position) if len(images) > limit else None,
+    }
+
+
+def _position_cursor(cursor: str | None) -> int:
+    if not cursor:
+        return -1
+    parts = decode_cursor(cursor)
+    if not (isinstance(parts, list) and len(parts) == 1 and type(parts[0]) is int):
+        raise ApiError(400, "invalid cursor")
+    return parts[0]
+
+
+@bp.get("/<job_id>/results.csv")
+def results_csv(job_id: str):
+    """Every image of the job as one CSV row (IMAGE_FIELDS), streamed page by page."""
+    session = db_session()
+    job = owned(Job, job_id, "job")
+
+    def page(after: int) -> list[Image]:
+        query = select(Image).where(Image.job_id == job.id, Image.position > after).order_by(Image.position)
+        return session.scalars(query.limit(CSV_PAGE)).all()
+
+    first = page(-1)  # before the response starts, so a database error still answers JSON
+
+    def lines():
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(IMAGE_FIELDS)
+        batch = first
+        while True:
+            for im in batch:
+                writer.writerow(_csv_cell(v) for v in image_json(im).values())
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+            if len(batch) < CSV_PAGE:
+                return
+            batch = page(batch[-1].position)
+
+    return Response(
+        stream_with_context(lines()),
+        mimetype="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="bonedetect-{job.id}.csv"'},
+    )
+
+
+def _csv_cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value  # a spreadsheet would run it as a formula
+    return value

@@ -1,0 +1,116 @@
+"""Reading a job submission: multipart fields, file names, file types.
+
+Werkzeug spools every file part past 500 KB to a temporary file while it
+parses, so a batch is never whole in memory; files are then copied to the
+blob store in 1 MiB chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import unicodedata
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from flask import Request
+from werkzeug.datastructures import FileStorage
+
+from api.errors import ApiError
+from bonedetect.formats import CONTENT_TYPES, HEAD_BYTES, UNSUPPORTED, sniff_format
+from bonedetect.settings import Settings
+
+FIELD = "files"
+MAX_FILENAME = 300  # Image.filename
+MAX_TEXT = 200  # Image.external_id, Job.label, Job.idempotency_key
+CHUNK = 1024 * 1024
+
+
+@dataclass
+class Submission:
+    files: list[FileStorage]
+    external_ids: list[str | None]  # one per file
+    label: str | None
+
+
+def sniff(stream: BinaryIO) -> tuple[str | None, str | None]:
+    """(content type, None) for PNG, JPEG and DICOM, else (None, reason); the stream is rewound."""
+    head = stream.read(HEAD_BYTES)
+    stream.seek(0)
+    if not head:
+        return None, "empty file"
+    kind = sniff_format(head)
+    return (CONTENT_TYPES[kind], None) if kind else (None, UNSUPPORTED)
+
+
+def stream_size(stream: BinaryIO) -> int:
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    return size
+
+
+def sanitize_filename(name: str | None) -> str | None:
+    """The base name only, without control characters, at most 300 characters."""
+    if not name:
+        return None
+    name = unicodedata.normalize("NFC", name).replace("\\", "/")
+    name = "".join(ch for ch in name if unicodedata.category(ch) not in ("Cc", "Cf"))
+    name = posixpath.basename(name).strip()
+    if name in ("", ".", ".."):
+        return None
+    if len(name) > MAX_FILENAME:
+        stem, ext = posixpath.splitext(name)
+        ext = ext if len(ext) <= 16 else ""
+        name = stem[: MAX_FILENAME - len(ext)] + ext
+    return name
+
+
+def _text(value: str | None, what: str) -> str | None:
+    value = (value or "").strip()
+    if len(value) > MAX_TEXT:
+        raise ApiError(400, f"{what} is longer than {MAX_TEXT} characters")
+    return value or None
+
+
+def idempotency_key(request: Request) -> str | None:
+    return _text(request.headers.get("Idempotency-Key"), "Idempotency-Key")
+
+
+def discard_body(request: Request) -> None:
+    """Read the unneeded upload to its end, so the client gets to read our answer."""
+    while request.stream.read(CHUNK):
+        pass
+
+
+def parse_submission(request: Request, settings: Settings) -> Submission:
+    """Validate the request's shape and limits; raises ApiError (400/413/415)."""
+    if request.mimetype != "multipart/form-data":
+        raise ApiError(415, f"send multipart/form-data with the images under the field '{FIELD}'")
+    # A form whose file input was left empty sends a part without a name or bytes.
+    files = [f for f in request.files.getlist(FIELD) if f.filename or stream_size(f.stream)]
+    if not files:
+        other = sorted(k for k in request.files if k != FIELD)
+        hint = f" (got file fields {other})" if other else ""
+        raise ApiError(400, f"no files: send the images under the multipart field '{FIELD}'{hint}")
+    if len(files) > settings.max_files_per_job:
+        raise ApiError(400, f"{len(files)} files is above the limit of {settings.max_files_per_job} per job")
+    for f in files:
+        if stream_size(f.stream) > settings.max_file_bytes:
+            name = sanitize_filename(f.filename) or "(unnamed)"
+            raise ApiError(413, f"file {name!r} is larger than the limit of {settings.max_file_bytes} bytes")
+
+    raw_ids = request.form.getlist("external_id")
+    if "external_ids" in request.form:
+        if raw_ids:
+            raise ApiError(400, "send either repeated 'external_id' fields or one 'external_ids' JSON list, not both")
+        try:
+            raw_ids = json.loads(request.form["external_ids"])
+        except ValueError:
+            raise ApiError(400, "'external_ids' must be a JSON list of strings") from None
+        if not isinstance(raw_ids, list) or not all(isinstance(v, (str, int)) or v is None for v in raw_ids):
+            raise ApiError(400, "'external_ids' must be a JSON list of strings")
+    if raw_ids and len(raw_ids) != len(files):
+        raise ApiError(400, f"got {len(raw_ids)} external ids for {len(files)} files: send one per file, in order")
+    external_ids = [_text(None if v is None else str(v), f"external id #{i + 1}") for i, v in enumerate(raw_ids)]
+    return Submission(files, external_ids or [None] * len(files), _text(request.form.get("label"), "label"))
