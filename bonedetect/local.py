@@ -1,0 +1,86 @@
+"""Running the parts on one machine: the API in a thread, workers as processes.
+
+Used by `bonedetect demo`, the integration tests and the benchmark, so all
+three start the system the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from bonedetect.settings import Settings
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes another process read the same settings."""
+    env = dict(os.environ)
+    env.update(
+        BONEDETECT_HOME=str(settings.home),
+        DATABASE_URL=settings.database_url,
+        BROKER_URL=settings.broker_url,
+        BLOB_URL=settings.blob_url,
+        CHUNK_SIZE=str(settings.chunk_size),
+        INFER_BATCH_SIZE=str(settings.infer_batch_size),
+        QUEUE_NAME=settings.queue_name,
+        LEASE_S=str(settings.lease_s),
+        TORCH_THREADS=str(settings.torch_threads),
+    )
+    if settings.model_checkpoint:
+        env["MODEL_CHECKPOINT"] = str(settings.model_checkpoint)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class ApiServer:
+    server: BaseWSGIServer
+    thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=10)
+
+
+def serve_api(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> ApiServer:
+    """Start the API on a real socket in a background thread (port 0: any free one)."""
+    from api import create_app
+
+    server = make_server(host, port, create_app(settings), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="bonedetect-api", daemon=True)
+    thread.start()
+    return ApiServer(server, thread)
+
+
+def start_worker(settings: Settings, name: str = "worker", log_path: Path | None = None, **env: str) -> subprocess.Popen:
+    """One real Celery worker process (solo pool), reading `settings` from its environment."""
+    from bonedetect.cli import worker_argv
+
+    settings.ensure_home()
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(
+        worker_argv(settings, name=f"{name}@%h", loglevel="INFO"),
+        env=settings_env(settings, **env),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,11 @@
+"""The worker's Celery app (entry point: `celery -A worker.app worker -P solo`).
+
+One worker process per GPU, pool `solo`: CUDA is initialised in the task's
+process after start-up, never before a fork.
+"""
+
+from bonedetect.queue import make_celery
+from bonedetect.settings import Settings
+
+app = make_celery(Settings.from_env())
+app.conf.include = ["worker.tasks"]
