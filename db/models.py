@@ -65,6 +65,8 @@ class Tenant(Base):
 
     id: Mapped[pk_id]
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # Signs job-completion callbacks (HMAC-SHA256); shown once with the first key.
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[timestamp]
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
@@ -94,10 +96,12 @@ class Job(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     image_count: Mapped[int] = mapped_column(Integer, default=0)
+    callback_url: Mapped[str | None] = mapped_column(String(2000))  # POSTed a signed summary on completion
     created_at: Mapped[timestamp]
     cancelled_at: Mapped[optional_timestamp]
 
     images: Mapped[list[Image]] = relationship(back_populates="job", passive_deletes=True)
+    deliveries: Mapped[list[CallbackDelivery]] = relationship(back_populates="job", passive_deletes=True)
 
 
 class Image(Base):
@@ -122,6 +126,7 @@ class Image(Base):
     filename: Mapped[str | None] = mapped_column(String(300))
     external_id: Mapped[str | None] = mapped_column(String(200))
     content_type: Mapped[str | None] = mapped_column(String(100))
+    source_format: Mapped[str | None] = mapped_column(String(16))  # PNG | JPEG | DICOM, once decoded
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
     blob_key: Mapped[str | None] = mapped_column(String(300))
 
@@ -129,6 +134,7 @@ class Image(Base):
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_expires_at: Mapped[optional_timestamp]
+    enqueued_at: Mapped[timestamp]  # last time a task for it was sent (the reconciler re-sends lost ones)
     created_at: Mapped[timestamp]
     started_at: Mapped[optional_timestamp]
     finished_at: Mapped[optional_timestamp]
@@ -158,6 +164,38 @@ class Image(Base):
     overlay_key: Mapped[str | None] = mapped_column(String(300))
 
     job: Mapped[Job] = relationship(back_populates="images")
+
+
+class CallbackDelivery(Base):
+    """One attempt to POST a job's completion summary to its callback URL."""
+
+    __tablename__ = "callback_deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", name="uq_callback_deliveries_job_attempt"),)
+
+    id: Mapped[pk_id]
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)  # 1, 2, ...
+    status: Mapped[str] = mapped_column(String(16))  # delivered | failed
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[timestamp]
+
+    job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class WorkerHeartbeat(Base):
+    """A worker process seen recently, with its loaded model (for /readyz and /metrics)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    hostname: Mapped[str] = mapped_column(String(200), primary_key=True)  # Celery node name
+    model_version: Mapped[str | None] = mapped_column(String(100))
+    device: Mapped[str | None] = mapped_column(String(100))
+    started_at: Mapped[timestamp]
+    last_seen_at: Mapped[timestamp]
+    images_done: Mapped[int] = mapped_column(Integer, default=0)
+    last_batch_size: Mapped[int | None] = mapped_column(Integer)
+    gpu_memory_mb: Mapped[float | None] = mapped_column(Float)
 
 
 STAT_COLUMNS = (

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 23:08:30.016333
+Create Date: 2026-11-26 23:40:15.932548
 """
 from alembic import op
 import sqlalchemy as sa
@@ -18,9 +18,21 @@ def upgrade() -> None:
     op.create_table('tenants',
     sa.Column('id', sa.Uuid(as_uuid=False), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
+    sa.Column('webhook_secret', sa.String(length=100), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_tenants')),
     sa.UniqueConstraint('name', name=op.f('uq_tenants_name'))
+    )
+    op.create_table('worker_heartbeats',
+    sa.Column('hostname', sa.String(length=200), nullable=False),
+    sa.Column('model_version', sa.String(length=100), nullable=True),
+    sa.Column('device', sa.String(length=100), nullable=True),
+    sa.Column('started_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('last_seen_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('images_done', sa.Integer(), nullable=False),
+    sa.Column('last_batch_size', sa.Integer(), nullable=True),
+    sa.Column('gpu_memory_mb', sa.Float(), nullable=True),
+    sa.PrimaryKeyConstraint('hostname', name=op.f('pk_worker_heartbeats'))
     )
     op.create_table('api_keys',
     sa.Column('id', sa.Uuid(as_uuid=False), nullable=False),
@@ -42,6 +54,7 @@ def upgrade() -> None:
     sa.Column('label', sa.String(length=200), nullable=True),
     sa.Column('idempotency_key', sa.String(length=200), nullable=True),
     sa.Column('image_count', sa.Integer(), nullable=False),
+    sa.Column('callback_url', sa.String(length=2000), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('cancelled_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_jobs_tenant_id_tenants'), ondelete='CASCADE'),
@@ -51,6 +64,21 @@ def upgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_jobs_tenant_id'), ['tenant_id'], unique=False)
 
+    op.create_table('callback_deliveries',
+    sa.Column('id', sa.Uuid(as_uuid=False), nullable=False),
+    sa.Column('job_id', sa.Uuid(as_uuid=False), nullable=False),
+    sa.Column('attempt', sa.Integer(), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('http_status', sa.Integer(), nullable=True),
+    sa.Column('error', sa.Text(), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_callback_deliveries_job_id_jobs'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_callback_deliveries')),
+    sa.UniqueConstraint('job_id', 'attempt', name='uq_callback_deliveries_job_attempt')
+    )
+    with op.batch_alter_table('callback_deliveries', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_callback_deliveries_job_id'), ['job_id'], unique=False)
+
     op.create_table('images',
     sa.Column('id', sa.Uuid(as_uuid=False), nullable=False),
     sa.Column('job_id', sa.Uuid(as_uuid=False), nullable=False),
@@ -59,12 +87,14 @@ def upgrade() -> None:
     sa.Column('filename', sa.String(length=300), nullable=True),
     sa.Column('external_id', sa.String(length=200), nullable=True),
     sa.Column('content_type', sa.String(length=100), nullable=True),
+    sa.Column('source_format', sa.String(length=16), nullable=True),
     sa.Column('size_bytes', sa.Integer(), nullable=False),
     sa.Column('blob_key', sa.String(length=300), nullable=True),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('enqueued_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
@@ -109,6 +139,10 @@ def downgrade() -> None:
         batch_op.drop_index('ix_images_job_status')
 
     op.drop_table('images')
+    with op.batch_alter_table('callback_deliveries', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_callback_deliveries_job_id'))
+
+    op.drop_table('callback_deliveries')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_jobs_tenant_id'))
 
@@ -117,4 +151,5 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_api_keys_tenant_id'))
 
     op.drop_table('api_keys')
+    op.drop_table('worker_heartbeats')
     op.drop_table('tenants')
