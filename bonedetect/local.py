@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from bonedetect.settings import Settings
 
@@ -52,11 +52,17 @@ class ApiServer:
         self.thread.join(timeout=10)
 
 
-def serve_api(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> ApiServer:
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args, **kwargs) -> None:  # no access log line per poll
+        pass
+
+
+def serve_api(settings: Settings, host: str = "127.0.0.1", port: int = 0, access_log: bool = False) -> ApiServer:
     """Start the API on a real socket in a background thread (port 0: any free one)."""
     from api import create_app
 
-    server = make_server(host, port, create_app(settings), threaded=True)
+    handler = WSGIRequestHandler if access_log else _QuietHandler
+    server = make_server(host, port, create_app(settings), threaded=True, request_handler=handler)
     thread = threading.Thread(target=server.serve_forever, name="bonedetect-api", daemon=True)
     thread.start()
     return ApiServer(server, thread)
