@@ -95,8 +95,10 @@ def parse_submission(request: Request, settings: Settings) -> Submission:
         raise ApiError(400, f"no files: send the images under the multipart field '{FIELD}'{hint}")
     if len(files) > settings.max_files_per_job:
         raise ApiError(400, f"{len(files)} files is above the limit of {settings.max_files_per_job} per job")
+    from api.archives import is_zip_stream  # a zip's members are checked one by one (api/archives.py)
+
     for f in files:
-        if stream_size(f.stream) > settings.max_file_bytes:
+        if stream_size(f.stream) > settings.max_file_bytes and not is_zip_stream(f.stream):
             name = sanitize_filename(f.filename) or "(unnamed)"
             raise ApiError(413, f"file {name!r} is larger than the limit of {settings.max_file_bytes} bytes")
 

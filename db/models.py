@@ -97,6 +97,9 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     image_count: Mapped[int] = mapped_column(Integer, default=0)
     callback_url: Mapped[str | None] = mapped_column(String(2000))  # POSTed a signed summary on completion
+    # None until the job finishes; then pending -> delivered | failed (retries spent). Set from None by
+    # one conditional UPDATE, so exactly one process sends the callback (worker/callbacks.py).
+    callback_state: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[timestamp]
     cancelled_at: Mapped[optional_timestamp]
 

@@ -2,6 +2,8 @@
 
 A key is 32 random bytes, shown once at creation and stored only as its
 SHA-256 hash. Lookup is by hash; the final comparison is constant-time.
+Each tenant also has a webhook secret that signs its job-completion
+callbacks (docs/callbacks.md), shown at creation and on rotation.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sqlalchemy.orm import Session
 from db.models import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "bd_"
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 def hash_key(key: str) -> str:
@@ -28,7 +31,7 @@ def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
         raise ValueError("tenant name must not be empty")
     if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
         raise ValueError(f"tenant {name!r} already exists")
-    tenant = Tenant(name=name)
+    tenant = Tenant(name=name, webhook_secret=new_webhook_secret())
     session.add(tenant)
     session.flush()
     return tenant, issue_key(session, tenant)
@@ -39,6 +42,25 @@ def issue_key(session: Session, tenant: Tenant) -> str:
     session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10]))
     session.flush()
     return key
+
+
+def new_webhook_secret() -> str:
+    """The key that signs a tenant's job-completion callbacks (HMAC-SHA256).
+
+    Kept in clear: signing needs it. It authenticates our callbacks to the
+    hospital; it grants no access to the API.
+    """
+    return WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def rotate_webhook_secret(session: Session, name: str) -> str:
+    """Give the tenant named `name` a new webhook secret; returns it (callbacks sent from now on use it)."""
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        raise ValueError(f"no tenant named {name!r}")
+    tenant.webhook_secret = new_webhook_secret()
+    session.flush()
+    return tenant.webhook_secret
 
 
 def revoke_key(session: Session, key_prefix: str) -> int:
@@ -52,7 +74,11 @@ def revoke_key(session: Session, key_prefix: str) -> int:
 def tenant_for_key(session: Session, key: str) -> Tenant | None:
     """The tenant owning an active key, or None."""
     digest = hash_key(key)
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
+    row = session.execute(  # one round trip per request: the key and its tenant together
+        select(ApiKey.key_hash, Tenant)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+    ).first()
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None
-    return row.tenant
+    return row.Tenant

@@ -8,4 +8,9 @@ from bonedetect.queue import make_celery
 from bonedetect.settings import Settings
 
 app = make_celery(Settings.from_env())
-app.conf.include = ["worker.tasks"]
+app.conf.include = ["worker.tasks", "worker.callbacks"]
+
+# Heartbeat row, JSON logs with job and image ids, one log line per image (worker/heartbeat.py).
+from worker import heartbeat  # noqa: E402
+
+heartbeat.connect(app)

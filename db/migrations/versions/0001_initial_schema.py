@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 23:40:15.932548
+Create Date: 2026-11-26 23:46:01.725861
 """
 from alembic import op
 import sqlalchemy as sa
@@ -55,6 +55,7 @@ def upgrade() -> None:
     sa.Column('idempotency_key', sa.String(length=200), nullable=True),
     sa.Column('image_count', sa.Integer(), nullable=False),
     sa.Column('callback_url', sa.String(length=2000), nullable=True),
+    sa.Column('callback_state', sa.String(length=16), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('cancelled_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_jobs_tenant_id_tenants'), ondelete='CASCADE'),
