@@ -33,7 +33,8 @@ def _database_unavailable(err: Exception) -> bool:
     """Connection refused or lost, pool exhausted, SQLite locked: worth a retry."""
     if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
         return True
-    return isinstance(err, (sa_exc.OperationalError, sa_exc.DisconnectionError, sa_exc.TimeoutError))
+    unavailable = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
+    return isinstance(err, unavailable)
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -1,27 +1,42 @@
 """The Celery task: segment one chunk of images.
 
 `segment_chunk(image_ids)` is idempotent. Delivery is at-least-once
-(acks_late + reject_on_worker_lost), so:
+(acks_late + reject_on_worker_lost), and the reconciler re-sends work it
+thinks lost, so:
 
 - it claims only images still `queued`, or `processing` with an expired
   lease (a worker that died), of jobs not cancelled; images already done,
-  failed, cancelled or leased by a live worker are skipped;
+  failed, cancelled or leased by a live worker are skipped. A claim bumps
+  the image's `attempts`, and that number is the claim's token;
+- while the chunk runs, a thread renews the leases it holds, so a slow chunk
+  on a live worker is never taken for a dead worker's;
+- results are written in one transaction at the end, only for rows still
+  `processing` under this task's token (locked first), so when two tasks
+  ran the same image, exactly one result (row, mask, overlay) is kept:
+  the later claim's;
 - masks and overlays go to keys derived from the image id, so a rerun
-  overwrites rather than duplicates;
-- results are written in one transaction at the end, each row only if it is
-  still `processing`.
+  overwrites rather than duplicates.
+
+The database may go away (a restart, a failover). Claiming and writing
+results retry with exponential backoff for up to DB_RETRY_S; a chunk whose
+work is done is not thrown away because the database blinked.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 from celery.exceptions import Retry
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import exists, or_, select, update
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bonedetect.queue import SEGMENT_TASK
@@ -33,6 +48,8 @@ from worker.app import app
 from worker.pipeline import ImageResult, Pipeline
 
 log = logging.getLogger("bonedetect.worker")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -69,9 +86,10 @@ def build_context(settings: Settings) -> WorkerContext:
     segmenter = Segmenter(loaded, batch_size=settings.infer_batch_size)
     segmenter.predict([_warmup_image()])  # first call pays for allocation and kernel selection
     log.info("model %s loaded on %s (%s)", loaded.version, segmenter.device, loaded.label)
+    engine_args = {"connect_args": {"connect_timeout": 10}} if settings.database_url.startswith("postgres") else {}
     return WorkerContext(
         settings=settings,
-        sessions=make_sessionmaker(make_engine(settings.database_url)),
+        sessions=make_sessionmaker(make_engine(settings.database_url, **engine_args)),
         blobs=open_blob_store(settings.blob_url),
         pipeline=Pipeline(segmenter, max_pixels=settings.max_image_pixels, threads=settings.io_threads),
         model_version=loaded.version,
@@ -84,8 +102,47 @@ def _warmup_image():
     return np.zeros((64, 64), dtype=np.uint8)
 
 
-def claim(ctx: WorkerContext, image_ids: list[str]) -> list[tuple[str, str]]:
-    """Mark claimable images `processing` with a lease; returns (id, blob_key) pairs."""
+# -- the database going away -----------------------------------------------------------
+
+
+def database_unavailable(err: BaseException) -> bool:
+    """Connection refused or lost, server restarting, deadlock, SQLite busy: worth a retry."""
+    if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
+        return True
+    return isinstance(
+        err, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
+    )
+
+
+def retry_database(fn: Callable[[], T], what: str, patience_s: float, first_s: float = 0.5, max_s: float = 15.0) -> T:
+    """fn() until it stops failing for want of a database, with exponential backoff
+    (and jitter) for at most `patience_s` seconds; then the last error is raised.
+    fn must be a whole transaction, safe to run again."""
+    deadline = time.monotonic() + patience_s
+    delay, attempt = first_s, 1
+    while True:
+        try:
+            return fn()
+        except Exception as err:
+            if not database_unavailable(err) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database unavailable (attempt %d), retrying in %.1f s: %s", what, attempt, delay, err)
+            time.sleep(delay * random.uniform(0.8, 1.2))
+            delay, attempt = min(delay * 2, max_s), attempt + 1
+
+
+# -- claim, renew, write ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    image_id: str
+    blob_key: str
+    attempt: int  # the row's `attempts` after this claim: the token that owns its result
+
+
+def claim(ctx: WorkerContext, image_ids: list[str]) -> list[Claimed]:
+    """Mark claimable images `processing` with a lease; returns them in the chunk's order."""
     now = utcnow()
     with ctx.sessions.begin() as session:
         rows = session.execute(
@@ -104,37 +161,109 @@ def claim(ctx: WorkerContext, image_ids: list[str]) -> list[tuple[str, str]]:
                 attempts=Image.attempts + 1,
                 lease_expires_at=now + timedelta(seconds=ctx.settings.lease_s),
             )
-            .returning(Image.id, Image.blob_key)
+            .returning(Image.id, Image.blob_key, Image.attempts)
         ).all()
     order = {image_id: i for i, image_id in enumerate(image_ids)}
-    return sorted(((r.id, r.blob_key) for r in rows), key=lambda r: order.get(r[0], 0))
+    claimed = [Claimed(r.id, r.blob_key, r.attempts) for r in rows]
+    return sorted(claimed, key=lambda c: order.get(c.image_id, 0))
 
 
-def store_blobs(ctx: WorkerContext, session: Session, results: list[ImageResult]) -> dict[str, tuple[str, str]]:
-    """Write masks and overlays under keys derived from the image id."""
+def _by_attempt(claimed: list[Claimed]) -> dict[int, list[str]]:
+    groups: dict[int, list[str]] = defaultdict(list)
+    for c in claimed:
+        groups[c.attempt].append(c.image_id)
+    return groups
+
+
+def renew_leases(ctx: WorkerContext, claimed: list[Claimed]) -> int:
+    """Push the leases this task still holds lease_s into the future; returns how many."""
+    until = utcnow() + timedelta(seconds=ctx.settings.lease_s)
+    renewed = 0
+    with ctx.sessions.begin() as session:
+        for attempt, ids in _by_attempt(claimed).items():
+            renewed += session.execute(
+                update(Image)
+                .where(Image.id.in_(ids), Image.status == PROCESSING, Image.attempts == attempt)
+                .values(lease_expires_at=until)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+    return renewed
+
+
+class LeaseKeeper:
+    """Renews a chunk's leases every lease_s / 3 seconds until the chunk ends.
+
+    If the worker dies, so does this thread, and the leases run out: that is
+    how the reconciler tells a dead worker's chunk from a slow one.
+    """
+
+    def __init__(self, ctx: WorkerContext, claimed: list[Claimed]):
+        self.ctx, self.claimed = ctx, claimed
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bonedetect-lease", daemon=True)
+
+    def _run(self) -> None:
+        interval = max(self.ctx.settings.lease_s / 3, 0.2)
+        while not self._done.wait(interval):
+            try:
+                renew_leases(self.ctx, self.claimed)
+            except Exception as err:  # database away: the write at the end retries
+                log.warning("could not renew %d leases: %s", len(self.claimed), err)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)
+
+
+def owned_rows(session: Session, claimed: list[Claimed]) -> dict[str, tuple[str, str]]:
+    """{image_id: (tenant_id, job_id)} of the rows still `processing` under this task's
+    claim, locked (FOR UPDATE on PostgreSQL) until the transaction ends."""
+    owned: dict[str, tuple[str, str]] = {}
+    for attempt, ids in _by_attempt(claimed).items():
+        rows = session.execute(
+            select(Image.id, Image.tenant_id, Image.job_id)
+            .where(Image.id.in_(ids), Image.status == PROCESSING, Image.attempts == attempt)
+            .order_by(Image.id)  # one lock order for every worker: no deadlocks between them
+            .with_for_update()
+        )
+        owned.update({row.id: (row.tenant_id, row.job_id) for row in rows})
+    return owned
+
+
+def store_blobs(
+    ctx: WorkerContext, owned: dict[str, tuple[str, str]], results: list[ImageResult]
+) -> dict[str, tuple[str, str]]:
+    """Write masks and overlays of the owned rows under keys derived from the image id."""
     keys = {}
-    ok_ids = [r.image_id for r in results if r.ok]
-    meta = {
-        row.id: (row.tenant_id, row.job_id)
-        for row in session.execute(select(Image.id, Image.tenant_id, Image.job_id).where(Image.id.in_(ok_ids)))
-    }
     for r in results:
-        if not r.ok:
+        if not r.ok or r.image_id not in owned:
             continue
-        tenant_id, job_id = meta[r.image_id]
+        tenant_id, job_id = owned[r.image_id]
         prefix = image_prefix(tenant_id, job_id, r.image_id)
         ctx.blobs.put_bytes(f"{prefix}/mask.png", r.mask_png)
         ctx.blobs.put_bytes(f"{prefix}/overlay.png", r.overlay_png)
+        if r.seg_dcm:  # DICOM sources: served by GET /v1/images/<id>/seg.dcm
+            ctx.blobs.put_bytes(f"{prefix}/seg.dcm", r.seg_dcm)
         keys[r.image_id] = (f"{prefix}/mask.png", f"{prefix}/overlay.png")
     return keys
 
 
-def write_results(ctx: WorkerContext, results: list[ImageResult]) -> None:
-    """One transaction: every row of the chunk moves to done or failed together."""
+def write_results(ctx: WorkerContext, claimed: list[Claimed], results: list[ImageResult]) -> int:
+    """One transaction: every row of the chunk this task still owns moves to done or
+    failed together. Rows another claim took over (or a purge removed) are left
+    alone. Returns how many rows were written."""
+    token = {c.image_id: c.attempt for c in claimed}
     now = utcnow()
     with ctx.sessions.begin() as session:
-        keys = store_blobs(ctx, session, results)
+        owned = owned_rows(session, claimed)
+        keys = store_blobs(ctx, owned, results)
         for r in results:
+            if r.image_id not in owned:
+                continue
             values = dict(
                 finished_at=now,
                 lease_expires_at=None,
@@ -142,6 +271,7 @@ def write_results(ctx: WorkerContext, results: list[ImageResult]) -> None:
                 model_version=ctx.model_version,
                 width=r.width,
                 height=r.height,
+                source_format=r.source_format,
             )
             if r.ok:
                 values.update({c: getattr(r.stats, c) for c in STAT_COLUMNS})
@@ -152,27 +282,35 @@ def write_results(ctx: WorkerContext, results: list[ImageResult]) -> None:
             else:
                 values.update(status=FAILED, error=r.error)
             session.execute(
-                update(Image).where(Image.id == r.image_id, Image.status == PROCESSING).values(**values)
+                update(Image)
+                .where(Image.id == r.image_id, Image.status == PROCESSING, Image.attempts == token[r.image_id])
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+    return len(owned)
+
+
+def release(ctx: WorkerContext, claimed: list[Claimed]) -> None:
+    """Give this task's claimed images back to the queue after a chunk-wide failure."""
+    with ctx.sessions.begin() as session:
+        for attempt, ids in _by_attempt(claimed).items():
+            session.execute(
+                update(Image)
+                .where(Image.id.in_(ids), Image.status == PROCESSING, Image.attempts == attempt)
+                .values(status=QUEUED, lease_expires_at=None)
+                .execution_options(synchronize_session=False)
             )
 
 
-def release(ctx: WorkerContext, image_ids: list[str]) -> None:
-    """Give claimed images back to the queue after a chunk-wide failure."""
+def fail(ctx: WorkerContext, claimed: list[Claimed], reason: str) -> None:
     with ctx.sessions.begin() as session:
-        session.execute(
-            update(Image)
-            .where(Image.id.in_(image_ids), Image.status == PROCESSING)
-            .values(status=QUEUED, lease_expires_at=None)
-        )
-
-
-def fail(ctx: WorkerContext, image_ids: list[str], reason: str) -> None:
-    with ctx.sessions.begin() as session:
-        session.execute(
-            update(Image)
-            .where(Image.id.in_(image_ids), Image.status == PROCESSING)
-            .values(status=FAILED, error=reason, finished_at=utcnow(), lease_expires_at=None)
-        )
+        for attempt, ids in _by_attempt(claimed).items():
+            session.execute(
+                update(Image)
+                .where(Image.id.in_(ids), Image.status == PROCESSING, Image.attempts == attempt)
+                .values(status=FAILED, error=reason, finished_at=utcnow(), lease_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )
 
 
 @app.task(
@@ -185,29 +323,43 @@ def fail(ctx: WorkerContext, image_ids: list[str], reason: str) -> None:
 )
 def segment_chunk(self, image_ids: list[str]) -> dict:
     ctx = worker_context()
+    patience = ctx.settings.db_retry_s
     try:
-        claimed = claim(ctx, image_ids)
-    except OperationalError as err:  # database away: try again later, nothing was changed
+        claimed = retry_database(lambda: claim(ctx, image_ids), "claim", patience)
+    except Exception as err:
+        if not database_unavailable(err):
+            raise
+        # Nothing was changed; the images stay queued for a retry or the reconciler.
         raise self.retry(exc=err, countdown=min(2**self.request.retries, 60))
     if not claimed:
         return {"processed": 0}
-    ids = [i for i, _ in claimed]
     try:
-        items = [(i, (lambda key=key: ctx.blobs.get_bytes(key))) for i, key in claimed]
-        results = ctx.pipeline.run(items)
-        write_results(ctx, results)
+        with LeaseKeeper(ctx, claimed):
+            items = [(c.image_id, (lambda key=c.blob_key: ctx.blobs.get_bytes(key))) for c in claimed]
+            results = ctx.pipeline.run(items)
+            # The work is done: keep it through a database restart rather than redo it.
+            written = retry_database(lambda: write_results(ctx, claimed, results), "write results", patience)
     except Retry:
         raise
     except Exception as err:
-        log.exception("chunk of %d images failed", len(ids))
-        if self.request.retries >= self.max_retries:
-            fail(ctx, ids, f"internal error after {self.request.retries + 1} attempts: {err}")
-            return {"processed": 0, "failed": len(ids)}
+        log.exception("chunk of %d images failed", len(claimed))
         try:
-            release(ctx, ids)
-        except OperationalError:
-            pass  # the leases expire and the reconciler re-enqueues them
+            if self.request.retries >= self.max_retries:
+                reason = f"internal error after {self.request.retries + 1} attempts: {err}"
+                retry_database(lambda: fail(ctx, claimed, reason), "fail", 60)
+                return {"processed": 0, "failed": len(claimed)}
+            retry_database(lambda: release(ctx, claimed), "release", 60)
+        except Exception as db_err:
+            if not database_unavailable(db_err):
+                raise
+            log.warning("could not give back %d images: their leases run out for the reconciler", len(claimed))
         raise self.retry(exc=err, countdown=min(2**self.request.retries, 60))
     done = sum(r.ok for r in results)
+    if written < len(results):
+        log.warning(
+            "%d of %d images were taken over by another claim; their results were dropped",
+            len(results) - written,
+            len(results),
+        )
     log.info("chunk done: %d done, %d failed", done, len(results) - done)
-    return {"processed": len(results), "done": done}
+    return {"processed": len(results), "done": done, "written": written}

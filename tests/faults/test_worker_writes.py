@@ -1,0 +1,126 @@
+"""The worker's writes and the reconciler's view of the broker, against a real
+PostgreSQL and a real Redis, without a model: a stale claim (a worker that
+was presumed dead) never overwrites the newer claim's result, a result write
+waits out a database restart, and an emptied Redis queue reads as empty."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+from sqlalchemy import select, update
+
+from bench.services import PrivatePostgres
+from bonedetect.queue import enqueue_chunks, make_celery
+from bonedetect.settings import Settings
+from db.blobstore import image_prefix, open_blob_store
+from db.migrate import upgrade
+from db.models import Image, Job, utcnow
+from db.session import make_engine, make_sessionmaker
+from db.tenants import create_tenant
+from model.stats import tumor_statistics
+from worker.pipeline import ImageResult, encode_png
+from worker.reconciler import broker_queue_length
+from worker.tasks import WorkerContext, claim, renew_leases, retry_database, write_results
+
+pytestmark = pytest.mark.integration
+
+
+def context(tmp_path, database_url: str, lease_s: int = 60) -> WorkerContext:
+    upgrade(database_url)
+    settings = Settings.from_env(
+        {
+            "BONEDETECT_HOME": str(tmp_path),
+            "DATABASE_URL": database_url,
+            "BLOB_URL": f"file://{tmp_path / 'blobs'}",
+            "LEASE_S": str(lease_s),
+        }  # fmt: skip
+    )
+    engine = make_engine(database_url, connect_args={"connect_timeout": 5})
+    return WorkerContext(settings, make_sessionmaker(engine), open_blob_store(settings.blob_url), None, "test-model")
+
+
+def queued_images(ctx: WorkerContext, n: int) -> list[str]:
+    """A job of n queued images with their source blobs, as the API leaves it."""
+    with ctx.sessions.begin() as session:
+        tenant, _ = create_tenant(session, f"hospital-{uuid.uuid4().hex[:6]}")
+        job = Job(tenant_id=tenant.id, image_count=n)
+        session.add(job)
+        session.flush()
+        ids = []
+        for position in range(n):
+            image = Image(job_id=job.id, tenant_id=tenant.id, position=position, status="queued")
+            session.add(image)
+            session.flush()
+            image.blob_key = image_prefix(tenant.id, job.id, image.id) + "/source"
+            ctx.blobs.put_bytes(image.blob_key, b"\x89PNG\r\n\x1a\n...")
+            ids.append(image.id)
+    return ids
+
+
+def result(image_id: str, square: int) -> ImageResult:
+    """What the pipeline returns for a 64 x 64 image whose mask is a square of side `square`."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:square, :square] = 1
+    prob = mask.astype(np.float32) * 0.9
+    return ImageResult(
+        image_id, width=64, height=64, stats=tumor_statistics(mask, prob), mask_png=encode_png(mask * 255),
+        overlay_png=encode_png(np.dstack([mask * 255] * 3)), processing_ms=1.0, source_format="PNG",
+    )  # fmt: skip
+
+
+def test_a_stale_claim_writes_nothing_and_the_newer_claim_wins(tmp_path, pg_url):
+    ctx = context(tmp_path, pg_url)
+    ids = queued_images(ctx, 2)
+    first = claim(ctx, ids)
+    assert [c.attempt for c in first] == [1, 1]
+    assert claim(ctx, ids) == [], "a live lease is not claimed twice"
+
+    with ctx.sessions.begin() as session:  # the first worker stops renewing: its leases run out
+        session.execute(update(Image).where(Image.id.in_(ids)).values(lease_expires_at=utcnow()))
+    second = claim(ctx, ids)
+    assert [c.attempt for c in second] == [2, 2]
+
+    assert write_results(ctx, first, [result(i, 10) for i in ids]) == 0, "the presumed-dead worker writes nothing"
+    assert renew_leases(ctx, first) == 0
+    assert renew_leases(ctx, second) == 2
+    assert write_results(ctx, second, [result(i, 20) for i in ids]) == 2
+    assert write_results(ctx, second, [result(i, 30) for i in ids]) == 0, "a redelivered task changes nothing"
+
+    with ctx.sessions() as session:
+        rows = session.scalars(select(Image).where(Image.id.in_(ids))).all()
+    for row in rows:
+        assert (row.status, row.area_px, row.attempts, row.lease_expires_at) == ("done", 400, 2, None)
+        mask = ctx.blobs.get_bytes(row.mask_key)
+        assert mask == result(row.id, 20).mask_png, "the mask on disk is the one the row describes"
+
+
+def test_a_result_write_waits_out_a_database_restart(tmp_path, private_postgres_available):
+    with PrivatePostgres() as pg:
+        ctx = context(tmp_path, pg.create_database())
+        ids = queued_images(ctx, 3)
+        claimed = claim(ctx, ids)
+        pg.stop("fast")  # the database goes away while the chunk is being segmented
+        restarted = threading.Timer(2.0, pg.start)
+        restarted.start()
+        t0 = time.monotonic()
+        written = retry_database(lambda: write_results(ctx, claimed, [result(i, 8) for i in ids]), "write", 60)
+        restarted.join()
+        assert written == 3 and time.monotonic() - t0 >= 1.5, "it waited for the database instead of failing"
+        with ctx.sessions() as session:
+            assert set(session.scalars(select(Image.status).where(Image.id.in_(ids)))) == {"done"}
+        ctx.sessions.kw["bind"].dispose()
+
+
+def test_an_emptied_redis_queue_reads_as_empty_not_unknown(tmp_path, private_redis):
+    settings = Settings.from_env({"BONEDETECT_HOME": str(tmp_path), "BROKER_URL": private_redis.url, "QUEUE_NAME": "q"})
+    app = make_celery(settings)
+    enqueue_chunks(app, ["a", "b", "c"], 1)
+    assert broker_queue_length(app, "q") == 3
+    private_redis.flush()  # Redis drops an emptied list: "no such queue" means nothing waits
+    assert broker_queue_length(app, "q") == 0
+    private_redis.stop()
+    assert broker_queue_length(app, "q") is None, "a broker that does not answer cannot say"
