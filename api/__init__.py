@@ -76,17 +76,23 @@ def index():
             "GET /v1/images/<image_id>": "one image",
             "GET /v1/images/<image_id>/mask.png": "tumor mask at the original size",
             "GET /v1/images/<image_id>/overlay.png": "radiograph with the tumor outlined",
+            "GET /v1/images/<image_id>/seg.dcm": "DICOM SEG of the mask, for images uploaded as DICOM",
+            "GET /v1/images/<image_id>/source": "the file as uploaded",
+            "GET /": "the web page",
             "GET /healthz": "liveness",
-            "GET /readyz": "readiness (database reachable)",
+            "GET /readyz": "readiness (database and broker reachable, a worker with a loaded model alive)",
+            "GET /metrics": "Prometheus metrics",
         },
     }
 
 
 def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = None) -> Flask:
-    from api import health, images, jobs
+    from api import health, images, jobs, metrics, web
+    from bonedetect.logs import configure_logging, init_request_logging
 
     settings = settings or Settings.from_env()
     settings.ensure_home()
+    configure_logging(settings.log_level, settings.log_format)
     app = Flask(__name__)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
@@ -108,8 +114,11 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
         return response
 
     register_error_handlers(app)
-    app.add_url_rule("/", "index", index)
+    init_request_logging(app)
+    app.add_url_rule("/v1", "index", index)
+    app.register_blueprint(web.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(images.bp)
     return app

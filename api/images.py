@@ -1,27 +1,32 @@
-"""One image: its status and statistics (JSON), its mask and overlay (PNG)."""
+"""One image: its status and statistics (JSON), its mask and overlay (PNG),
+and for a DICOM source its DICOM Segmentation (worker/seg.py, docs/dicom.md)."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from urllib.parse import quote
 
 from flask import Blueprint, Response, url_for
 
 from api import services
 from api.auth import authenticate, owned
 from api.errors import ApiError
-from db.blobstore import BlobNotFound
+from db.blobstore import BlobNotFound, image_prefix
 from db.models import DONE, STAT_COLUMNS, Image
 
 bp = Blueprint("images", __name__, url_prefix="/v1/images")
 bp.before_request(authenticate)
 
 _COLUMNS = (
-    "position", "filename", "external_id", "status", "error", "content_type", "size_bytes", "width", "height",
-    *STAT_COLUMNS, "pixel_spacing_mm", "spacing_col_mm", "spacing_source", "model_version", "processing_ms", "attempts",
+    "position", "filename", "external_id", "status", "error", "content_type", "source_format", "size_bytes", "width",
+    "height", *STAT_COLUMNS, "pixel_spacing_mm", "spacing_col_mm", "spacing_source", "model_version", "processing_ms",
+    "attempts",
 )  # fmt: skip
 _TIMES = ("created_at", "started_at", "finished_at")
 # What a client reads about one image, in this order (JSON keys and CSV columns).
-IMAGE_FIELDS = ("image_id", "job_id", *_COLUMNS, *_TIMES, "mask_url", "overlay_url")
+IMAGE_FIELDS = ("image_id", "job_id", *_COLUMNS, "bbox_w_mm", "bbox_h_mm", *_TIMES, "mask_url", "overlay_url", "seg_url")
+DICOM = "DICOM"
+DICOM_CONTENT_TYPE = "application/dicom"
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -33,15 +38,23 @@ def iso(dt: datetime | None) -> str | None:
     return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def _mm(pixels: int | None, spacing_mm: float | None) -> float | None:
+    """A length in pixels as millimetres (at the detector when spacing_source says so), else None."""
+    return None if pixels is None or spacing_mm is None else round(pixels * spacing_mm, 3)
+
+
 def image_json(im: Image) -> dict:
     done = im.status == DONE
     return {
         "image_id": im.id,
         "job_id": im.job_id,
         **{name: getattr(im, name) for name in _COLUMNS},
+        "bbox_w_mm": _mm(im.bbox_w, im.spacing_col_mm),  # columns x column spacing
+        "bbox_h_mm": _mm(im.bbox_h, im.pixel_spacing_mm),  # rows x row spacing
         **{name: iso(getattr(im, name)) for name in _TIMES},
         "mask_url": url_for("images.mask", image_id=im.id) if done and im.mask_key else None,
         "overlay_url": url_for("images.overlay", image_id=im.id) if done and im.overlay_key else None,
+        "seg_url": url_for("images.seg", image_id=im.id) if done and im.source_format == DICOM else None,
     }
 
 
@@ -60,6 +73,23 @@ def overlay(image_id: str):
     return _png(image_id, "overlay")
 
 
+@bp.get("/<image_id>/source")
+def source(image_id: str):
+    """The file as uploaded: PNG and JPEG inline, DICOM as a download."""
+    im = owned(Image, image_id, "image")
+    if im.blob_key is None:
+        raise ApiError(409, f"image is {im.status}: it was not stored ({im.error or 'rejected at upload'})")
+    try:
+        data = services().blobs.get_bytes(im.blob_key)
+    except BlobNotFound:
+        raise ApiError(404, f"the uploaded file of image {im.id} is missing from the blob store") from None
+    mimetype = im.content_type or "application/octet-stream"
+    disposition = "inline" if mimetype in ("image/png", "image/jpeg") else "attachment"
+    name = quote(im.filename or f"{im.id}", safe="")
+    headers = {"Cache-Control": "private, max-age=3600", "Content-Disposition": f"{disposition}; filename*=UTF-8''{name}"}
+    return Response(data, mimetype=mimetype, headers=headers)
+
+
 def _png(image_id: str, kind: str) -> Response:
     im = owned(Image, image_id, "image")
     key = getattr(im, f"{kind}_key")
@@ -70,3 +100,23 @@ def _png(image_id: str, kind: str) -> Response:
     except BlobNotFound:
         raise ApiError(404, f"the {kind} of image {im.id} is missing from the blob store") from None
     return Response(data, mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@bp.get("/<image_id>/seg.dcm")
+def seg(image_id: str):
+    """The DICOM Segmentation of the mask, for an image uploaded as DICOM (made by the worker)."""
+    im = owned(Image, image_id, "image")
+    if im.content_type != DICOM_CONTENT_TYPE and im.source_format != DICOM:
+        what = im.source_format or im.content_type or "not an image"
+        raise ApiError(404, f"no DICOM SEG: image {im.id} was not uploaded as DICOM ({what}); a SEG is made only for DICOM sources")
+    if im.status != DONE:
+        raise ApiError(409, f"image is {im.status}: no SEG")
+    try:
+        data = services().blobs.get_bytes(image_prefix(im.tenant_id, im.job_id, im.id) + "/seg.dcm")
+    except BlobNotFound:
+        raise ApiError(404, f"no DICOM SEG was made for image {im.id} (the worker could not write one; see its log)") from None
+    return Response(
+        data,
+        mimetype="application/dicom",
+        headers={"Cache-Control": "private, max-age=3600", "Content-Disposition": f'attachment; filename="{im.id}-seg.dcm"'},
+    )

@@ -20,7 +20,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api import Services, db_session, services
+from api.archives import ArchiveError, expand_uploads
 from api.auth import authenticate, owned, tenant_id
+from api.callbacks import FIELD as CALLBACK_FIELD
+from api.callbacks import callback_json, parse_callback_url
 from api.errors import ApiError
 from api.images import IMAGE_FIELDS, image_json, iso
 from api.uploads import (
@@ -28,13 +31,12 @@ from api.uploads import (
     discard_body,
     idempotency_key,
     parse_submission,
-    sanitize_filename,
     sniff,
-    stream_size,
 )
 from db.blobstore import TooLarge, image_prefix, job_prefix
 from db.jobs import job_progress
 from db.models import CANCELLED, FAILED, IMAGE_STATUSES, QUEUED, UNFINISHED, Image, Job, new_id, utcnow
+from db.retention import delete_job_blobs, delete_job_rows
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ def job_json(session: Session, job: Job) -> dict:
         "cancelled_at": iso(job.cancelled_at),
         "model_versions": p.model_versions,
         "links": links(job.id),
+        "callback": callback_json(session, job),
     }
 
 
@@ -129,7 +132,9 @@ def submit_job():
         discard_body(request)
         return submitted(session, existing, 200)
     sub = parse_submission(request, svc.settings)
+    callback_url = parse_callback_url(request.form.get(CALLBACK_FIELD))
     job = Job(id=new_id(), tenant_id=tenant_id(), label=sub.label, idempotency_key=key, image_count=len(sub.files))
+    job.callback_url = callback_url
     try:
         session.add(job)
         queued = _store_images(session, svc, job, sub)
@@ -166,28 +171,34 @@ def _discard(session: Session, svc: Services, job: Job) -> None:
 def _store_images(session: Session, svc: Services, job: Job, sub: Submission) -> list[str]:
     """Copy each file to the blob store and add its row; returns the queued ids.
 
-    A file that is not PNG or JPEG becomes a failed row with its reason; the
-    rest of the batch goes on.
+    A file that is not PNG, JPEG or DICOM becomes a failed row with its reason;
+    the rest of the batch goes on. A zip archive becomes one row per member
+    file (api/archives.py).
     """
     queued = []
-    for position, (upload, external_id) in enumerate(zip(sub.files, sub.external_ids, strict=True)):
-        filename = sanitize_filename(upload.filename)
+    position = -1
+    for position, entry in enumerate(expand_uploads(sub, svc.settings)):
+        filename = entry.filename
         image = Image(id=new_id(), job_id=job.id, tenant_id=job.tenant_id, position=position)
-        image.filename, image.external_id = filename, external_id
-        content_type, error = sniff(upload.stream)
-        if error:
-            image.status, image.error, image.finished_at = FAILED, error, utcnow()
-            image.size_bytes = stream_size(upload.stream)
-        else:
+        image.filename, image.external_id = filename, entry.external_id
+        content_type, error = (None, entry.error) if entry.error else sniff(entry.stream)
+        if not error:
             blob_key = image_prefix(job.tenant_id, job.id, image.id) + "/source"
             try:
-                image.size_bytes = svc.blobs.put_stream(blob_key, upload.stream, max_bytes=svc.settings.max_file_bytes)
+                image.size_bytes = svc.blobs.put_stream(blob_key, entry.stream, max_bytes=svc.settings.max_file_bytes)
             except TooLarge:
                 limit = svc.settings.max_file_bytes
                 raise ApiError(413, f"file {filename!r} is larger than the limit of {limit} bytes") from None
+            except ArchiveError as err:  # a corrupt zip member fails alone
+                error = str(err)
+        if error:
+            image.status, image.error, image.finished_at = FAILED, error, utcnow()
+            image.size_bytes = entry.size
+        else:
             image.status, image.content_type, image.blob_key = QUEUED, content_type, blob_key
             queued.append(image.id)
         session.add(image)
+    job.image_count = position + 1
     return queued
 
 
@@ -224,9 +235,21 @@ def get_job(job_id: str):
 
 @bp.delete("/<job_id>")
 def cancel_job(job_id: str):
-    """Cancel what is still queued; images already processing finish. Idempotent."""
+    """Cancel what is still queued; images already processing finish. Idempotent.
+
+    With ?purge=true: delete the job, its image rows and every blob (sources,
+    masks, overlays) now; the job answers 404 afterwards.
+    """
     session = db_session()
     job = owned(Job, job_id, "job")
+    if _purge_requested():
+        purged = delete_job_rows(session, job)
+        session.commit()
+        try:
+            delete_job_blobs(services().blobs, purged)
+        except Exception:  # the rows are gone; the orphan sweep (db/retention.py) removes the blobs
+            log.exception("job %s purged, but its blobs could not be deleted now", job.id)
+        return {"job_id": purged.job_id, "purged": True, "images": purged.images}
     now = utcnow()
     unfinished = session.scalar(select(func.count()).where(Image.job_id == job.id, Image.status.in_(UNFINISHED)))
     if unfinished and job.cancelled_at is None:
@@ -239,6 +262,13 @@ def cancel_job(job_id: str):
     )
     session.commit()
     return job_json(session, job), 202
+
+
+def _purge_requested() -> bool:
+    raw = request.args.get("purge", "false").lower()
+    if raw not in ("true", "1", "false", "0"):
+        raise ApiError(400, "purge must be true or false")
+    return raw in ("true", "1")
 
 
 @bp.get("/<job_id>/images")

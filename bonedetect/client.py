@@ -72,8 +72,10 @@ class Client:
         label: str | None = None,
         external_ids: list[str] | None = None,
         idempotency_key: str | None = None,
+        callback_url: str | None = None,
     ) -> dict:
         fields = [("label", label)] if label else []
+        fields += [("callback_url", callback_url)] if callback_url else []
         fields += [("external_id", e) for e in external_ids or []]
         body, ctype = encode_multipart(fields, [("files", name, data) for name, data in files])
         headers = {"Content-Type": ctype}
@@ -114,3 +116,7 @@ class Client:
 
     def overlay_png(self, image_id: str) -> bytes:
         return self.request("GET", f"/v1/images/{image_id}/overlay.png")
+
+    def seg_dcm(self, image_id: str) -> bytes:
+        """The DICOM SEG of an image uploaded as DICOM."""
+        return self.request("GET", f"/v1/images/{image_id}/seg.dcm")

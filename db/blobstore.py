@@ -2,7 +2,10 @@
 
 Redis never holds pixels (claim check): tasks carry image ids, workers read
 the bytes from here. `BLOB_URL=file:///path` is a local or shared folder
-(a docker volume shared by API and workers).
+(a docker volume shared by API and workers); `BLOB_URL=s3://bucket/prefix`
+is an S3-compatible object store that workers on several hosts reach (AWS
+S3, MinIO: the endpoint from `S3_ENDPOINT_URL`, credentials from the usual
+`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`).
 """
 
 from __future__ import annotations
@@ -95,7 +98,102 @@ class LocalBlobStore:
             path.unlink()
 
 
-def open_blob_store(url: str) -> BlobStore:
+class S3BlobStore:
+    """Blobs as objects under `prefix` in one S3 bucket (boto3; any S3-compatible server).
+
+    A PUT is atomic in S3, so a reader never sees half an object and rewriting
+    a key is idempotent, as with LocalBlobStore. An upload is spooled (memory,
+    then a temp file past 8 MiB) while its size is checked, so a file over
+    the limit is never sent and a stream is never whole in memory.
+    """
+
+    SPOOL_MEMORY = 8 * 1024 * 1024
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, client=None):
+        if not bucket:
+            raise ValueError("an S3 blob store needs a bucket: BLOB_URL=s3://bucket/prefix")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                retries={"max_attempts": 5, "mode": "standard"},
+                connect_timeout=10,
+                read_timeout=120,
+                # MinIO and most S3-compatible servers want bucket names in the path, not the host
+                s3={"addressing_style": "path" if endpoint_url else "auto"},
+            )
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+        self.client = client  # boto3 clients are thread-safe
+
+    def __repr__(self) -> str:
+        return f"S3BlobStore(s3://{self.bucket}/{self.prefix})"
+
+    def _key(self, key: str) -> str:
+        parts = key.split("/")
+        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
+            raise ValueError(f"invalid blob key: {key!r}")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @staticmethod
+    def _missing(err) -> bool:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def put_stream(self, key: str, fileobj: BinaryIO, max_bytes: int | None = None) -> int:
+        """Copy a stream in 1 MiB chunks; TooLarge past max_bytes (nothing is stored then)."""
+        name = self._key(key)
+        size = 0
+        with tempfile.SpooledTemporaryFile(max_size=self.SPOOL_MEMORY) as spool:
+            while chunk := fileobj.read(CHUNK):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise TooLarge(f"file is larger than the limit of {max_bytes} bytes")
+                spool.write(chunk)
+            spool.seek(0)
+            self.client.upload_fileobj(spool, self.bucket, name)
+        return size
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as err:
+            if self._missing(err):
+                raise BlobNotFound(key) from None
+            raise
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as err:
+            if self._missing(err):
+                return False
+            raise
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete the object named `prefix` and every object under `prefix/`."""
+        base = self._key(prefix.rstrip("/"))
+        names = [base]
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + "/"):
+            names += [obj["Key"] for obj in page.get("Contents", [])]
+        for start in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": n} for n in names[start : start + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+def open_blob_store(url: str, *, endpoint_url: str | None = None) -> BlobStore:
+    """`file:///path` (or a bare path): LocalBlobStore; `s3://bucket/prefix`: S3BlobStore,
+    its endpoint `endpoint_url` or else $S3_ENDPOINT_URL (unset: AWS, or boto3's own AWS_ENDPOINT_URL)."""
     parsed = urlparse(url)
     if parsed.scheme == "":
         return LocalBlobStore(url)
@@ -103,7 +201,10 @@ def open_blob_store(url: str) -> BlobStore:
         # file:///abs/path (or file://localhost/abs/path); file://var/blobs is read
         # as the relative path var/blobs, not as host "var" and path /blobs.
         return LocalBlobStore(parsed.path if parsed.netloc in ("", "localhost") else parsed.netloc + parsed.path)
-    raise ValueError(f"unsupported BLOB_URL scheme {parsed.scheme!r} in {url!r} (supported: file://)")
+    if parsed.scheme == "s3":
+        endpoint = endpoint_url or os.environ.get("S3_ENDPOINT_URL") or None
+        return S3BlobStore(parsed.netloc, parsed.path, endpoint_url=endpoint)
+    raise ValueError(f"unsupported BLOB_URL scheme {parsed.scheme!r} in {url!r} (supported: file://, s3://)")
 
 
 def image_prefix(tenant_id: str, job_id: str, image_id: str) -> str:

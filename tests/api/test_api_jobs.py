@@ -88,9 +88,9 @@ def test_image_json_has_every_field(api):
     image = api.get(f"/v1/images/{rows[0].id}").json
     assert list(image) == [
         "image_id", "job_id", "position", "filename", "external_id", "status", "error", "content_type",
-        "size_bytes", "width", "height", *STAT_COLUMNS, "pixel_spacing_mm", "spacing_col_mm", "spacing_source",
-        "model_version", "processing_ms", "attempts", "created_at", "started_at", "finished_at", "mask_url",
-        "overlay_url",
+        "source_format", "size_bytes", "width", "height", *STAT_COLUMNS, "pixel_spacing_mm", "spacing_col_mm",
+        "spacing_source", "model_version", "processing_ms", "attempts", "bbox_w_mm", "bbox_h_mm", "created_at",
+        "started_at", "finished_at", "mask_url", "overlay_url", "seg_url",
     ]  # fmt: skip
     assert image["image_id"] == rows[0].id and image["job_id"] == job_id and image["status"] == "queued"
     assert image["mask_url"] is None and is_utc_iso(image["created_at"])
