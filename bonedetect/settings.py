@@ -39,10 +39,28 @@ class Settings:
     task_time_limit_s: int = 1800  # backstop per chunk; the broker redelivers after visibility_timeout_s
     visibility_timeout_s: int = 7200
     queue_name: str = "segment"
-    lease_s: int = 900  # an image "processing" longer than this is presumed lost and re-enqueued
+    lease_s: int = 120  # a live worker renews its chunk's leases every lease_s/3; one that lapses means the worker died
     torch_threads: int = 0  # CPU inference threads per worker; 0: PyTorch's default
     io_threads: int = 4  # decode/encode threads that overlap the network
+    log_level: str = "INFO"
+    log_format: str = "json"  # json: one object per line with job/image ids (bonedetect/logs.py); text: for a terminal
+    heartbeat_interval_s: int = 15  # how often a worker writes its heartbeat row
+    heartbeat_stale_s: int = 60  # a worker silent this long is not counted alive (/readyz, /metrics)
+    callback_max_retries: int = 8  # job-completion callback: retries after the first attempt, then "failed"
+    callback_backoff_s: int = 10  # first retry after ~this, doubling (full jitter), capped at callback_backoff_max_s
+    callback_backoff_max_s: int = 600
+    callback_timeout_s: int = 10  # per HTTP attempt
+    reconcile_interval_s: int = 30  # seconds between the reconciler's rounds
+    reconcile_grace_s: int = 60  # a queued image this old, with the broker's queue empty, was lost: re-enqueue it
+    db_retry_s: int = 600  # a worker retries a database that went away this long (backoff) before giving work back
+    retention_days: int = 0  # the reconciler purges jobs (rows and blobs) older than this; 0: keep forever
+    orphan_blob_hours: int = 24  # blob folders without a job row (an upload cut off by a crash) are purged after this
     extra: dict = field(default_factory=dict)
+
+    @property
+    def callback_queue(self) -> str:
+        """Job-completion callbacks have their own queue, so they do not wait behind other jobs' chunks."""
+        return f"{self.queue_name}-callbacks"
 
     @property
     def embedded(self) -> bool:
@@ -67,12 +85,24 @@ class Settings:
             task_time_limit_s=_int(env, "TASK_TIME_LIMIT_S", 1800),
             visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT_S", 7200),
             queue_name=env.get("QUEUE_NAME") or "segment",
-            lease_s=_int(env, "LEASE_S", 900),
+            lease_s=_int(env, "LEASE_S", 120),
             torch_threads=_int(env, "TORCH_THREADS", 0),
             io_threads=_int(env, "IO_THREADS", 4),
+            callback_max_retries=_int(env, "CALLBACK_MAX_RETRIES", 8),
+            callback_backoff_s=_int(env, "CALLBACK_BACKOFF_S", 10),
+            callback_backoff_max_s=_int(env, "CALLBACK_BACKOFF_MAX_S", 600),
+            callback_timeout_s=_int(env, "CALLBACK_TIMEOUT_S", 10),
+            log_level=env.get("LOG_LEVEL") or "INFO",
+            log_format=env.get("LOG_FORMAT") or "json",
+            heartbeat_interval_s=_int(env, "HEARTBEAT_INTERVAL_S", 15),
+            heartbeat_stale_s=_int(env, "HEARTBEAT_STALE_S", 60),
+            reconcile_interval_s=_int(env, "RECONCILE_INTERVAL_S", 30),
+            reconcile_grace_s=_int(env, "RECONCILE_GRACE_S", 60),
+            db_retry_s=_int(env, "DB_RETRY_S", 600),
+            retention_days=_int(env, "RETENTION_DAYS", 0),
+            orphan_blob_hours=_int(env, "ORPHAN_BLOB_HOURS", 24),
         )
 
     def ensure_home(self) -> None:
-        """Create ./var/ for the embedded mode's SQLite files and blobs."""
-        if self.database_url.startswith("sqlite") or self.embedded or self.blob_url.startswith("file:"):
-            self.home.mkdir(parents=True, exist_ok=True)
+        """Create the home folder (./var/): SQLite files and blobs in embedded mode, logs in any mode."""
+        self.home.mkdir(parents=True, exist_ok=True)
