@@ -2,27 +2,75 @@
 at the original size.
 
 The same ``Preprocessor`` and ``Postprocessor`` as training's evaluation, so
-what was measured is what runs. On CUDA the network runs under bf16 autocast
-with channels_last weights (about 4x the fp32 batch-1 throughput on an H100,
-see DESIGN.md); on CPU in fp32. Thread counts are the caller's business
+what was measured is what runs. The network runs with channels_last weights
+on every device (on this project's 2-core CPU that alone makes the thesis
+network 2.2x and the demo network 2.7x faster, docs/benchmarks.md); on CUDA
+under bf16 autocast as well (about 4x the fp32 batch-1 throughput on an
+H100, see DESIGN.md), on CPU in fp32. Thread counts are the caller's business
 (``torch.set_num_threads``).
+
+``predict`` is three steps that the worker's pipeline (worker/pipeline.py)
+also calls one by one, so that preprocessing and postprocessing run in its
+thread pool while the network works on the next batch:
+
+    prepare(image) -> (frame, geometry)      any thread; numpy and OpenCV
+    forward(frames) -> (n, S, S) planes       the network; one caller at a time
+    finish(plane, geometry) -> Prediction     any thread; numpy and OpenCV
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from model.checkpoint import LoadedModel
+from model.postprocess import Postprocessor, fill_holes, remove_small_regions
+from model.preprocess import Geometry
 
 
 @dataclass
 class Prediction:
     prob: np.ndarray  # (orig_h, orig_w) float32 probability at the original size
     mask: np.ndarray  # (orig_h, orig_w) uint8 {0, 1} after postprocessing
+
+
+def postprocess_cropped(postprocessor: Postprocessor, prob: np.ndarray) -> np.ndarray:
+    """``postprocessor(prob)``, bit for bit, doing the region clean-up and hole
+    filling only inside the bounding box of the thresholded pixels.
+
+    On a 3000x2500 radiograph the full-image connected components and flood
+    fill cost about 60 ms of the 70 ms that ``Postprocessor`` takes; a tumor
+    covers a small part of the image. Exact because every thresholded pixel
+    (so every region) lies in the box, the minimum region area is still taken
+    from the whole image, and every background pixel on the box's edge touches
+    the background outside the box (or the image border), which reaches the
+    border: so a hole inside the box is a hole in the image and the reverse.
+    A subclass of ``Postprocessor`` (which may do other things) is called as it is.
+    """
+    if type(postprocessor) is not Postprocessor:
+        return postprocessor(prob)
+    prob = np.asarray(prob)
+    if prob.ndim != 2 or prob.size == 0:
+        return postprocessor(prob)  # its own error message
+    above = prob > postprocessor.threshold  # (H, W) bool
+    rows = np.flatnonzero(above.any(axis=1))
+    if rows.size == 0:
+        return np.zeros(prob.shape, np.uint8)
+    cols = np.flatnonzero(above.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    crop = above[y0:y1, x0:x1].astype(np.uint8)
+    min_area = max(1, math.ceil(postprocessor.min_region_fraction * prob.size))  # of the whole image
+    if min_area > 1:
+        crop = remove_small_regions(crop, min_area)
+    if postprocessor.fill_holes:
+        crop = fill_holes(crop)
+    mask = np.zeros(prob.shape, np.uint8)
+    mask[y0:y1, x0:x1] = crop
+    return mask
 
 
 class Segmenter:
@@ -35,9 +83,19 @@ class Segmenter:
         batch_size: images per forward pass.
         compile_network: wrap the network in ``torch.compile`` (CUDA workers;
             the first batch then takes a while).
+        channels_last: run the network in channels_last memory format (NHWC),
+            which oneDNN on CPU and cuDNN's tensor-core kernels on CUDA are
+            fastest with; False keeps PyTorch's default (NCHW).
     """
 
-    def __init__(self, loaded: LoadedModel, device: str | None = None, batch_size: int = 16, compile_network: bool = False):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: str | None = None,
+        batch_size: int = 16,
+        compile_network: bool = False,
+        channels_last: bool = True,
+    ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         config = loaded.network.config
@@ -47,8 +105,9 @@ class Segmenter:
             raise ValueError(f"preprocessing size {loaded.preprocessor.size} is not divisible by {config.multiple}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda = self.device.type == "cuda"
+        self.channels_last = bool(channels_last)
         network = loaded.network.to(self.device).eval()
-        if self.cuda:
+        if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
         self.network = torch.compile(network) if compile_network else network
         self.preprocessor, self.postprocessor = loaded.preprocessor, loaded.postprocessor
@@ -59,25 +118,44 @@ class Segmenter:
         """(N, 1, S, S) preprocessed frames -> (N, 1, S, S) float32 probabilities, on ``self.device``."""
         with torch.inference_mode():
             x = x.to(self.device, dtype=torch.float32, non_blocking=True)
-            if self.cuda:
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
             with autocast:
                 logits = self.network(x)
             return torch.sigmoid(logits.float())
 
+    # -- the three steps of predict -------------------------------------------
+
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        """Gray (H, W) image -> ((S, S) float32 frame, Geometry); thread-safe."""
+        return self.preprocessor(image)
+
+    def forward(self, frames: list[np.ndarray]) -> np.ndarray:
+        """Up to any number of (S, S) frames -> (n, S, S) float32 probabilities
+        on the CPU, in forward passes of at most ``batch_size``."""
+        size = self.preprocessor.size
+        out = np.empty((len(frames), size, size), np.float32)
+        for start in range(0, len(frames), self.batch_size):
+            batch = np.stack(frames[start : start + self.batch_size])[:, None]  # (n, 1, S, S)
+            x = torch.from_numpy(batch)
+            if self.cuda:
+                x = x.pin_memory()
+            out[start : start + len(batch)] = self.predict_batch_tensor(x)[:, 0].cpu().numpy()
+        return out
+
+    def finish(self, plane: np.ndarray, geometry: Geometry) -> Prediction:
+        """(S, S) probabilities in the frame -> Prediction at the original size; thread-safe."""
+        prob = geometry.restore(plane)  # (orig_h, orig_w)
+        return Prediction(prob=prob, mask=postprocess_cropped(self.postprocessor, prob))
+
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Gray (H, W) images, any size and dtype -> one Prediction each, in order."""
         results = []
         for start in range(0, len(images), self.batch_size):
-            prepared = [self.preprocessor(image) for image in images[start : start + self.batch_size]]
-            x = torch.from_numpy(np.stack([frame for frame, _ in prepared])[:, None])  # (n, 1, S, S)
-            if self.cuda:
-                x = x.pin_memory()
-            probs = self.predict_batch_tensor(x)[:, 0].cpu().numpy()  # (n, S, S)
-            for plane, (_, geometry) in zip(probs, prepared):
-                prob = geometry.restore(plane)  # (orig_h, orig_w)
-                results.append(Prediction(prob=prob, mask=self.postprocessor(prob)))
+            prepared = [self.prepare(image) for image in images[start : start + self.batch_size]]
+            planes = self.forward([frame for frame, _ in prepared])  # (n, S, S)
+            results.extend(self.finish(plane, geometry) for plane, (_, geometry) in zip(planes, prepared))
         return results
 
     def warmup(self, batch_size: int | None = None) -> None:

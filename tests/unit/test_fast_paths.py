@@ -1,0 +1,188 @@
+"""The throughput work must not change a single result: the cropped
+postprocessing equals Postprocessor's, the fast PNG writer is lossless, the
+pipeline's prefetch and backpressure settings do not change its output, and
+the optional GPU JPEG decoder falls back to the CPU for everything it cannot
+take (this machine has no GPU: a CPU stand-in plays nvJPEG)."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import worker.pipeline as pipeline_module
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.inference import Segmenter, postprocess_cropped
+from model.network import AttentionUNet, UNetConfig
+from model.postprocess import Postprocessor
+from model.preprocess import Preprocessor
+from worker.decode import DecodeError, decode_image
+from worker.gpu_decode import GpuJpegDecoder, gpu_decode_unavailable, select_decoder
+from worker.pipeline import Pipeline, encode_png
+
+# -- postprocessing inside the bounding box ------------------------------------------------
+
+
+def blobs(rng, h, w, n):
+    """A probability map with n soft blobs, some with holes, some on the border."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    prob = rng.random((h, w)).astype(np.float32) * 0.3
+    for _ in range(n):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(2, max(3, min(h, w) // 4))
+        d = np.hypot(yy - cy, xx - cx)
+        prob = np.maximum(prob, np.where(d < r, 0.9, 0.0).astype(np.float32))
+        prob[(d < r / 3)] = 0.1  # a hole
+    return prob
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cropped_postprocessing_equals_postprocessor(seed):
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+    prob = blobs(rng, h, w, int(rng.integers(0, 6)))
+    for post in (Postprocessor(0.5), Postprocessor(0.25, min_region_fraction=0.002), Postprocessor(0.5, fill_holes=False), Postprocessor(0.5, 0.0)):
+        np.testing.assert_array_equal(postprocess_cropped(post, prob), post(prob))
+
+
+def test_cropped_postprocessing_edge_cases():
+    post = Postprocessor(0.5, min_region_fraction=0.01)
+    empty = np.zeros((50, 40), np.float32)
+    full = np.ones((50, 40), np.float32)
+    ring = full.copy()
+    ring[10:40, 10:30] = 0  # a hole as large as most of the image: filled
+    frame = full.copy()
+    frame[1:-1, 1:-1] = 0  # positive only on the image border: the inside is a hole
+    speck = empty.copy()
+    speck[5, 5] = 1  # below the minimum area: removed
+    for prob in (empty, full, ring, frame, speck):
+        got = postprocess_cropped(post, prob)
+        np.testing.assert_array_equal(got, post(prob))
+        assert got.dtype == np.uint8 and got.shape == prob.shape
+    with pytest.raises(ValueError, match="probability map"):
+        postprocess_cropped(post, np.zeros((3, 3, 3), np.float32))
+
+
+# -- PNG -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isal", [True, False], ids=["isal", "libpng"])
+def test_png_is_lossless_for_gray_rgb_and_rgba(isal, monkeypatch):
+    if not isal:
+        monkeypatch.setattr(pipeline_module, "isal_zlib", None)
+    elif pipeline_module.isal_zlib is None:
+        pytest.skip("isal is not installed")
+    rng = np.random.default_rng(0)
+    for shape in ((37, 51), (1, 1), (64, 33, 3), (20, 17, 4)):
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        png = encode_png(image)
+        back = np.array(Image.open(io.BytesIO(png)))
+        np.testing.assert_array_equal(back, image)  # PIL: RGB order, like the input
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(np.zeros((4, 4), np.uint16))
+
+
+# -- the pipeline --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, AttentionUNet(UNetConfig(filters=(4, 8, 16))), preprocessor=Preprocessor(32, 0.5, 0.25),
+                    postprocessor=Postprocessor(threshold=0.5), version="tiny", label="random weights")
+    return Segmenter(load_checkpoint(path), device="cpu", batch_size=2)
+
+
+def jpeg(seed: int, h: int, w: int, mode: str = "L") -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_prefetch_and_backpressure_do_not_change_results(segmenter):
+    files = [jpeg(i, 30 + 7 * i, 40 + 3 * i) for i in range(7)]
+    files.insert(3, b"not an image")
+    items = [(f"i{k}", (lambda d=d: d)) for k, d in enumerate(files)]
+    outputs = []
+    for kwargs in ({}, {"prefetch_batches": 1, "max_pending": 1, "threads": 1}, {"prefetch_batches": 4, "threads": 3}):
+        pipe = Pipeline(segmenter, gpu_decode="off", **kwargs)
+        try:
+            outputs.append(pipe.run(items))
+        finally:
+            pipe.close()
+    first = outputs[0]
+    assert [r.image_id for r in first] == [i for i, _ in items]
+    assert not first[3].ok and first[3].error and all(r.ok for k, r in enumerate(first) if k != 3)
+    for other in outputs[1:]:
+        for a, b in zip(first, other):
+            assert (a.image_id, a.error, a.stats, a.mask_png) == (b.image_id, b.error, b.stats, b.mask_png)
+
+
+def test_pipeline_masks_equal_segmenter_predict(segmenter):
+    images = [np.array(Image.open(io.BytesIO(jpeg(i, 50, 70)))) for i in range(3)]
+    pipe = Pipeline(segmenter, gpu_decode="off")
+    try:
+        results = pipe.run([(f"i{k}", (lambda d=jpeg(k, 50, 70): d)) for k in range(3)])
+    finally:
+        pipe.close()
+    for r, pred in zip(results, segmenter.predict(images)):
+        np.testing.assert_array_equal(np.array(Image.open(io.BytesIO(r.mask_png))), pred.mask * 255)
+
+
+# -- GPU JPEG decoding and its fallback --------------------------------------------------------
+
+
+def test_gpu_decode_setting_falls_back_to_the_cpu_here():
+    assert select_decoder("off", "cpu") is decode_image
+    assert select_decoder("auto", "cpu") is decode_image
+    assert select_decoder(" AUTO ", "cpu") is decode_image
+    with pytest.raises(ValueError, match="GPU_DECODE=on.*not CUDA"):
+        select_decoder("on", "cpu")
+    with pytest.raises(ValueError, match="auto, on, off"):
+        select_decoder("gpu", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
+def test_without_cuda_auto_decodes_on_the_cpu_and_on_says_why_not(segmenter):
+    assert gpu_decode_unavailable("cuda") == "CUDA is not available"
+    assert select_decoder("auto", "cuda") is decode_image
+    with pytest.raises(ValueError, match="GPU_DECODE=on.*runs on cpu, not CUDA"):  # the segmenter is on the CPU
+        Pipeline(segmenter, gpu_decode="on")
+    assert Pipeline(segmenter, gpu_decode="auto").decode is decode_image
+
+
+def cpu_stand_in(data: torch.Tensor) -> torch.Tensor:
+    """Plays torchvision.io.decode_jpeg(..., mode=GRAY): (1, H, W) uint8, or raises."""
+    pixels = cv2.imdecode(data.numpy(), cv2.IMREAD_GRAYSCALE)
+    if pixels is None:
+        raise RuntimeError("nvjpeg: bitstream error")
+    return torch.from_numpy(pixels)[None]
+
+
+def test_gpu_decoder_takes_plain_jpegs_and_leaves_the_rest_to_the_cpu():
+    decoder = GpuJpegDecoder("cuda", gpu_decode=cpu_stand_in)
+    gray, rgb = jpeg(1, 60, 80), jpeg(2, 40, 30, "RGB")
+    for data in (gray, rgb):
+        got = decoder(data)
+        assert got.format == "JPEG" and got.pixels.dtype == np.uint8
+        assert np.abs(got.pixels.astype(int) - decode_image(data).pixels.astype(int)).max() <= 2
+    assert (decoder.gpu_images, decoder.cpu_images) == (2, 0)
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(png, "PNG")
+    assert decoder(png.getvalue()).format == "PNG"  # not a JPEG: the CPU decoder
+    cmyk = jpeg(3, 20, 20, "CMYK")
+    assert decoder(cmyk).pixels.shape == (20, 20)  # CMYK: the CPU decoder
+    with pytest.raises(DecodeError, match="truncated"):  # the stand-in refuses it, the CPU gives the reason
+        decoder(gray[: len(gray) // 2])
+    with pytest.raises(DecodeError, match="above the limit"):
+        decoder(gray, 100)
+    with pytest.raises(DecodeError, match="smaller than the minimum"):
+        decoder(jpeg(4, 8, 40))
+    assert (decoder.gpu_images, decoder.cpu_images) == (2, 5)
