@@ -2,14 +2,17 @@
 
     python -m training synthetic --out DIR --n 300 --seed 0   # = python -m training.synthetic
     python -m training summary DIR                            # = python -m training.btxrd
+    python -m training split DIR --name NAME                  # = python -m training.split
     python -m training train ...                              # = python -m training.train
+    python -m training evaluate CHECKPOINT --data DIR ...     # = python -m training.evaluate
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"synthetic": "training.synthetic", "summary": "training.btxrd", "train": "training.train"}
+COMMANDS = {"synthetic": "training.synthetic", "summary": "training.btxrd", "split": "training.split",
+            "train": "training.train", "evaluate": "training.evaluate"}
 
 
 def main(argv: list[str] | None = None) -> int:

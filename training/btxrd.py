@@ -88,6 +88,10 @@ class BtxrdDataset:
             lines.append(f"per {title}:")
             width = max((len(k) for k in counts), default=0)
             lines += [f"  {k:<{width}}  {v:5d}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+        sides = [max(r.annotation_size) for r in recs if r.annotation_size]
+        if sides:
+            lines.append(f"annotation frame (imageHeight x imageWidth), long side: {min(sides)}-{max(sides)} px "
+                         "(masks are scaled to the image actually read)")
         lines.append(f"problems: {len(self.problems)}")
         reasons = Counter(_reason_kind(reason) for _, reason in self.problems)
         lines += [f"  {v:5d}  {k}" for k, v in reasons.most_common()]

@@ -74,6 +74,7 @@ _TYPE_WEIGHTS = {
     "other bt": 115, "osteosarcoma": 297, "other mt": 46,
 }
 # How each type looks here (a caricature, not radiology).
+LOOKS = ("lytic", "sclerotic", "exophytic", "mixed")
 _TYPE_LOOK = {
     "osteochondroma": ("exophytic", "sclerotic"),
     "multiple osteochondromas": ("exophytic", "sclerotic"),
@@ -169,6 +170,8 @@ def synthetic_radiograph(
     w: int,
     n_lesions: int | None = None,
     tumor_type: str | None = None,
+    lesion_scale: float = 1.0,
+    looks: tuple[str, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """One synthetic radiograph.
 
@@ -179,6 +182,11 @@ def synthetic_radiograph(
             more for "multiple osteochondromas").
         tumor_type: a BTXRD type name; decides how lesions look. None: drawn
             with BTXRD's frequencies.
+        lesion_scale: multiplies every lesion's radii (> 0); 1 keeps the
+            usual sizes, larger makes easy images for quick tests.
+        looks: draw lesions only with these looks (LOOKS); None: the tumor
+            type's usual looks. ("sclerotic",) with a large ``lesion_scale``
+            gives lesions visible over their whole outline: easy images.
 
     Returns:
         image: (h, w) uint8.
@@ -187,6 +195,10 @@ def synthetic_radiograph(
     """
     if h < 32 or w < 32:
         raise ValueError(f"image too small for a synthetic radiograph: {h}x{w}")
+    if not lesion_scale > 0:
+        raise ValueError(f"lesion_scale must be > 0, got {lesion_scale}")
+    if looks is not None and (not looks or set(looks) - set(LOOKS)):
+        raise ValueError(f"looks must be some of {LOOKS}, got {looks}")
     if tumor_type is None:
         tumor_type = _draw_type(rng)
     if tumor_type not in TUMOR_TYPES:
@@ -235,7 +247,7 @@ def synthetic_radiograph(
     polygons: list[np.ndarray] = []
     for _ in range(n_lesions):
         bone = bones[int(rng.integers(len(bones)))]
-        look = str(rng.choice(_TYPE_LOOK[tumor_type]))
+        look = str(rng.choice(_TYPE_LOOK[tumor_type] if looks is None else tuple(looks)))
         t = rng.uniform(0.15, 0.85)
         # keep the lesion in view: move t until the point lies inside the image
         for _try in range(20):
@@ -254,8 +266,8 @@ def synthetic_radiograph(
             c = bone.point(t, across)
             r_across = (hwt - abs(across)) * rng.uniform(0.55, 0.9)
             r_along = r_across * rng.uniform(1.0, 2.5)
-        r_across = max(r_across, side * 0.025)
-        r_along = max(r_along, side * 0.03)
+        r_across = max(r_across, side * 0.025) * lesion_scale
+        r_along = max(r_along, side * 0.03) * lesion_scale
         pts = _lesion_polygon(rng, c, bone.axis, r_along, r_across, h, w)
         if len(np.unique(np.round(pts).astype(np.int32), axis=0)) < 3:
             continue
@@ -295,9 +307,9 @@ def synthetic_radiograph(
     return image, rasterize_polygons(polygons, h, w), polygons
 
 
-def _draw_type(rng: np.random.Generator) -> str:
-    p = np.array([_TYPE_WEIGHTS[t] for t in TUMOR_TYPES], np.float64)
-    return str(TUMOR_TYPES[int(rng.choice(len(TUMOR_TYPES), p=p / p.sum()))])
+def _draw_type(rng: np.random.Generator, types: tuple[str, ...] = TUMOR_TYPES) -> str:
+    p = np.array([_TYPE_WEIGHTS[t] for t in types], np.float64)
+    return str(types[int(rng.choice(len(types), p=p / p.sum()))])
 
 
 # ---------------------------------------------------------------- dataset
@@ -348,6 +360,9 @@ def generate_dataset(
     max_side: int = 640,
     min_aspect: float = 0.6,
     max_aspect: float = 1.6,
+    tumor_types: tuple[str, ...] | None = None,
+    lesion_scale: float = 1.0,
+    looks: tuple[str, ...] | None = None,
 ) -> Path:
     """Write ``n_images`` synthetic radiographs in BTXRD's layout under ``out_dir``.
 
@@ -358,6 +373,10 @@ def generate_dataset(
         normal_fraction: share of normal images (no lesion, no annotation file).
         min_side, max_side: range of the long side in pixels.
         min_aspect, max_aspect: range of height / width.
+        tumor_types: draw only these types (with BTXRD's relative
+            frequencies); None: all of them.
+        lesion_scale, looks: passed to ``synthetic_radiograph`` (1 and None:
+            the usual lesions).
 
     Returns:
         ``out_dir`` as a Path.
@@ -368,6 +387,10 @@ def generate_dataset(
         raise ValueError(f"normal_fraction must be in [0, 1], got {normal_fraction}")
     if not 32 <= min_side <= max_side:
         raise ValueError(f"need 32 <= min_side <= max_side, got {min_side}, {max_side}")
+    types = TUMOR_TYPES if tumor_types is None else tuple(tumor_types)
+    unknown = sorted(set(types) - set(TUMOR_TYPES))
+    if unknown or not types:
+        raise ValueError(f"tumor_types must be BTXRD type names, got {unknown or 'none'}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "Annotations").mkdir(parents=True, exist_ok=True)
@@ -382,9 +405,10 @@ def generate_dataset(
         else:
             h, w = max(32, int(round(long_side * aspect))), long_side
         normal = rng.random() < normal_fraction
-        tumor_type = None if normal else _draw_type(rng)
+        tumor_type = None if normal else _draw_type(rng, types)
         image, _mask, polygons = synthetic_radiograph(
-            rng, h, w, n_lesions=0 if normal else None, tumor_type=tumor_type or "osteochondroma")
+            rng, h, w, n_lesions=0 if normal else None, tumor_type=tumor_type or "osteochondroma",
+            lesion_scale=lesion_scale, looks=looks)
         if not normal and not polygons:  # cannot happen at these sizes; stay consistent if it does
             normal, tumor_type = True, None
         cv2.imwrite(str(out / "images" / f"{stem}.jpeg"), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
@@ -400,7 +424,11 @@ def generate_dataset(
     (out / "README.md").write_text(
         f"{SYNTHETIC_MARKER}\n\n"
         f"Made by `training.synthetic.generate_dataset(n_images={n_images}, seed={seed}, "
-        f"normal_fraction={normal_fraction}, min_side={min_side}, max_side={max_side})`: "
+        f"normal_fraction={normal_fraction}, min_side={min_side}, max_side={max_side}"
+        + (f", tumor_types={list(types)}" if tumor_types is not None else "")
+        + (f", lesion_scale={lesion_scale}" if lesion_scale != 1.0 else "")
+        + (f", looks={list(looks)}" if looks is not None else "")
+        + ")`: "
         f"{n_images - n_normal} images with lesions, {n_normal} normal. No real patient data; "
         "cartoons of radiographs for exercising code, not for judging a model on real images.\n")
     return out

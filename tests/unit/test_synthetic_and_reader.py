@@ -207,3 +207,47 @@ def test_summary_counts_types_centres_and_views(synth, capsys):
     assert f"images usable: {N}" in text
     assert btxrd_main([str(synth)]) == 0
     assert capsys.readouterr().out.strip() == text
+
+
+def _reduced_copy(src: Path, dst: Path, long_side: int) -> None:
+    """A copy made the way BTXRD-256 was made from BTXRD: images resized to ``long_side``
+    keeping the aspect ratio, annotation coordinates and imageWidth/imageHeight scaled with them."""
+    (dst / "images").mkdir(parents=True)
+    (dst / "Annotations").mkdir()
+    shutil.copy(src / "dataset.csv", dst / "dataset.csv")
+    for path in sorted((src / "images").iterdir()):
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        h, w = image.shape
+        scale = long_side / max(h, w)
+        nh, nw = round(h * scale), round(w * scale)
+        cv2.imwrite(str(dst / "images" / path.name), cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA))
+        ann = src / "Annotations" / f"{path.stem}.json"
+        if ann.exists():
+            doc = json.loads(ann.read_text())
+            for shape in doc["shapes"]:
+                shape["points"] = [[x * nw / w, y * nh / h] for x, y in shape["points"]]
+            doc["imageHeight"], doc["imageWidth"] = nh, nw
+            (dst / "Annotations" / ann.name).write_text(json.dumps(doc))
+
+
+def test_full_size_and_reduced_copies_read_the_same(tmp_path):
+    full = generate_dataset(tmp_path / "full", 8, seed=9, normal_fraction=0.25, min_side=400, max_side=520)
+    _reduced_copy(full, tmp_path / "small", 128)
+    big, small = read_btxrd(full), read_btxrd(tmp_path / "small")
+    assert big.problems == small.problems == []
+    strip = lambda text: text.split("\n", 1)[1].rsplit("annotation frame", 1)[0]  # all but the path and sizes
+    assert strip(big.summary()) == strip(small.summary())
+    sides = [max(r.annotation_size) for r in big.records if r.tumor]
+    assert f"long side: {min(sides)}-{max(sides)} px" in big.summary() and min(sides) >= 400
+    assert "long side: 128-128 px" in small.summary()
+    for b, s in zip(big.records, small.records):
+        assert (b.image_id, b.tumor_type, b.center, b.view, len(b.polygons)) == \
+               (s.image_id, s.tumor_type, s.center, s.view, len(s.polygons))
+        small_mask = load_mask(s, load_image(s).shape)
+        # the full-size outline, filled at the reduced size (annotation scaled by the reader)
+        from_full = load_mask(b, small_mask.shape)
+        if not b.tumor:
+            assert not small_mask.any() and not from_full.any()
+            continue
+        inter, union = (small_mask & from_full).sum(), (small_mask | from_full).sum()
+        assert inter / union > 0.9

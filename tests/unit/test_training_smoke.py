@@ -14,7 +14,20 @@ from model.preprocess import Preprocessor, to_unit_float
 from training.losses import DiceFocalLoss, focal_loss, soft_dice_loss
 from training.split import stratified_split
 from training.synthetic import generate_dataset, synthetic_radiograph
-from training.train import THRESHOLDS, TrainConfig, augment, main as train_main, train
+from training.augment import AugmentConfig, affine_params, augment_batch
+from training.train import (
+    PRESETS,
+    WIDE_THRESHOLDS,
+    DeepSupervision,
+    TrainConfig,
+    augment,
+    load_state,
+    main as train_main,
+    parse_args,
+    preset,
+    state_path,
+    train,
+)
 
 
 # ---------------------------------------------------------------- losses
@@ -121,28 +134,121 @@ def test_tiny_training_run_writes_a_loadable_self_describing_checkpoint(tmp_path
     data = generate_dataset(tmp_path / "data", 12, seed=0, min_side=48, max_side=96)
     out = tmp_path / "tiny.pt"
     cfg = TrainConfig(data=str(data), out=str(out), size=32, filters=(4, 8), dropout=0.0,
-                      epochs=2, batch_size=4, val_fraction=0.25, seed=0, label="synthetic, not for clinical use")
+                      epochs=2, batch_size=4, seed=0, label="synthetic, not for clinical use", progress=False)
     assert train(cfg) == out
     loaded = load_checkpoint(out)
     assert loaded.label == "synthetic, not for clinical use"
     assert loaded.version.startswith("tiny-")
     assert loaded.preprocessor.size == 32 and loaded.preprocessor.std > 0
     assert 0.2 < loaded.preprocessor.mean < 0.6  # measured on the training images, not a default
-    assert loaded.postprocessor.threshold in THRESHOLDS
+    assert loaded.postprocessor.threshold in WIDE_THRESHOLDS
     assert loaded.network.config.filters == (4, 8)
     assert loaded.info["training_config"]["epochs"] == 2
-    assert loaded.info["data"]["n_train"] + loaded.info["data"]["n_val"] == 12
+    assert loaded.info["training_config"]["config"] == "thesis"
+    d = loaded.info["data"]
+    assert d["n_train"] + d["n_val"] + d["n_test_in_split"] == 12 and d["n_test_in_split"] >= 1
+    assert d["split"]["kind"] == "grouped" and len(d["train_ids"]) == d["n_train"]
     assert "synthetic" in loaded.info["data_license"]
     assert 0.0 <= loaded.metrics["validation"]["dice"] <= 1.0
+    assert "grouped" in loaded.metrics["validation"]["split"]
     assert loaded.metrics["threshold"] == loaded.postprocessor.threshold
     lines = [json.loads(s) for s in out.with_name("tiny.metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in lines] == [1, 2]
     assert all(0.0 <= row["val_dice"] <= 1.0 for row in lines)
 
-
     assert train_main(["--evaluate", str(out), "--data", str(data)]) == 0
     printed = capsys.readouterr().out
     assert loaded.version in printed and '"dice"' in printed
+
+
+def test_presets_and_command_line_overrides():
+    thesis = preset("thesis")
+    assert (thesis.optimizer, thesis.lr, thesis.weight_decay, thesis.dropout, thesis.batch_size) == ("adam", 1e-4, 1e-5, 0.3, 4)
+    assert (thesis.schedule, thesis.size, thesis.filters) == ("plateau", 512, (32, 64, 128, 256, 512))
+    assert (thesis.dice_weight, thesis.focal_weight, thesis.focal_gamma) == (1.0, 1.0, 2.0) and thesis.early_stop > 0
+    strong = preset("strong")
+    assert (strong.optimizer, strong.lr, strong.batch_size, strong.schedule) == ("adamw", 1e-3, 16, "warmup-cosine")
+    assert strong.focal_gamma == 0.0 and strong.focal_weight > strong.dice_weight  # BCE-heavier
+    cfg, evaluate_path, resume_path = parse_args(["--config", "strong", "--lr", "5e-4", "--half", "--filters", "8,16"])
+    assert (cfg.config, cfg.lr, cfg.half, cfg.filters, cfg.batch_size) == ("strong", 5e-4, True, (8, 16), 16)
+    assert evaluate_path is None and resume_path is None
+    assert parse_args([])[0] == preset("thesis")  # thesis stays the default until strong is shown to beat it
+    assert set(PRESETS) == {"thesis", "strong", "demo"}
+    with pytest.raises(ValueError, match="unknown config"):
+        preset("best")
+
+
+def test_batch_augmentation_moves_image_and_mask_together_and_keeps_padding_black():
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.zeros(6, 1, 64, 64)
+    masks[:, :, 20:40, 10:30] = 1
+    inside = torch.zeros(6, 1, 64, 64)
+    inside[:, :, 8:56, :] = 1  # a wide image: padding above and below
+    images = (0.3 + 0.6 * masks) * inside
+    aug = AugmentConfig(rotation=20, zoom=0.15, brightness=0.1, contrast=0.1)
+    out_images, out_masks = augment_batch(images, masks, inside, aug, gen)
+    assert out_images.shape == images.shape and out_images.dtype == torch.float32
+    assert set(out_masks.unique().tolist()) <= {0.0, 1.0}
+    assert out_images.min() >= 0 and out_images.max() <= 1
+    for image, mask in zip(out_images, out_masks):  # brightness differs per image: threshold each alone
+        bright = image > image[image > 0].mean()
+        assert (bright == (mask > 0)).float().mean() > 0.97
+    assert not torch.equal(out_masks, masks)  # it moved
+    again = augment_batch(images, masks, inside, aug, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], out_images) and torch.equal(again[1], out_masks)
+    # padding stays exactly 0 where no image pixel lands
+    grid = torch.nn.functional.affine_grid(affine_params(6, aug, torch.Generator().manual_seed(0)).float(),
+                                           [6, 1, 64, 64], align_corners=False)
+    no_image = torch.nn.functional.grid_sample(inside, grid, mode="nearest", align_corners=False) == 0
+    assert (out_images[no_image] == 0).all()
+
+
+def test_deep_supervision_adds_heads_without_changing_the_network():
+    network = AttentionUNet(UNetConfig(filters=(4, 8, 16, 32), dropout=0.0))
+    keys = set(network.state_dict())
+    wrapped = DeepSupervision(network)
+    logits, aux = wrapped(torch.zeros(2, 1, 32, 32))
+    assert logits.shape == (2, 1, 32, 32) and [a.shape for a in aux] == [(2, 1, 32, 32)] * 2
+    assert set(network.state_dict()) == keys  # what is saved is the plain network
+    sum(a.sum() for a in aux).backward()
+    assert all(h.weight.grad is not None for h in wrapped.heads)
+
+
+def test_strong_config_with_deep_supervision_and_ema_saves_a_servable_checkpoint(tmp_path):
+    data = generate_dataset(tmp_path / "data", 12, seed=1, min_side=48, max_side=64)
+    out = tmp_path / "strong.pt"
+    train(preset("strong", data=str(data), out=str(out), size=32, filters=(4, 8, 16, 32), epochs=2, batch_size=4,
+                 progress=False, tensorboard=False))
+    loaded = load_checkpoint(out)
+    cfg = loaded.info["training_config"]
+    assert cfg["config"] == "strong" and cfg["deep_supervision"] > 0 and cfg["ema"] > 0 and cfg["tta"] is True
+    image = np.full((40, 50), 90, np.uint8)
+    from model.inference import Segmenter
+
+    assert Segmenter(loaded).predict([image])[0].mask.shape == (40, 50)
+
+
+def test_time_budget_stops_training_and_resume_carries_on_exactly(tmp_path):
+    data = generate_dataset(tmp_path / "data", 12, seed=2, min_side=48, max_side=64)
+    common = dict(data=str(data), size=32, filters=(4, 8), epochs=3, batch_size=4, progress=False, tensorboard=False,
+                  version="v")
+    straight = tmp_path / "straight.pt"
+    train(preset("thesis", out=str(straight), **common))
+    # the same run cut short by its time budget after the first epoch, then resumed
+    cut = tmp_path / "cut.pt"
+    train(preset("thesis", out=str(cut), max_minutes=1e-6, **common))
+    assert "time budget" in load_checkpoint(cut).metrics["stop_reason"]
+    assert load_state(state_path(cut))["epoch"] == 1
+    assert train_main(["--resume", str(state_path(cut)), "--max-minutes", "0"]) == 0
+    a, b = load_state(state_path(straight)), load_state(state_path(cut))
+    assert a["epoch"] == b["epoch"] == 3
+    for name, tensor in a["network"].items():
+        assert torch.equal(tensor, b["network"][name]), name
+    assert [r["val_dice"] for r in a["history"]] == [r["val_dice"] for r in b["history"]]
+    lines = cut.with_name("cut.metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
+    with pytest.raises(ValueError, match="--resume takes its config"):
+        parse_args(["--resume", str(state_path(cut)), "--lr", "1"])
 
 
 def test_train_command_rejects_missing_data_and_bad_sizes(tmp_path):
