@@ -1,0 +1,261 @@
+"""`python -m bench`: how close the whole system comes to the network alone.
+
+    python -m bench --quick                  # demo model, 16 images: under a minute on the 2-core CPU
+    python -m bench --full --images 200      # the thesis network (random weights) at 512, 200 images
+    python -m bench --full --images 60 --workers 2 --stages system   # 1 vs 2 worker processes, 1 thread each
+    python -m bench --memory                 # worker RSS over 5,000 images; API RSS against upload size
+    python -m bench --broker redis           # Redis + a fresh PostgreSQL database instead of the embedded SQLite
+
+On generated radiograph-sized JPEGs (3000x2500 by default, cached under
+var/bench/) it measures, in one run:
+
+- model:    the network alone on preprocessed batches (Segmenter.forward);
+- pipeline: decode -> preprocess -> network -> postprocess -> mask and overlay
+            PNGs, in this process (worker.pipeline.Pipeline, the worker's code);
+- system:   HTTP upload -> broker -> worker process(es) -> statistics
+            committed, from the first byte uploaded to the API reporting the job done;
+
+and prints a table with pipeline/model and system/model. The model and
+pipeline stages run with the same torch thread count (--threads) and forward
+batch (--batch) as the workers, which get them as TORCH_THREADS and
+INFER_BATCH_SIZE, so the ratios compare like with like. With --workers K the
+system runs K worker processes of --threads (default 1) threads each and is
+compared with one such worker and with K times the model figure.
+The last line reads
+`bench: model=<x> pipeline=<y> system=<z> img/s, system/model=<r>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench import throughput as tp
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 3000x2500, got {text!r}") from None
+    if h < 16 or w < 16:
+        raise argparse.ArgumentTypeError(f"size must be at least 16x16, got {text!r}")
+    return h, w
+
+
+def parser() -> argparse.ArgumentParser:
+    from bonedetect.settings import Settings
+
+    s = Settings.from_env()
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", type=Path, help="checkpoint to run (default: the shipped demo model)")
+    model.add_argument("--full", action="store_true", help="the full-size thesis network UNetConfig() at 512, random weights")
+    p.add_argument("--images", type=int, help="images per stage (default 100; --quick 16; --memory 5000)")
+    p.add_argument("--size", type=parse_size, help="image size HxW (default 3000x2500; --memory 1000x800)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for the system stage (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per worker and for the model/pipeline stages "
+                   "(default: PyTorch's default with one worker, 1 with several)")
+    p.add_argument("--batch", type=int, default=s.infer_batch_size, help=f"forward batch (INFER_BATCH_SIZE, now {s.infer_batch_size})")
+    p.add_argument("--chunk", type=int, default=s.chunk_size, help=f"images per task (CHUNK_SIZE, now {s.chunk_size})")
+    p.add_argument("--io-threads", type=int, default=s.io_threads, help=f"pipeline decode/encode threads (IO_THREADS, now {s.io_threads})")
+    p.add_argument("--broker", choices=("sqlite", "redis"), default="sqlite",
+                   help="sqlite: the embedded default; redis: Redis on 127.0.0.1:6379 and a fresh PostgreSQL database")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (model and pipeline stages)")
+    p.add_argument("--gpu-decode", choices=("auto", "on", "off"), default=os.environ.get("GPU_DECODE") or "auto")
+    p.add_argument("--stages", default="model,pipeline,system", help="comma-separated subset of model,pipeline,system")
+    p.add_argument("--quick", action="store_true", help="16 images, demo model: under a minute on the 2-core CPU")
+    p.add_argument("--memory", action="store_true", help="memory run instead: worker RSS over --images (5,000), API RSS vs upload size")
+    p.add_argument("--api-files", default="25,100,400", help="--memory: files per upload for the API probe (3000x2500 JPEGs)")
+    p.add_argument("--cache", type=Path, default=s.home / "bench", help="where generated JPEGs are kept (default var/bench)")
+    p.add_argument("--json", type=Path, help="also write the results here as JSON")
+    return p
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+
+
+def checkpoint_for(args, tmp: Path) -> tuple[Path, str]:
+    if args.full:
+        return tp.full_size_checkpoint(tmp / "full-size.pt"), "full-size UNetConfig() at 512, random weights"
+    from model.checkpoint import DEFAULT_CHECKPOINT
+
+    path = args.checkpoint or DEFAULT_CHECKPOINT
+    return path, f"{path.name}"
+
+
+def run_memory(args, ckpt: Path, out: dict) -> int:
+    n = args.images or 5000
+    h, w = args.size or (1000, 800)
+    paths = tp.bench_images(args.cache, n, h, w, unique=100, log=log)
+    log(f"worker memory: {n} images of {h}x{w}, one worker, {args.threads} torch thread(s)")
+    with tp.running_system(ckpt, workers=1, threads=args.threads, batch=args.batch, chunk=args.chunk,
+                           io_threads=args.io_threads, broker=args.broker) as system:
+        worker = tp.worker_memory(system, paths, log=log)
+    out["worker_memory"] = worker
+    files = [int(v) for v in args.api_files.split(",") if v]
+    big = tp.bench_images(args.cache, min(max(files), 200), 3000, 2500, log=log)
+    log(f"API memory: uploads of {files} files of 3000x2500, API in its own process, no worker")
+    with tp.running_system(ckpt, workers=0, threads=args.threads, batch=args.batch, chunk=args.chunk,
+                           io_threads=args.io_threads, broker=args.broker, api_process=True) as system:
+        api = tp.api_memory(system, big, files)
+    out["api_memory"] = api
+    print(f"\nWorker RSS over {worker['images']} images of {h}x{w} ({worker['seconds']} s, job {worker['status']}):")
+    print(f"  start {worker['rss_start_mib']} MiB, at 10% {worker['rss_at_10pct_mib']} MiB, end {worker['rss_end_mib']} MiB, "
+          f"max {worker['rss_max_mib']} MiB (max after 10%: {worker['rss_max_after_10pct_mib']} MiB)")
+    print(f"  median RSS in each tenth of the run (MiB): {worker['rss_median_by_tenth_mib']}")
+    print("\nAPI RSS while receiving one job (streamed upload):")
+    print(f"  {'files':>6} {'upload MiB':>11} {'seconds':>8} {'RSS before':>11} {'RSS peak':>9}")
+    for row in api:
+        print(f"  {row['files']:>6} {row['upload_mib']:>11} {row['seconds']:>8} {row['rss_before_mib']:>11} {row['rss_peak_mib']:>9}")
+    growth = worker["rss_end_mib"] - worker["rss_at_10pct_mib"]
+    api_growth = api[-1]["rss_peak_mib"] - api[0]["rss_peak_mib"]
+    print(f"bench memory: worker RSS {worker['rss_at_10pct_mib']} -> {worker['rss_end_mib']} MiB over {n} images "
+          f"({growth:+.1f} MiB); API peak {api[0]['rss_peak_mib']} -> {api[-1]['rss_peak_mib']} MiB for "
+          f"{api[0]['upload_mib']} -> {api[-1]['upload_mib']} MiB uploads ({api_growth:+.1f} MiB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bonedetect-bench-ckpt-"))
+    try:
+        return run(args, argv, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, argv, tmp: Path) -> int:
+    stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    if not stages <= {"model", "pipeline", "system"}:
+        raise SystemExit(f"--stages: unknown stage(s) {sorted(stages - {'model', 'pipeline', 'system'})}")
+    if args.workers < 1 or args.batch < 1 or args.chunk < 1 or args.io_threads < 1:
+        raise SystemExit("--workers, --batch, --chunk and --io-threads must be at least 1")
+    import torch
+
+    if args.threads is None:
+        args.threads = 1 if args.workers > 1 else torch.get_num_threads()
+    ckpt, model_text = checkpoint_for(args, tmp)
+    out: dict = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "model": model_text,
+    }
+    if args.memory:
+        status = run_memory(args, ckpt, out)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+        return status
+
+    n = args.images or (16 if args.quick else 100)
+    h, w = args.size or (3000, 2500)
+    paths = tp.bench_images(args.cache, n, h, w, log=log)
+    segmenter = tp.load_segmenter(ckpt, args.batch, args.threads, args.device, compile_network=args.compile)
+    device = tp.device_name(segmenter)
+    results: dict[str, tp.StageResult] = {}
+    if "model" in stages:
+        n_model = max(n, 3 * args.batch)  # at least three forward batches
+        log(f"model: {n_model} images, batch {args.batch}, {args.threads} torch thread(s)")
+        results["model"] = tp.measure_model(segmenter, tp.frames_of(segmenter, paths, 8), n_model)
+    if "pipeline" in stages:
+        log(f"pipeline: {n} images in chunks of {args.chunk}, {args.io_threads} decode/encode threads")
+        results["pipeline"] = tp.measure_pipeline(segmenter, paths, args.chunk, args.io_threads, args.gpu_decode)
+        costs = tp.step_costs(segmenter, paths)
+        out["step_ms"] = {k: round(v, 1) for k, v in costs.items()}
+    if "system" in stages and args.workers > 1 and (n % args.chunk or (n // args.chunk) % args.workers):
+        log(f"note: {n} images in chunks of {args.chunk} do not split evenly over {args.workers} workers: "
+            "the last chunk runs alone and the scaling looks worse than it is")
+    if "system" in stages:
+        kw = dict(threads=args.threads, batch=args.batch, chunk=args.chunk, io_threads=args.io_threads,
+                  broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode})
+        if args.workers > 1:
+            log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
+            with tp.running_system(ckpt, workers=1, **kw) as system:
+                results["system-1"] = tp.measure_system(system, paths, "system, 1 worker")
+        log(f"system: {args.workers} worker(s), {args.threads} torch thread(s) each, {args.broker}")
+        with tp.running_system(ckpt, workers=args.workers, **kw) as system:
+            results["system"] = tp.measure_system(system, paths, f"system, {args.workers} worker(s)")
+
+    for r in results.values():
+        r.notes["load"] = r.notes.pop("load", None)  # keep it last
+    model = results.get("model")
+    scale = args.workers if "system" in results else 1
+    print()
+    print(f"device:   {device}")
+    print(f"machine:  {out['machine']}")
+    print(f"model:    {model_text} ({ckpt})")
+    chunks = -(-n // args.chunk)
+    print(f"config:   {n} images of {h}x{w} JPEG; forward batch {args.batch}; chunk {args.chunk} ({chunks} chunks); torch threads {args.threads}"
+          f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}; broker {args.broker}; "
+          f"channels_last {segmenter.channels_last}; compile {args.compile}")
+    print()
+    print(f"{'stage':<22}{'images':>7}{'seconds':>9}{'img/s':>9}{'/ model':>9}{'CPU ms/img':>11}{'model/this':>11}{'cores':>6}  notes")
+    for key, r in results.items():
+        ref = model.rate * (scale if key == "system" else 1) if model else None
+        ratio = f"{r.rate / ref:.3f}" if ref else "-"
+        cpu = r.cpu_ms_per_image
+        cpu_ratio = f"{model.cpu_ms_per_image / cpu:.3f}" if model and cpu else "-"
+        notes = ", ".join(f"{k}={v}" for k, v in r.notes.items())
+        if r.failed:
+            notes = f"FAILED {r.failed}; " + notes
+        cores = r.cpu_seconds / r.seconds if r.cpu_seconds is not None and r.seconds > 0 else float("nan")
+        print(f"{r.name:<22}{r.images:>7}{r.seconds:>9.1f}{r.rate:>9.2f}{ratio:>9}{cpu or float('nan'):>11.0f}{cpu_ratio:>11}{cores:>6.2f}  {notes}")
+        out.setdefault("stages", {})[key] = {"images": r.images, "seconds": round(r.seconds, 2), "img_s": round(r.rate, 3),
+                                              "cpu_ms_per_image": round(cpu, 1) if cpu else None, "cores": round(cores, 2),
+                                              "failed": r.failed, **r.notes}
+    print("(CPU ms/img: core-milliseconds per image of the stage's processes; model/this: the model's over this stage's,\n"
+          " the share of the CPU work that is the network: unlike img/s it hardly moves when others share the machine;\n"
+          " cores: CPU seconds over wall seconds, the cores the stage got. load: 1-minute load average after the stage.)")
+    if scale > 1:
+        print(f"(system / model compares {args.workers} workers with {args.workers} x the one-thread model figure)")
+    if "step_ms" in out:
+        net_ms = 1000.0 / model.rate * args.threads if model else None
+        print("\nCPU cost per image, one thread, step by step (ms):")
+        print("  " + ", ".join(f"{k} {v:.1f}" for k, v in out["step_ms"].items()))
+        other = sum(out["step_ms"].values())
+        if net_ms:
+            print(f"  all but the network: {other:.0f} ms; the network: {net_ms:.0f} ms x thread "
+                  f"(model stage, {args.threads} thread(s)); on a CPU-only machine system/model is at most "
+                  f"{net_ms / (net_ms + other):.2f}")
+    if "system-1" in results and "system" in results:
+        s1, sk = results["system-1"].rate, results["system"].rate
+        out["scaling"] = round(sk / s1, 3)
+        print(f"\nscaling: 1 worker {s1:.2f} img/s, {args.workers} workers {sk:.2f} img/s: {sk / s1:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+    def fmt(key):
+        return f"{results[key].rate:.2f}" if key in results else "-"
+
+    sysmodel = results["system"].rate / (model.rate * scale) if model and "system" in results else float("nan")
+    print(f"bench: model={fmt('model')} pipeline={fmt('pipeline')} system={fmt('system')} img/s, system/model={sysmodel:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,662 @@
+"""Throughput of the three layers, measured the way they run.
+
+- model: ``Segmenter.forward`` on preprocessed frames (the network alone, with
+  the worker's thread count and forward batch);
+- pipeline: ``worker.pipeline.Pipeline.run`` over chunks of JPEG files read
+  from disk, in one process (decode -> preprocess -> network -> restore,
+  postprocess, statistics, overlay -> PNG encoding): the worker's own code;
+- system: an HTTP upload to the real API (``bonedetect.local.serve_api``),
+  the broker, real Celery worker processes (``start_worker``) and the
+  statistics committed to the database, from the first byte uploaded until
+  the API reports the job done.
+
+Plus a per-step cost breakdown (single thread) and memory probes for the
+worker (RSS over a long run) and the API (peak RSS against upload size).
+``python -m bench`` (bench/__main__.py) is the command; docs/benchmarks.md
+has the numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+
+JPEG_QUALITY = 92
+
+
+# -- test images -------------------------------------------------------------------------
+
+
+def radiograph_jpeg(seed: int, height: int, width: int) -> bytes:
+    """One synthetic radiograph (training.synthetic) as a JPEG of height x width.
+
+    Drawn at a fifth of the size and upscaled (drawing at full size takes
+    seconds), with a fine film grain added so the JPEG is as large as a real
+    radiograph's (about 0.8 MB at 3000x2500, not the 0.3 MB of a smooth upscale).
+    """
+    from training.synthetic import synthetic_radiograph
+
+    rng = np.random.default_rng(seed)
+    small_h, small_w = max(64, height // 5), max(64, width // 5)
+    image, _, _ = synthetic_radiograph(rng, small_h, small_w)
+    big = cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    grain = cv2.GaussianBlur(rng.normal(0.0, 6.0, big.shape).astype(np.float32), (0, 0), 1.2)
+    big = np.clip(big + grain, 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    assert ok
+    return buf.tobytes()
+
+
+def bench_images(cache: Path, n: int, height: int, width: int, unique: int = 200, log=None) -> list[Path]:
+    """n JPEG paths of height x width, made once and cached under ``cache``;
+    beyond ``unique`` different images the list repeats them."""
+    folder = Path(cache) / f"jpeg-{height}x{width}"
+    folder.mkdir(parents=True, exist_ok=True)
+    distinct = [folder / f"img-{i:04d}.jpg" for i in range(min(n, unique))]
+    missing = [p for p in distinct if not p.exists()]
+    if missing and log:
+        log(f"making {len(missing)} synthetic {height}x{width} JPEGs in {folder} (once)")
+    for path in missing:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(radiograph_jpeg(int(path.stem.split("-")[1]), height, width))
+        tmp.replace(path)
+    return [distinct[i % len(distinct)] for i in range(n)]
+
+
+# -- the model ---------------------------------------------------------------------------
+
+
+def full_size_checkpoint(path: Path, size: int = 512, seed: int = 0) -> Path:
+    """The thesis network (``UNetConfig()``, 7.85 M parameters) with random
+    weights, as a checkpoint for speed measurements only (no trained
+    full-size checkpoint exists yet).
+
+    The output bias is set so that about 2% of a synthetic radiograph's frame
+    is above the threshold, like a tumor, rather than half of it: the
+    postprocessing's cost depends on how much is marked.
+    """
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.network import AttentionUNet, UNetConfig
+    from model.postprocess import Postprocessor
+    from model.preprocess import Preprocessor
+
+    torch.manual_seed(seed)
+    network = AttentionUNet(UNetConfig()).eval()
+    preprocessor = Preprocessor(size, mean=0.22, std=0.22)
+    frame, _ = preprocessor(cv2.imdecode(np.frombuffer(radiograph_jpeg(seed, size, size), np.uint8), cv2.IMREAD_GRAYSCALE))
+    with torch.inference_mode():
+        logits = network(torch.from_numpy(frame)[None, None])
+        network.head.bias -= float(torch.quantile(logits.flatten()[::7], 0.98))  # 98th percentile -> logit 0 (p = 0.5)
+    return save_checkpoint(
+        path,
+        network,
+        preprocessor=preprocessor,
+        postprocessor=Postprocessor(threshold=0.5),
+        version="bench-full-size-random",
+        label="random weights, for speed measurements only",
+    )
+
+
+def load_segmenter(checkpoint: Path, batch: int, threads: int, device: str | None = None, compile_network: bool = False):
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.inference import Segmenter
+
+    if threads:
+        torch.set_num_threads(threads)
+    return Segmenter(load_checkpoint(checkpoint), device=device, batch_size=batch, compile_network=compile_network)
+
+
+def device_name(segmenter) -> str:
+    import torch
+
+    if segmenter.cuda:
+        return f"{torch.cuda.get_device_name(segmenter.device)} ({segmenter.device})"
+    return f"CPU ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+
+
+# -- stages ------------------------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    name: str
+    images: int
+    seconds: float
+    failed: int = 0
+    notes: dict = field(default_factory=dict)
+    cpu_seconds: float | None = None  # CPU time the stage's processes used (all threads, all cores)
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def cpu_ms_per_image(self) -> float | None:
+        """Core-milliseconds per image: unlike img/s, hardly moved by other
+        programs sharing the machine."""
+        return None if self.cpu_seconds is None else 1000.0 * self.cpu_seconds / self.images
+
+
+def load_average() -> float | None:
+    """The 1-minute load average at the end of a stage: above the cores the
+    stage used, something else was running too."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def cpu_time(pids: Sequence[int] = ()) -> float:
+    """CPU seconds used so far by this process and the processes ``pids``
+    (user + system, their waited-for children included)."""
+    import psutil
+
+    total = sum(os.times()[:2])
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+def frames_of(segmenter, paths: Sequence[Path], k: int) -> list[np.ndarray]:
+    """Preprocessed frames of the first k distinct images (the model stage's input)."""
+    from worker.decode import decode_image
+
+    frames = []
+    for path in list(dict.fromkeys(paths))[:k]:
+        frame, _ = segmenter.prepare(decode_image(path.read_bytes()).pixels)
+        frames.append(frame)
+    return frames
+
+
+def measure_model(segmenter, frames: list[np.ndarray], n: int) -> StageResult:
+    """The network alone: ``Segmenter.forward`` (stack, to device, forward,
+    sigmoid, back to host) on preprocessed frames, batch_size at a time, n images."""
+    batch = segmenter.batch_size
+    batches = [[frames[(i + j) % len(frames)] for j in range(min(batch, n - i))] for i in range(0, n, batch)]
+    segmenter.forward(batches[0])  # warm-up: allocation, kernel selection, compilation
+    if segmenter.cuda:
+        import torch
+
+        torch.cuda.synchronize(segmenter.device)
+    start, cpu = time.perf_counter(), cpu_time()
+    for b in batches:
+        segmenter.forward(b)  # ends with .cpu(): synchronous
+    seconds, cpu = time.perf_counter() - start, cpu_time() - cpu
+    return StageResult("model", n, seconds, notes={"load": load_average()}, cpu_seconds=cpu)
+
+
+def measure_pipeline(segmenter, paths: Sequence[Path], chunk: int, threads: int, gpu_decode: str | None = None) -> StageResult:
+    """``Pipeline.run`` on chunks of ``chunk`` files, as the worker calls it per task."""
+    from worker.pipeline import Pipeline
+
+    pipeline = Pipeline(segmenter, threads=threads, gpu_decode=gpu_decode)
+    try:
+        pipeline.run([("warm-up", paths[0].read_bytes)])
+        failed, tumors, start, cpu = 0, 0, time.perf_counter(), cpu_time()
+        for i in range(0, len(paths), chunk):
+            items = [(f"img-{i + j}", p.read_bytes) for j, p in enumerate(paths[i : i + chunk])]
+            for r in pipeline.run(items):
+                failed += not r.ok
+                tumors += bool(r.ok and r.stats.tumor_detected)
+        seconds, cpu = time.perf_counter() - start, cpu_time() - cpu
+    finally:
+        pipeline.close()
+    decoder = pipeline.decode
+    notes = {"tumor_detected": tumors, "decoder": getattr(decoder, "__name__", type(decoder).__name__), "load": load_average()}
+    return StageResult("pipeline", len(paths), seconds, failed, notes, cpu_seconds=cpu)
+
+
+# -- cost breakdown --------------------------------------------------------------------------
+
+
+def step_costs(segmenter, paths: Sequence[Path], k: int = 6) -> dict[str, float]:
+    """Milliseconds per image of each CPU-side step, one after another in one
+    thread, averaged over k images (the network excluded: see the model stage)."""
+    import torch
+
+    from model.postprocess import render_overlay
+    from model.stats import tumor_statistics
+    from worker.decode import decode_image
+    from worker.pipeline import encode_png
+
+    steps = ["read", "decode", "preprocess", "restore", "postprocess", "statistics", "overlay", "mask PNG", "overlay PNG"]
+    totals = dict.fromkeys(steps, 0.0)
+    sample = list(dict.fromkeys(paths))[:k]
+    threads = torch.get_num_threads()
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # one core's worth, like one pool thread when the network has the others
+    try:
+        for path in sample:
+            clock = time.perf_counter()
+
+            def lap(name):
+                nonlocal clock
+                now = time.perf_counter()
+                totals[name] += now - clock
+                clock = now
+
+            data = path.read_bytes()
+            lap("read")
+            image = decode_image(data)
+            lap("decode")
+            frame, geometry = segmenter.prepare(image.pixels)
+            lap("preprocess")
+            plane = segmenter.forward([frame])[0]
+            clock = time.perf_counter()
+            prob = geometry.restore(plane)
+            lap("restore")
+            from model.inference import postprocess_cropped
+
+            mask = postprocess_cropped(segmenter.postprocessor, prob)
+            lap("postprocess")
+            tumor_statistics(mask, prob, image.pixel_spacing_mm)
+            lap("statistics")
+            overlay = render_overlay(image.pixels, mask)
+            lap("overlay")
+            encode_png(mask * np.uint8(255))
+            lap("mask PNG")
+            encode_png(overlay)
+            lap("overlay PNG")
+    finally:
+        cv2.setNumThreads(previous)
+        torch.set_num_threads(threads)
+    return {name: 1000.0 * t / len(sample) for name, t in totals.items()}
+
+
+# -- the system ------------------------------------------------------------------------------
+
+
+def upload_streaming(base_url: str, api_key: str, paths: Sequence[Path], label: str = "bench") -> dict:
+    """POST /v1/jobs with the files streamed from disk (multipart with a
+    Content-Length), so the uploader never holds the batch in memory."""
+    boundary = uuid.uuid4().hex
+    label_part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="label"\r\n\r\n{label}\r\n'.encode()
+    )
+    heads = [
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{i:05d}-{p.name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        for i, p in enumerate(paths)
+    ]
+    closing = f"--{boundary}--\r\n".encode()
+    length = len(label_part) + sum(len(h) + p.stat().st_size + 2 for h, p in zip(heads, paths)) + len(closing)
+    url = urllib.parse.urlsplit(base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=3600)
+    try:
+        conn.putrequest("POST", "/v1/jobs")
+        conn.putheader("Authorization", f"Bearer {api_key}")
+        conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        conn.send(label_part)
+        for head, path in zip(heads, paths):
+            conn.send(head)
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    conn.send(block)
+            conn.send(b"\r\n")
+        conn.send(closing)
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if response.status != 202:
+        raise RuntimeError(f"upload failed: HTTP {response.status}: {body[:300]!r}")
+    return json.loads(body)
+
+
+@dataclass
+class System:
+    """A running system for the benchmark: database, broker, API, workers."""
+
+    settings: object
+    api: object
+    key: str
+    workers: list
+    home: Path
+    drop_database: str | None = None
+
+    def client(self):
+        from bonedetect.client import Client
+
+        return Client(self.api.url, self.key, timeout=600)
+
+
+PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@contextlib.contextmanager
+def running_system(
+    checkpoint: Path,
+    *,
+    workers: int,
+    threads: int,
+    batch: int,
+    chunk: int,
+    io_threads: int,
+    broker: str = "sqlite",
+    api_process: bool = False,
+    extra_env: dict | None = None,
+) -> Iterator[System]:
+    """Start the real system in a temporary BONEDETECT_HOME: the embedded
+    default (SQLite database and broker), or with ``broker="redis"`` Redis and
+    a fresh PostgreSQL database (dropped afterwards). The API runs in a thread
+    of this process (``serve_api``), or in its own process with
+    ``api_process`` (to measure its memory); the workers are real Celery
+    processes (``start_worker``), one torch thread pool of ``threads`` each."""
+    from sqlalchemy import create_engine, text
+
+    from bonedetect.local import serve_api, settings_env, start_worker, stop_process
+    from bonedetect.settings import Settings
+    from db.migrate import upgrade
+    from db.session import make_engine, make_sessionmaker
+    from db.tenants import create_tenant
+
+    home = Path(tempfile.mkdtemp(prefix="bonedetect-bench-"))
+    env = {
+        **os.environ,
+        "BONEDETECT_HOME": str(home),
+        "MODEL_CHECKPOINT": str(checkpoint),
+        "CHUNK_SIZE": str(chunk),
+        "INFER_BATCH_SIZE": str(batch),
+        "TORCH_THREADS": str(threads),
+        "IO_THREADS": str(io_threads),
+        "QUEUE_NAME": f"bench-{uuid.uuid4().hex[:8]}",
+    }
+    # Passed on to the processes explicitly: bonedetect.local.settings_env
+    # forwards only this process's environment and the Settings fields it knows.
+    process_env = {"IO_THREADS": str(io_threads), "LOG_LEVEL": "WARNING", **(extra_env or {})}
+    env.update(process_env)
+    dbname = None
+    if broker == "redis":
+        dbname = f"bench_{uuid.uuid4().hex[:10]}"
+        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{dbname}"'))
+        admin.dispose()
+        env["DATABASE_URL"] = PG_ADMIN.rsplit("/", 1)[0] + f"/{dbname}"
+        env["BROKER_URL"] = REDIS_URL
+    elif broker != "sqlite":
+        raise ValueError(f"broker must be 'sqlite' or 'redis', got {broker!r}")
+    settings = Settings.from_env(env)
+    settings.ensure_home()
+    upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    with make_sessionmaker(engine).begin() as session:
+        key = create_tenant(session, "bench")[1]
+    engine.dispose()
+    procs, api = [], None
+    try:
+        if api_process:
+            api = ApiProcess(settings, settings_env(settings, **process_env))
+        else:
+            api = serve_api(settings)
+        for i in range(workers):
+            procs.append(start_worker(settings, name=f"bench{i}-{uuid.uuid4().hex[:4]}", log_path=home / f"worker{i}.log", **process_env))
+        yield System(settings, api, key, procs, home, dbname)
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        if api is not None:
+            api.stop()
+        if dbname:
+            admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+            admin.dispose()
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)
+
+
+class ApiProcess:
+    """The API in its own process (``bonedetect api``), so its memory can be measured."""
+
+    def __init__(self, settings, env: dict):
+        import socket
+        import subprocess
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bonedetect.cli", "api", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the API process did not start")
+                time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        from bonedetect.local import stop_process
+
+        stop_process(self.proc)
+
+
+def wait_done(client, job_id: str, timeout: float = 3600.0, poll: float = 0.25, on_poll=None) -> tuple[dict, float]:
+    """Poll until the job is finished; (job, perf_counter when first seen finished)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.job(job_id)
+        if on_poll:
+            on_poll(job)
+        if job["status"] in ("done", "done_with_errors", "cancelled"):
+            return job, time.perf_counter()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s: {job['counts']}")
+        time.sleep(poll)
+
+
+def warm_up(system: System, path: Path) -> None:
+    """One single-image job per worker (each a chunk of its own), so every
+    worker has loaded its model before the clock starts."""
+    client = system.client()
+    jobs = [upload_streaming(system.api.url, system.key, [path], label=f"warm-up {i}") for i in range(2 * len(system.workers))]
+    for job in jobs:
+        wait_done(client, job["job_id"], timeout=600)
+
+
+def measure_system(system: System, paths: Sequence[Path], name: str = "system") -> StageResult:
+    """Upload the batch as one job; seconds from the first byte sent until the API says done."""
+    warm_up(system, paths[0])
+    client = system.client()
+    pids = [w.pid for w in system.workers]
+    started_at = datetime.now(timezone.utc)
+    start, cpu = time.perf_counter(), cpu_time(pids)  # this process: the API's threads, the uploader, the poller
+    per_worker = [cpu_time([pid]) - cpu_time() for pid in pids]
+    job = upload_streaming(system.api.url, system.key, paths)
+    uploaded = time.perf_counter() - start
+    final, end = wait_done(client, job["job_id"])
+    cpu = cpu_time(pids) - cpu
+    per_worker = [round(cpu_time([pid]) - cpu_time() - before, 1) for pid, before in zip(pids, per_worker)]
+    counts = final["counts"]
+    notes = {"upload_s": round(uploaded, 2), "status": final["status"], "worker_cpu_s": per_worker,
+             **queue_timeline(system, job["job_id"], started_at, end - start), "load": load_average()}
+    failed = counts.get("failed", 0) + counts.get("queued", 0)
+    return StageResult(name, len(paths), end - start, failed, notes, cpu_seconds=cpu)
+
+
+def queue_timeline(system: System, job_id: str, started_at: datetime, seconds: float) -> dict:
+    """Where the system's wall-clock time went, from the image rows: a chunk
+    runs from its claim (started_at, one per chunk) to its commit
+    (finished_at). Returns the seconds until the first chunk was claimed
+    (upload, enqueue, broker delivery), the seconds inside the job during
+    which no worker held a chunk (the queue's cost between chunks: ack, broker
+    delivery, claim), and the seconds from the last commit until the poller
+    saw the job done."""
+    from sqlalchemy import select
+
+    from db.models import Image
+    from db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(system.settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            rows = session.execute(select(Image.started_at, Image.finished_at).where(Image.job_id == job_id)).all()
+    finally:
+        engine.dispose()
+
+    def utc(t: datetime) -> datetime:
+        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)  # SQLite returns naive UTC
+
+    chunks = sorted({(utc(a), utc(b)) for a, b in rows if a and b})
+    if not chunks:
+        return {}
+    idle, busy_until = 0.0, chunks[0][0]
+    for claim, commit in chunks:
+        if claim > busy_until:
+            idle += (claim - busy_until).total_seconds()
+        busy_until = max(busy_until, commit)
+    first = (chunks[0][0] - started_at).total_seconds()
+    return {
+        "chunks": len(chunks),
+        "to_first_claim_s": round(first, 2),
+        "between_chunks_idle_s": round(idle, 2),
+        "after_last_commit_s": round(seconds - (busy_until - started_at).total_seconds(), 2),
+    }
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Samples one process's resident set size (psutil) in a background thread."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []  # (perf_counter, bytes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.perf_counter(), self.process.memory_info().rss))
+            except Exception:
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, since: float = 0.0) -> int:
+        return max((rss for t, rss in self.samples if t >= since), default=0)
+
+
+def worker_memory(system: System, paths: Sequence[Path], log=print) -> dict:
+    """Worker RSS over one job of len(paths) images: after warm-up (start),
+    after the first 10% of images, at the end, and the maximum; MiB."""
+    warm_up(system, paths[0])
+    client = system.client()
+    worker = system.workers[0]
+    progress: list[tuple[float, int]] = []  # (perf_counter, images finished)
+    with RssSampler(worker.pid, interval=0.5) as rss:
+        time.sleep(1.0)
+        start_rss = rss.samples[-1][1]
+        start = time.perf_counter()
+        job = upload_streaming(system.api.url, system.key, paths, label="memory")
+        last = [0.0]
+
+        def on_poll(j):
+            now = time.perf_counter()
+            progress.append((now, j["counts"]["done"] + j["counts"]["failed"]))
+            if now - last[0] > 30:
+                last[0] = now
+                log(f"  {progress[-1][1]}/{len(paths)} images, worker RSS {rss.samples[-1][1] / 2**20:.0f} MiB")
+
+        final, end = wait_done(client, job["job_id"], poll=1.0, on_poll=on_poll)
+        time.sleep(1.0)
+    tenth = next((t for t, n in progress if n >= len(paths) // 10), end)
+    deciles = []  # median RSS while the k-th tenth of the images was processed
+    for k in range(10):
+        lo = next((t for t, n in progress if n >= k * len(paths) // 10), end)
+        hi = next((t for t, n in progress if n >= (k + 1) * len(paths) // 10), end)
+        window = sorted(r for t, r in rss.samples if lo <= t <= hi)
+        deciles.append(round(window[len(window) // 2] / 2**20, 1) if window else None)
+    after_tenth = [r for t, r in rss.samples if t >= tenth]
+    mib = 2**20
+    return {
+        "images": len(paths),
+        "status": final["status"],
+        "seconds": round(end - start, 1),
+        "rss_start_mib": round(start_rss / mib, 1),
+        "rss_at_10pct_mib": round(after_tenth[0] / mib, 1) if after_tenth else None,
+        "rss_end_mib": round(rss.samples[-1][1] / mib, 1),
+        "rss_max_mib": round(rss.peak() / mib, 1),
+        "rss_max_after_10pct_mib": round(max(after_tenth) / mib, 1) if after_tenth else None,
+        "rss_median_by_tenth_mib": deciles,
+    }
+
+
+def api_memory(system: System, paths: Sequence[Path], sizes: Sequence[int]) -> list[dict]:
+    """Peak API RSS while receiving one job of n files, for each n in sizes
+    (no worker runs: the images just stay queued)."""
+    out = []
+    for n in sizes:
+        batch = [paths[i % len(paths)] for i in range(n)]
+        nbytes = sum(p.stat().st_size for p in batch)
+        with RssSampler(system.api.pid, interval=0.02) as rss:
+            time.sleep(0.2)
+            before = rss.samples[-1][1]
+            start = time.perf_counter()
+            upload_streaming(system.api.url, system.key, batch, label=f"api memory {n}")
+            seconds = time.perf_counter() - start
+            time.sleep(0.2)
+        out.append(
+            {
+                "files": n,
+                "upload_mib": round(nbytes / 2**20, 1),
+                "seconds": round(seconds, 2),
+                "rss_before_mib": round(before / 2**20, 1),
+                "rss_peak_mib": round(rss.peak() / 2**20, 1),
+            }
+        )
+    return out

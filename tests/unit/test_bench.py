@@ -1,0 +1,89 @@
+"""`python -m bench` works end to end on a handful of tiny images: the model
+and pipeline stages in this process, the system stage through the real API,
+the embedded SQLite broker and a real worker process, and the memory probes.
+Not a timed test: the numbers are the benchmark's business (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from bench import throughput as tp
+from bench.__main__ import main
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+
+LAST_LINE = re.compile(r"^bench: model=(\S+) pipeline=(\S+) system=(\S+) img/s, system/model=(\S+)$")
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # main() sets it for its stages
+
+
+def test_bench_images_are_cached_jpegs_of_the_asked_size(tmp_path):
+    paths = tp.bench_images(tmp_path, 5, 90, 70, unique=3)
+    assert [p.name for p in paths] == ["img-0000.jpg", "img-0001.jpg", "img-0002.jpg", "img-0000.jpg", "img-0001.jpg"]
+    from worker.decode import decode_image
+
+    image = decode_image(paths[1].read_bytes())
+    assert image.format == "JPEG" and image.pixels.shape == (90, 70)
+    before = paths[0].stat().st_mtime_ns
+    assert tp.bench_images(tmp_path, 2, 90, 70) == paths[:2] and paths[0].stat().st_mtime_ns == before  # not made again
+
+
+def test_model_and_pipeline_stages_and_step_costs(tmp_path):
+    paths = tp.bench_images(tmp_path, 5, 120, 100)
+    segmenter = tp.load_segmenter(DEFAULT_CHECKPOINT, batch=2, threads=1, device="cpu")
+    model = tp.measure_model(segmenter, tp.frames_of(segmenter, paths, 3), 5)
+    assert model.name == "model" and model.images == 5 and model.rate > 0
+    pipeline = tp.measure_pipeline(segmenter, paths, chunk=3, threads=2, gpu_decode="auto")
+    assert pipeline.images == 5 and pipeline.failed == 0 and pipeline.rate > 0
+    assert pipeline.notes["decoder"] == "decode_image"  # no GPU here: the CPU decoder
+    costs = tp.step_costs(segmenter, paths, k=2)
+    assert set(costs) >= {"decode", "preprocess", "postprocess", "overlay PNG"} and all(v >= 0 for v in costs.values())
+
+
+def test_full_size_checkpoint_is_the_thesis_network_marking_a_tumor_sized_area(tmp_path):
+    loaded = load_checkpoint(tp.full_size_checkpoint(tmp_path / "full.pt"))
+    assert loaded.network.config.filters == (32, 64, 128, 256, 512) and loaded.preprocessor.size == 512
+    assert sum(p.numel() for p in loaded.network.parameters()) == 7_850_713
+    import cv2
+    import torch
+
+    pixels = cv2.imdecode(np.frombuffer(tp.radiograph_jpeg(5, 512, 512), np.uint8), cv2.IMREAD_GRAYSCALE)
+    frame, _ = loaded.preprocessor(pixels)  # another image than the one the bias was set on
+    with torch.inference_mode():
+        marked = (torch.sigmoid(loaded.network(torch.from_numpy(frame)[None, None])) > 0.5).float().mean().item()
+    assert 0.001 < marked < 0.2
+
+
+def test_quick_command_prints_the_table_and_the_summary_line(tmp_path, capsys):
+    status = main(["--images", "4", "--size", "120x100", "--batch", "2", "--chunk", "2", "--threads", "1",
+                   "--io-threads", "2", "--cache", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert status == 0
+    lines = out.strip().splitlines()
+    match = LAST_LINE.match(lines[-1])
+    assert match, lines[-1]
+    model, pipeline, system, ratio = (float(v) for v in match.groups())
+    assert model > 0 and pipeline > 0 and system > 0
+    assert ratio == pytest.approx(system / model, rel=0.02)
+    system_row = next(line for line in lines if line.startswith("system, 1 worker"))
+    assert "status=done" in system_row and "FAILED" not in system_row  # every image went through the real worker
+    assert "device:   CPU" in out and "forward batch 2; chunk 2 (2 chunks); torch threads 1" in out
+
+
+def test_memory_probes_report_worker_and_api_rss(tmp_path, capsys):
+    status = main(["--memory", "--images", "6", "--size", "96x80", "--api-files", "1,3", "--batch", "2", "--chunk", "3",
+                   "--threads", "1", "--cache", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert re.search(r"Worker RSS over 6 images of 96x80 \(\S+ s, job done\)", out)
+    last = out.strip().splitlines()[-1]
+    assert re.match(r"bench memory: worker RSS \S+ -> \S+ MiB over 6 images .*API peak \S+ -> \S+ MiB", last), last
