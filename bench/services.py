@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bonedetect.client import Client
-from bonedetect.local import ApiServer, serve_api, settings_env, start_worker
+from bonedetect.local import ApiServer, serve_api, settings_env, start_worker, stop_process
 from bonedetect.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -335,16 +335,6 @@ class ApiProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass

@@ -5,16 +5,13 @@ injected `enqueue` records each chunk task as make_celery's app would send it.""
 from __future__ import annotations
 
 import io
-import os
-import socket
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import select, update
 
 from api import create_app
 from bonedetect.client import encode_multipart
@@ -25,8 +22,8 @@ from db.migrate import upgrade
 from db.models import Image, Job
 from db.session import make_engine, make_sessionmaker
 from db.tenants import create_tenant
+from tests.integration.conftest import pg_url  # noqa: F401  (a fresh PostgreSQL database per test)
 
-PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 def png_bytes(w: int = 40, h: int = 30, seed: int = 0) -> bytes:
@@ -134,25 +131,6 @@ def build_api(tmp_path: Path, database_url: str, **env) -> Api:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'bd.sqlite'}"
-
-
-@pytest.fixture
-def pg_url():
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
-    try:
-        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
-    except OSError:
-        if os.environ.get("BONEDETECT_REQUIRE_SERVICES"):
-            pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432")
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
-    name = f"bd_test_api_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture
