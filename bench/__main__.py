@@ -229,8 +229,9 @@ def run(args, argv, tmp: Path) -> int:
                                               "cpu_ms_per_image": round(cpu, 1) if cpu else None, "cores": round(cores, 2),
                                               "failed": r.failed, **r.notes}
     print("(CPU ms/img: core-milliseconds per image of the stage's processes; model/this: the model's over this stage's,\n"
-          " the share of the CPU work that is the network: unlike img/s it hardly moves when others share the machine;\n"
-          " cores: CPU seconds over wall seconds, the cores the stage got. load: 1-minute load average after the stage.)")
+          " the share of the CPU work that is the network. cores: CPU seconds over wall seconds, the cores the stage got.\n"
+          " load: 1-minute load average after the stage. On a machine others use, both img/s and CPU ms move with\n"
+          " their load (OpenMP threads spin while a sibling waits for a core): compare stages only at a steady load.)")
     if scale > 1:
         print(f"(system / model compares {args.workers} workers with {args.workers} x the one-thread model figure)")
     if "step_ms" in out:
