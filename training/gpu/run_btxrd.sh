@@ -45,6 +45,7 @@ PY=${PYTHON:-python3}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 REQUIRE_CUDA=${REQUIRE_CUDA:-1}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+rm -rf "$WORK"  # results of an earlier run on this checkout must not mix into this one's summary
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 T0=$(date +%s)
