@@ -109,7 +109,7 @@ def run_demo(settings: Settings, n_images: int = 12, host: str = "127.0.0.1", po
         print_results(client, job["job_id"], truth)
         if not serve:
             return 0 if final["status"] in ("done", "done_with_errors") else 1
-        print(f"\nServing on {api.url} until Ctrl-C. Try:")
+        print(f"\nServing on {api.url} until Ctrl-C. Open {api.url}/ in a browser with the key {key}, or try:")
         print(f"  curl -H 'Authorization: Bearer {key}' {api.url}/v1/jobs/{job['job_id']}")
         print(f"  curl -H 'Authorization: Bearer {key}' {api.url}/v1/jobs/{job['job_id']}/results.csv")
         while True:
