@@ -25,18 +25,9 @@ from bonedetect.settings import Settings
 
 def sample_batch(n: int, seed: int = 2026) -> tuple[list[tuple[str, bytes]], dict[str, np.ndarray]]:
     """n synthetic radiographs as JPEGs (with their drawn lesion masks) and one corrupt file."""
-    from training.synthetic import synthetic_radiograph
+    from training.synthetic import synthetic_jpegs
 
-    rng = np.random.default_rng(seed)
-    files, truth = [], {}
-    for i in range(n):
-        h, w = int(rng.integers(300, 700)), int(rng.integers(300, 700))
-        image, mask, _ = synthetic_radiograph(rng, h, w)
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="JPEG", quality=92)
-        name = f"synthetic-{i + 1:03d}.jpg"
-        files.append((name, buf.getvalue()))
-        truth[name] = mask
+    files, truth = synthetic_jpegs(n, seed, sides=(300, 700), name="synthetic-{:03d}.jpg", first=1)
     files.append(("corrupt-truncated.jpg", files[0][1][: len(files[0][1]) // 3]))
     return files, truth
 

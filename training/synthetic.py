@@ -443,6 +443,32 @@ def is_synthetic(root: str | Path) -> bool:
         return False
 
 
+def synthetic_jpegs(
+    n: int, seed: int, sides: tuple[int, int] = (200, 520), name: str = "img-{:03d}.jpg", first: int = 0
+) -> tuple[list[tuple[str, bytes]], dict[str, np.ndarray]]:
+    """n synthetic radiographs as JPEG files (quality 92), and the lesion mask drawn for each.
+
+    Returns ([(filename, bytes)], {filename: mask}); height and width are drawn
+    in [sides[0], sides[1]); filenames are name.format(first + i). Used by the
+    demo and the system tests, which check masks against what was drawn.
+    """
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    files, truth = [], {}
+    for i in range(n):
+        h, w = int(rng.integers(*sides)), int(rng.integers(*sides))
+        image, mask, _ = synthetic_radiograph(rng, h, w)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=92)
+        filename = name.format(first + i)
+        files.append((filename, buf.getvalue()))
+        truth[filename] = mask
+    return files, truth
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (BTXRD layout)")

@@ -9,7 +9,6 @@ service skips these tests; with BONEDETECT_REQUIRE_SERVICES=1 (set by
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import uuid
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from bonedetect.client import Client
 from bonedetect.local import serve_api, start_worker, stop_process
@@ -68,18 +66,10 @@ def redis_url():
 
 
 def synthetic_jpegs(n: int, seed: int) -> tuple[list[tuple[str, bytes]], dict[str, np.ndarray]]:
-    from training.synthetic import synthetic_radiograph
+    """n synthetic JPEGs img-000.jpg... and their drawn lesion masks."""
+    from training.synthetic import synthetic_jpegs as make
 
-    rng = np.random.default_rng(seed)
-    files, truth = [], {}
-    for i in range(n):
-        h, w = int(rng.integers(200, 520)), int(rng.integers(200, 520))
-        image, mask, _ = synthetic_radiograph(rng, h, w)
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="JPEG", quality=92)
-        files.append((f"img-{i:03d}.jpg", buf.getvalue()))
-        truth[f"img-{i:03d}.jpg"] = mask
-    return files, truth
+    return make(n, seed, sides=(200, 520), name="img-{:03d}.jpg")
 
 
 @dataclass
