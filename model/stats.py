@@ -56,25 +56,31 @@ def tumor_statistics(
         if not all(math.isfinite(s) and s > 0 for s in (row_mm, col_mm)):
             raise ValueError(f"pixel_spacing_mm must be two positive numbers, got {pixel_spacing_mm!r}")
 
+    # Everything below looks only inside the bounding box of the tumor pixels:
+    # on a 3000 x 2500 radiograph the whole-image passes (nonzero, labelling,
+    # a float64 copy of the probability map) cost 30-70 ms, the box a few.
     inside = mask != 0
-    ys, xs = np.nonzero(inside)
+    x0, y0, bw, bh = cv2.boundingRect(inside.view(np.uint8))
+    area_mm2_of = (lambda area: None) if row_mm is None else (lambda area: area * row_mm * col_mm)
+    if bw == 0:
+        return TumorStats(False, 0, 0.0, area_mm2_of(0), None, None, None, None, None, None, 0, None, None)
+    box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
+    inside_box = inside[box]
+    ys, xs = np.nonzero(inside_box)
+    ys += y0  # image coordinates (the same integers, in the same order, as a whole-image np.nonzero)
+    xs += x0
     area = int(ys.size)
-    area_mm2 = None if row_mm is None else area * row_mm * col_mm
-    if area == 0:
-        return TumorStats(False, 0, 0.0, area_mm2, None, None, None, None, None, None, 0, None, None)
-
-    n_labels, _ = cv2.connectedComponents(inside.astype(np.uint8), connectivity=8)
-    x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
-    prob_in = None if prob is None else np.asarray(prob, np.float64)[inside]
+    n_labels, _ = cv2.connectedComponents(inside_box.view(np.uint8), connectivity=8)
+    prob_in = None if prob is None else np.asarray(np.asarray(prob)[box][inside_box], np.float64)
     return TumorStats(
         tumor_detected=True,
         area_px=area,
         area_fraction=area / mask.size,
-        area_mm2=area_mm2,
+        area_mm2=area_mm2_of(area),
         bbox_x=x0,
         bbox_y=y0,
-        bbox_w=x1 - x0 + 1,
-        bbox_h=y1 - y0 + 1,
+        bbox_w=bw,
+        bbox_h=bh,
         centroid_x=float(xs.mean()),
         centroid_y=float(ys.mean()),
         n_regions=int(n_labels) - 1,

@@ -186,3 +186,61 @@ def test_gpu_decoder_takes_plain_jpegs_and_leaves_the_rest_to_the_cpu():
     with pytest.raises(DecodeError, match="smaller than the minimum"):
         decoder(jpeg(4, 8, 40))
     assert (decoder.gpu_images, decoder.cpu_images) == (2, 5)
+
+
+# -- statistics and overlay inside the bounding box --------------------------------------------
+
+
+def whole_image_statistics(mask, prob, spacing):
+    """The whole-image statistics the bounding-box version replaced (the reference)."""
+    inside = mask != 0
+    ys, xs = np.nonzero(inside)
+    if ys.size == 0:
+        return None
+    n_labels, _ = cv2.connectedComponents(inside.astype(np.uint8), connectivity=8)
+    prob_in = np.asarray(prob, np.float64)[inside]
+    return dict(area_px=int(ys.size), area_fraction=ys.size / mask.size, area_mm2=ys.size * spacing[0] * spacing[1],
+                bbox_x=int(xs.min()), bbox_y=int(ys.min()), bbox_w=int(xs.max() - xs.min() + 1),
+                bbox_h=int(ys.max() - ys.min() + 1), centroid_x=float(xs.mean()), centroid_y=float(ys.mean()),
+                n_regions=n_labels - 1, prob_max=float(prob_in.max()), prob_mean=float(prob_in.mean()))
+
+
+def whole_image_overlay(pixels, mask):
+    """The whole-image overlay the bounding-box version replaced (the reference)."""
+    from model.postprocess import OVERLAY_COLOR, OVERLAY_FILL_ALPHA
+    from model.preprocess import to_unit_float
+
+    unit = to_unit_float(pixels)
+    gray = np.round(unit * 255).astype(np.uint8)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    inside = mask != 0
+    if not inside.any():
+        return rgb
+    color = np.asarray(OVERLAY_COLOR, np.float32)
+    rgb[inside] = np.round((1 - OVERLAY_FILL_ALPHA) * rgb[inside] + OVERLAY_FILL_ALPHA * color).astype(np.uint8)
+    contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(rgb, contours, -1, OVERLAY_COLOR, thickness=max(1, round(max(unit.shape) / 256)))
+    return rgb
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_box_statistics_and_overlay_equal_the_whole_image_versions(seed):
+    from model.postprocess import render_overlay
+    from model.stats import tumor_statistics
+
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(40, 700)), int(rng.integers(40, 700))
+    prob = blobs(rng, h, w, int(rng.integers(0, 4)))
+    mask = postprocess_cropped(Postprocessor(0.5, 0.0, fill_holes=bool(seed % 2)), prob)
+    if seed % 3 == 0:
+        mask[0, :] = 1  # touching the border
+    dtype = (np.uint8, np.uint16, np.float32)[seed % 3]
+    pixels = (rng.random((h, w)) * (255 if dtype is np.uint8 else 4000)).astype(dtype)
+    spacing = (0.14, 0.16)
+    got = tumor_statistics(mask, prob, spacing)
+    want = whole_image_statistics(mask, prob, spacing)
+    if want is None:
+        assert not got.tumor_detected and got.area_px == 0 and got.area_mm2 == 0.0
+    else:
+        assert {k: getattr(got, k) for k in want} == want  # exactly: the same numbers, summed in the same order
+    assert np.array_equal(render_overlay(pixels, mask), whole_image_overlay(pixels, mask))
