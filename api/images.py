@@ -1,8 +1,12 @@
 """One image: its status and statistics (JSON), its mask and overlay (PNG),
-and for a DICOM source its DICOM Segmentation (worker/seg.py, docs/dicom.md)."""
+and for a DICOM source its DICOM Segmentation (worker/seg.py, docs/dicom.md).
+
+Overlays are rendered here on their first request when the workers run with
+OVERLAYS=lazy (the default; worker/overlay.py says why), then read back."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 from urllib.parse import quote
 
@@ -14,6 +18,7 @@ from api.errors import ApiError
 from db.blobstore import BlobNotFound, image_prefix
 from db.models import DONE, STAT_COLUMNS, Image
 
+log = logging.getLogger(__name__)
 bp = Blueprint("images", __name__, url_prefix="/v1/images")
 bp.before_request(authenticate)
 
@@ -98,8 +103,32 @@ def _png(image_id: str, kind: str) -> Response:
     try:
         data = services().blobs.get_bytes(key)
     except BlobNotFound:
-        raise ApiError(404, f"the {kind} of image {im.id} is missing from the blob store") from None
+        if kind != "overlay":
+            raise ApiError(404, f"the {kind} of image {im.id} is missing from the blob store") from None
+        data = _render_overlay(im, key)
     return Response(data, mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _render_overlay(im: Image, key: str) -> bytes:
+    """OVERLAYS=lazy: render the overlay from the upload and the mask, keep it at ``key``."""
+    from worker.decode import DecodeError
+    from worker.overlay import render_overlay_png
+
+    svc = services()
+    try:
+        source = svc.blobs.get_bytes(im.blob_key) if im.blob_key else None
+        mask_png = svc.blobs.get_bytes(im.mask_key) if im.mask_key else None
+    except BlobNotFound:
+        source = mask_png = None
+    if source is None or mask_png is None:
+        raise ApiError(404, f"the overlay of image {im.id} cannot be made: its upload or mask is missing from the blob store")
+    try:
+        data = render_overlay_png(source, mask_png, svc.settings.max_image_pixels)
+    except (DecodeError, ValueError) as err:
+        log.error("image %s: overlay not rendered: %s", im.id, err)
+        raise ApiError(500, f"the overlay of image {im.id} could not be rendered: {err}") from None
+    svc.blobs.put_bytes(key, data)  # a concurrent request may write the same bytes: puts are atomic
+    return data
 
 
 @bp.get("/<image_id>/seg.dcm")

@@ -10,8 +10,10 @@ On generated radiograph-sized JPEGs (3000x2500 by default, cached under
 var/bench/) it measures, in one run:
 
 - model:    the network alone on preprocessed batches (Segmenter.forward);
-- pipeline: decode -> preprocess -> network -> postprocess -> mask and overlay
-            PNGs, in this process (worker.pipeline.Pipeline, the worker's code);
+- pipeline: decode -> preprocess -> network -> postprocess -> mask PNG (and
+            overlay PNG with --overlays eager; by default the API renders
+            overlays on request, worker/overlay.py), in this process
+            (worker.pipeline.Pipeline, the worker's code);
 - system:   HTTP upload -> broker -> worker process(es) -> statistics
             committed, from the first byte uploaded to the API reporting the job done;
 
@@ -72,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (model and pipeline stages)")
     p.add_argument("--gpu-decode", choices=("auto", "on", "off"), default=os.environ.get("GPU_DECODE") or "auto")
+    p.add_argument("--overlays", choices=("lazy", "eager"), default=s.overlays,
+                   help=f"OVERLAYS for the pipeline and the workers (now {s.overlays}); lazy: the API renders on request")
     p.add_argument("--stages", default="model,pipeline,system", help="comma-separated subset of model,pipeline,system")
     p.add_argument("--quick", action="store_true", help="16 images, demo model: under a minute on the 2-core CPU")
     p.add_argument("--memory", action="store_true", help="memory run instead: worker RSS over --images (5,000), API RSS vs upload size")
@@ -184,7 +188,8 @@ def run(args, argv, tmp: Path) -> int:
         results["model"] = tp.measure_model(segmenter, tp.frames_of(segmenter, paths, 8), n_model)
     if "pipeline" in stages:
         log(f"pipeline: {n} images in chunks of {args.chunk}, {args.io_threads} decode/encode threads")
-        results["pipeline"] = tp.measure_pipeline(segmenter, paths, args.chunk, args.io_threads, args.gpu_decode)
+        results["pipeline"] = tp.measure_pipeline(segmenter, paths, args.chunk, args.io_threads, args.gpu_decode,
+                                                  overlays=args.overlays == "eager")
         costs = tp.step_costs(segmenter, paths)
         out["step_ms"] = {k: round(v, 1) for k, v in costs.items()}
     if "system" in stages and args.workers > 1 and (n % args.chunk or (n // args.chunk) % args.workers):
@@ -192,7 +197,7 @@ def run(args, argv, tmp: Path) -> int:
             "the last chunk runs alone and the scaling looks worse than it is")
     if "system" in stages:
         kw = dict(threads=args.threads, batch=args.batch, chunk=args.chunk, io_threads=args.io_threads,
-                  broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode})
+                  broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays})
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
             with tp.running_system(ckpt, workers=1, **kw) as system:
@@ -212,7 +217,7 @@ def run(args, argv, tmp: Path) -> int:
     chunks = -(-n // args.chunk)
     print(f"config:   {n} images of {h}x{w} JPEG; forward batch {args.batch}; chunk {args.chunk} ({chunks} chunks); torch threads {args.threads}"
           f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}; broker {args.broker}; "
-          f"channels_last {segmenter.channels_last}; compile {args.compile}")
+          f"channels_last {segmenter.channels_last}; compile {args.compile}; overlays {args.overlays}")
     print()
     print(f"{'stage':<22}{'images':>7}{'seconds':>9}{'img/s':>9}{'/ model':>9}{'CPU ms/img':>11}{'model/this':>11}{'cores':>6}  notes")
     for key, r in results.items():
@@ -238,9 +243,12 @@ def run(args, argv, tmp: Path) -> int:
         net_ms = 1000.0 / model.rate * args.threads if model else None
         print("\nCPU cost per image, one thread, step by step (ms):")
         print("  " + ", ".join(f"{k} {v:.1f}" for k, v in out["step_ms"].items()))
-        other = sum(out["step_ms"].values())
+        worker_steps = {k: v for k, v in out["step_ms"].items() if args.overlays == "eager" or not k.startswith("overlay")}
+        other = sum(worker_steps.values())
+        if args.overlays == "lazy":
+            print("  (overlay and overlay PNG run in the API on an overlay's first request, not in the worker)")
         if net_ms:
-            print(f"  all but the network: {other:.0f} ms; the network: {net_ms:.0f} ms x thread "
+            print(f"  all the worker does but the network: {other:.0f} ms; the network: {net_ms:.0f} ms x thread "
                   f"(model stage, {args.threads} thread(s)); on a CPU-only machine system/model is at most "
                   f"{net_ms / (net_ms + other):.2f}")
     if "system-1" in results and "system" in results:

@@ -4,7 +4,8 @@
   the worker's thread count and forward batch);
 - pipeline: ``worker.pipeline.Pipeline.run`` over chunks of JPEG files read
   from disk, in one process (decode -> preprocess -> network -> restore,
-  postprocess, statistics, overlay -> PNG encoding): the worker's own code;
+  postprocess, statistics -> mask PNG, and the overlay PNG when overlays are
+  eager): the worker's own code;
 - system: an HTTP upload to the real API (``bonedetect.local.serve_api``),
   the broker, real Celery worker processes (``start_worker``) and the
   statistics committed to the database, from the first byte uploaded until
@@ -206,11 +207,14 @@ def measure_model(segmenter, frames: list[np.ndarray], n: int) -> StageResult:
     return StageResult("model", n, seconds, notes={"load": load_average()}, cpu_seconds=cpu)
 
 
-def measure_pipeline(segmenter, paths: Sequence[Path], chunk: int, threads: int, gpu_decode: str | None = None) -> StageResult:
-    """``Pipeline.run`` on chunks of ``chunk`` files, as the worker calls it per task."""
+def measure_pipeline(
+    segmenter, paths: Sequence[Path], chunk: int, threads: int, gpu_decode: str | None = None, overlays: bool = True
+) -> StageResult:
+    """``Pipeline.run`` on chunks of ``chunk`` files, as the worker calls it per task
+    (``overlays``: render overlay PNGs too, as OVERLAYS=eager workers do)."""
     from worker.pipeline import Pipeline
 
-    pipeline = Pipeline(segmenter, threads=threads, gpu_decode=gpu_decode)
+    pipeline = Pipeline(segmenter, threads=threads, gpu_decode=gpu_decode, overlays=overlays)
     try:
         pipeline.run([("warm-up", paths[0].read_bytes)])
         failed, tumors, start, cpu = 0, 0, time.perf_counter(), cpu_time()

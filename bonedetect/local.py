@@ -30,6 +30,10 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         QUEUE_NAME=settings.queue_name,
         LEASE_S=str(settings.lease_s),
         TORCH_THREADS=str(settings.torch_threads),
+        IO_THREADS=str(settings.io_threads),
+        OVERLAYS=settings.overlays,
+        LOG_LEVEL=settings.log_level,
+        LOG_FORMAT=settings.log_format,
     )
     if settings.model_checkpoint:
         env["MODEL_CHECKPOINT"] = str(settings.model_checkpoint)

@@ -23,6 +23,14 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _choice(env: dict, name: str, choices: tuple[str, ...]) -> str:
+    """env[name], lower-cased, one of choices (the first when unset)."""
+    raw = (env.get(name) or choices[0]).strip().lower()
+    if raw not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {env.get(name)!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -42,6 +50,7 @@ class Settings:
     lease_s: int = 120  # a live worker renews its chunk's leases every lease_s/3; one that lapses means the worker died
     torch_threads: int = 0  # CPU inference threads per worker; 0: PyTorch's default
     io_threads: int = 4  # decode/encode threads that overlap the network
+    overlays: str = "lazy"  # lazy: the API renders an overlay on its first request; eager: the worker writes each (worker/overlay.py)
     log_level: str = "INFO"
     log_format: str = "json"  # json: one object per line with job/image ids (bonedetect/logs.py); text: for a terminal
     heartbeat_interval_s: int = 15  # how often a worker writes its heartbeat row
@@ -88,6 +97,7 @@ class Settings:
             lease_s=_int(env, "LEASE_S", 120),
             torch_threads=_int(env, "TORCH_THREADS", 0),
             io_threads=_int(env, "IO_THREADS", 4),
+            overlays=_choice(env, "OVERLAYS", ("lazy", "eager")),
             callback_max_retries=_int(env, "CALLBACK_MAX_RETRIES", 8),
             callback_backoff_s=_int(env, "CALLBACK_BACKOFF_S", 10),
             callback_backoff_max_s=_int(env, "CALLBACK_BACKOFF_MAX_S", 600),

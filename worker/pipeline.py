@@ -1,8 +1,8 @@
 """The per-chunk inference pipeline: bytes in, masks, overlays and statistics out.
 
     read + decode + preprocess (thread pool) -> network (Segmenter.forward,
-    this thread) -> restore to full size, postprocess, statistics, overlay,
-    PNG encoding (thread pool)
+    this thread) -> restore to full size, postprocess, statistics, mask PNG,
+    overlay PNG when overlays are eager (thread pool)
 
 The calling thread only feeds the network: the next batches are decoded and
 the previous ones finished in the pool while it runs. At most
@@ -19,23 +19,21 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import time
-import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 
 from model.inference import Segmenter
-from model.postprocess import render_overlay
 from model.preprocess import Geometry
 from model.stats import TumorStats, tumor_statistics
 from worker.decode import DecodedImage, DecodeError
 from worker.gpu_decode import select_decoder
+from worker.overlay import overlay_png
+from worker.png import encode_png
 
 log = logging.getLogger("bonedetect.worker")
 
@@ -71,56 +69,6 @@ class _Decoded:
     geometry: Geometry | None = None
 
 
-# PNG encoding was the largest cost of an image after the network: 258 ms of
-# one core for a 3000x2500 RGB overlay with libpng's defaults (zlib level 1,
-# adaptive row filters). Here: the "Up" row filter for every row (numpy), then
-# ISA-L's deflate (python-isal, about 4x zlib's speed at the same size): 51 ms,
-# and 1 ms instead of 46 for the mask (docs/benchmarks.md). Without isal,
-# libpng with the Up filter: 144 ms. Either way a standard, lossless PNG.
-try:
-    from isal import isal_zlib
-except ImportError:  # pragma: no cover - isal is a worker dependency
-    isal_zlib = None
-ISAL_LEVEL = 2  # ISA-L levels 0-3; 2 was the fastest at zlib level 1's size here
-PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
-_PNG_COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: gray, RGB, RGBA
-
-
-def _png_chunk(kind: bytes, data) -> bytes:
-    crc = zlib.crc32(data, zlib.crc32(kind))
-    return struct.pack(">I", len(data)) + kind + bytes(data) + struct.pack(">I", crc)
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """8-bit gray (H, W), RGB (H, W, 3) or RGBA (H, W, 4) array -> PNG bytes
-    (channels in PNG's own order, RGB: not OpenCV's BGR)."""
-    array = np.asarray(array)
-    channels = 1 if array.ndim == 2 else (array.shape[2] if array.ndim == 3 else 0)
-    if array.dtype != np.uint8 or channels not in _PNG_COLOR_TYPES or array.size == 0:
-        raise ValueError(f"encode_png takes a non-empty uint8 gray, RGB or RGBA image, got {array.dtype} {array.shape}")
-    h, w = array.shape[:2]
-    if isal_zlib is None:
-        bgr = {1: None, 3: cv2.COLOR_RGB2BGR, 4: cv2.COLOR_RGBA2BGRA}[channels]
-        ok, buf = cv2.imencode(".png", cv2.cvtColor(array, bgr) if bgr is not None else array, PNG_PARAMS)
-        if not ok:
-            raise RuntimeError("PNG encoding failed")
-        return buf.tobytes()
-    rows = np.ascontiguousarray(array).reshape(h, w * channels)
-    filtered = np.empty((h, w * channels + 1), np.uint8)  # each row: filter type byte, then the row
-    filtered[:, 0] = 2  # "Up": each byte minus the byte above it, mod 256
-    filtered[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-    header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOR_TYPES[channels], 0, 0, 0)
-    return b"".join(
-        (
-            b"\x89PNG\r\n\x1a\n",
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", isal_zlib.compress(filtered, ISAL_LEVEL)),
-            _png_chunk(b"IEND", b""),
-        )
-    )
-
-
 class Pipeline:
     """Runs chunks of (image_id, read_bytes) through decode, the network and
     postprocessing (module docstring).
@@ -137,6 +85,9 @@ class Pipeline:
         max_pending: images decoded and run through the network but not yet
             finished, before the network waits; None: two batches, at least
             twice the threads.
+        overlays: render and encode each image's overlay PNG here (OVERLAYS=eager);
+            False leaves ``overlay_png`` None for the API to render on request
+            (OVERLAYS=lazy, worker/overlay.py).
     """
 
     def __init__(
@@ -147,6 +98,7 @@ class Pipeline:
         gpu_decode: str | None = None,
         prefetch_batches: int = 2,
         max_pending: int | None = None,
+        overlays: bool = True,
     ):
         if threads < 1 or prefetch_batches < 1:
             raise ValueError(f"threads and prefetch_batches must be at least 1, got {threads} and {prefetch_batches}")
@@ -154,6 +106,7 @@ class Pipeline:
         self.max_pixels = max_pixels
         self.decode = select_decoder(gpu_decode or os.environ.get("GPU_DECODE") or "auto", segmenter.device)
         self.prefetch_batches = prefetch_batches
+        self.overlays = bool(overlays)
         batch = max(1, segmenter.batch_size)
         self.max_pending = max_pending or max(2 * batch, 2 * threads)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bonedetect-io")
@@ -190,14 +143,13 @@ class Pipeline:
             prediction = self.segmenter.finish(plane, item.geometry)
             prob, mask = prediction.prob, prediction.mask
             stats = tumor_statistics(mask, prob, image.pixel_spacing_mm)
-            overlay = render_overlay(image.pixels, mask)
             return ImageResult(
                 image_id=item.image_id,
                 width=w,
                 height=h,
                 stats=stats,
                 mask_png=encode_png(mask * np.uint8(255)),
-                overlay_png=encode_png(overlay),
+                overlay_png=overlay_png(image.pixels, mask) if self.overlays else None,
                 pixel_spacing_mm=image.pixel_spacing_mm,
                 spacing_source=image.spacing_source,
                 source_format=image.format,

@@ -91,7 +91,8 @@ def build_context(settings: Settings) -> WorkerContext:
         settings=settings,
         sessions=make_sessionmaker(make_engine(settings.database_url, **engine_args)),
         blobs=open_blob_store(settings.blob_url),
-        pipeline=Pipeline(segmenter, max_pixels=settings.max_image_pixels, threads=settings.io_threads),
+        pipeline=Pipeline(segmenter, max_pixels=settings.max_image_pixels, threads=settings.io_threads,
+                          overlays=settings.overlays == "eager"),
         model_version=loaded.version,
     )
 
@@ -237,7 +238,8 @@ def owned_rows(session: Session, claimed: list[Claimed]) -> dict[str, tuple[str,
 def store_blobs(
     ctx: WorkerContext, owned: dict[str, tuple[str, str]], results: list[ImageResult]
 ) -> dict[str, tuple[str, str]]:
-    """Write masks and overlays of the owned rows under keys derived from the image id."""
+    """Write masks (and eager overlays) of the owned rows under keys derived from the image id.
+    The overlay key is recorded either way: it is where the overlay is, or will be once rendered."""
     keys = {}
     for r in results:
         if not r.ok or r.image_id not in owned:
@@ -245,7 +247,8 @@ def store_blobs(
         tenant_id, job_id = owned[r.image_id]
         prefix = image_prefix(tenant_id, job_id, r.image_id)
         ctx.blobs.put_bytes(f"{prefix}/mask.png", r.mask_png)
-        ctx.blobs.put_bytes(f"{prefix}/overlay.png", r.overlay_png)
+        if r.overlay_png is not None:  # OVERLAYS=lazy: the API renders it at this key on first request
+            ctx.blobs.put_bytes(f"{prefix}/overlay.png", r.overlay_png)
         if r.seg_dcm:  # DICOM sources: served by GET /v1/images/<id>/seg.dcm
             ctx.blobs.put_bytes(f"{prefix}/seg.dcm", r.seg_dcm)
         keys[r.image_id] = (f"{prefix}/mask.png", f"{prefix}/overlay.png")

@@ -163,6 +163,37 @@ def test_mask_is_409_until_done_then_png(api):
         assert resp.data == png_bytes(seed=seed)
 
 
+def test_overlay_is_rendered_on_first_request_then_kept(api):
+    """OVERLAYS=lazy: the worker stored the mask only; the API makes the overlay
+    from the upload and the mask, exactly as an eager worker would, and keeps it."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from worker.overlay import render_overlay_png
+
+    _, rows = submit(api, 2)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[8:20, 10:25] = 255
+    mask_png = io.BytesIO()
+    PILImage.fromarray(mask).save(mask_png, "PNG")
+    for row in rows:
+        finish(api, row, with_blobs=False)
+        api.blobs.put_bytes(f"{image_prefix(row.tenant_id, row.job_id, row.id)}/mask.png", mask_png.getvalue())
+    overlay_key = f"{image_prefix(rows[0].tenant_id, rows[0].job_id, rows[0].id)}/overlay.png"
+    assert not api.blobs.exists(overlay_key)
+    resp = api.get(f"/v1/images/{rows[0].id}/overlay.png")
+    assert resp.status_code == 200 and resp.mimetype == "image/png"
+    assert resp.data == render_overlay_png(png_bytes(seed=0), mask_png.getvalue())
+    rgb = np.array(PILImage.open(io.BytesIO(resp.data)))
+    assert rgb.shape == (30, 40, 3) and tuple(rgb[8, 15]) == (255, 0, 0) and (rgb[0, 0] == rgb[0, 0, 0]).all()
+    assert api.blobs.get_bytes(overlay_key) == resp.data, "kept for the next request"
+    assert api.get(f"/v1/images/{rows[0].id}/overlay.png").data == resp.data
+
+    api.blobs.delete_prefix(rows[1].blob_key)  # the upload is gone: say so, do not make something up
+    resp = api.get(f"/v1/images/{rows[1].id}/overlay.png")
+    assert resp.status_code == 404 and "upload or mask is missing" in resp.json["error"]
+
+
 def test_failed_image_has_no_mask_and_a_missing_blob_is_404(api):
     _, rows = submit(api, 2)
     finish(api, rows[0], status="failed", error="not a decodable image")

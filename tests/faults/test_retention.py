@@ -47,6 +47,8 @@ def test_purging_a_job_removes_its_rows_and_every_blob(tmp_path, pg_url, private
             client.wait(job_id, timeout=120, poll=0.25)
         image_id = next(client.images(purged_job))["image_id"]
         files = folder(system, tenant_of(system, purged_job), purged_job)
+        assert {p.name for p in files.rglob("*") if p.is_file()} == {"source", "mask.png"}
+        client.overlay_png(image_id)  # rendered on request (OVERLAYS=lazy) and kept beside the mask
         assert {p.name for p in files.rglob("*") if p.is_file()} == {"source", "mask.png", "overlay.png"}
 
         with pytest.raises(ApiError) as err:

@@ -274,11 +274,14 @@ def test_blobs_of_the_job_are_objects_in_the_bucket(finished):
             assert base is None, "a refused file stores nothing"
             continue
         assert base and base.startswith("blobs/tenants/")
-        expected = {"source"} | ({"mask.png", "overlay.png"} if im["status"] == "done" else set())
+        expected = {"source"} | ({"mask.png"} if im["status"] == "done" else set())  # overlays: on request
         assert {k.rsplit("/", 1)[1] for k in keys if k.startswith(base + "/")} == expected
         if im["status"] == "done":
             obj = finished.s3.get_object(Bucket=finished.bucket, Key=f"{base}/mask.png")["Body"].read()
             assert finished.client.mask_png(im["image_id"]) == obj, "the API serves the object from the bucket"
+            overlay = finished.client.overlay_png(im["image_id"])  # rendered by the API, then kept in the bucket
+            kept = finished.s3.get_object(Bucket=finished.bucket, Key=f"{base}/overlay.png")["Body"].read()
+            assert kept == overlay == finished.client.overlay_png(im["image_id"])
     assert not finished.local_blobs.exists(), "nothing was written to a local folder"
 
 

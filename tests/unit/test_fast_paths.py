@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import worker.pipeline as pipeline_module
+import worker.png as png_module
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.inference import Segmenter, postprocess_cropped
 from model.network import AttentionUNet, UNetConfig
@@ -72,8 +72,8 @@ def test_cropped_postprocessing_edge_cases():
 @pytest.mark.parametrize("isal", [True, False], ids=["isal", "libpng"])
 def test_png_is_lossless_for_gray_rgb_and_rgba(isal, monkeypatch):
     if not isal:
-        monkeypatch.setattr(pipeline_module, "isal_zlib", None)
-    elif pipeline_module.isal_zlib is None:
+        monkeypatch.setattr(png_module, "isal_zlib", None)
+    elif png_module.isal_zlib is None:
         pytest.skip("isal is not installed")
     rng = np.random.default_rng(0)
     for shape in ((37, 51), (1, 1), (64, 33, 3), (20, 17, 4)):
