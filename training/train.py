@@ -166,6 +166,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # None: cuda if available, else cpu
     compile: bool = False  # torch.compile the network (CUDA; the first epoch pays for compiling)
+    cpu_bf16: bool = False  # bf16 autocast for training steps on CPU too (CPUs with AVX512-BF16 or AMX); validation stays fp32
     progress: bool = True  # a progress bar per epoch (tqdm, when installed and on a terminal)
     tensorboard: bool | None = None  # None: when torch.utils.tensorboard imports
     # output
@@ -360,8 +361,13 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def _autocast(device: torch.device, cpu_bf16: bool = False):
+    """bf16 autocast on CUDA always; on CPU only when asked (``--cpu-bf16``)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cpu_bf16 and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _batch(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -718,7 +724,7 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
                 if cfg.schedule != "plateau":
                     for group in optimizer.param_groups:
                         group["lr"] = current_lr()
-                with _autocast(device):
+                with _autocast(device, cfg.cpu_bf16):
                     output = forward(x)
                 if supervised is not None:
                     logits, aux = output

@@ -217,11 +217,14 @@ def test_deep_supervision_adds_heads_without_changing_the_network():
 def test_strong_config_with_deep_supervision_and_ema_saves_a_servable_checkpoint(tmp_path):
     data = generate_dataset(tmp_path / "data", 12, seed=1, min_side=48, max_side=64)
     out = tmp_path / "strong.pt"
+    # bf16 autocast on the CPU, as the shipped BTXRD checkpoint was trained (model/checkpoints/README.md)
     train(preset("strong", data=str(data), out=str(out), size=32, filters=(4, 8, 16, 32), epochs=2, batch_size=4,
-                 progress=False, tensorboard=False))
+                 progress=False, tensorboard=False, cpu_bf16=True))
     loaded = load_checkpoint(out)
     cfg = loaded.info["training_config"]
     assert cfg["config"] == "strong" and cfg["deep_supervision"] > 0 and cfg["ema"] > 0 and cfg["tta"] is True
+    assert cfg["cpu_bf16"] is True and parse_args(["--cpu-bf16"])[0].cpu_bf16 is True
+    assert all(v.dtype == torch.float32 for v in loaded.network.state_dict().values() if v.is_floating_point())
     image = np.full((40, 50), 90, np.uint8)
     from model.inference import Segmenter
 
