@@ -303,6 +303,12 @@ def test_readyz_follows_a_worker_from_start_to_crash(start_system, tmp_path, mon
 
     worker.send_signal(signal.SIGKILL)  # no goodbye: its row stays, and goes stale
     worker.wait(10)
-    body = wait_for(lambda: (r := get_json(system.api_url + "/readyz"))[0] == 503 and r[1], 15, "not ready")
-    assert body["checks"]["workers"]["alive"] == 0
+    # Wait for the worker check itself: a 503 can also be a moment when the SQLite broker is still
+    # locked by the killed process, with the worker's row not yet stale.
+    def gone():
+        status, body = get_json(system.api_url + "/readyz")
+        return status == 503 and body.get("checks", {}).get("workers", {}).get("alive") == 0 and body
+
+    body = wait_for(gone, 15, "not ready, no worker alive")
+    assert body["checks"]["workers"]["with_model"] == 0
     assert "no worker with a loaded model" in body["error"]
