@@ -153,7 +153,7 @@ def cmd_purge(settings: Settings, args) -> int:
 def cmd_demo(settings: Settings, args) -> int:
     from bonedetect.demo import run_demo
 
-    return run_demo(settings, n_images=args.images, host=args.host, port=args.port, serve=not args.no_serve)
+    return run_demo(settings, n_images=args.images, host=args.host, port=args.port, serve=not args.no_serve, data=args.data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orphans-older-than-hours", type=float, help="also blob folders without a job row (default: ORPHAN_BLOB_HOURS)")
     p.set_defaults(fn=cmd_purge)
     p = sub.add_parser("demo", help="embedded mode: API + worker + a sample batch; serves until Ctrl-C")
-    p.add_argument("--images", type=int, default=12, help="synthetic radiographs in the sample batch")
+    p.add_argument("--images", type=int, default=12, help="radiographs in the sample batch")
+    p.add_argument("--data", metavar="DIR", help="real radiographs from a folder in BTXRD's layout (its held-out test "
+                   "part), scored against their outlines, instead of synthetic ones")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
     p.add_argument("--no-serve", action="store_true", help="exit after the sample batch instead of serving")
