@@ -27,6 +27,14 @@ class ApiError(RuntimeError):
         super().__init__(f"HTTP {status}: {message}")
 
 
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header given in seconds (dates are not used by the API)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
 def encode_multipart(fields: list[tuple[str, str]], files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
     """(body, content type) for form fields and (field, filename, bytes) files."""
     boundary = uuid.uuid4().hex
@@ -46,22 +54,50 @@ def encode_multipart(fields: list[tuple[str, str]], files: list[tuple[str, str, 
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+RETRY_STATUSES = (502, 503, 504)  # the API (or its load balancer) says: not now, try again
+
+
 class Client:
-    def __init__(self, base_url: str, api_key: str, timeout: float = 60.0):
+    """Args:
+        retries: how often a request is tried again after a 502/503/504 or a
+            refused or dropped connection (an API restarting, a database
+            failing over), waiting Retry-After when the API gives one, else
+            0.5, 1, 2 ... s (at most ``max_wait_s``). Only requests that are
+            safe to repeat are retried: GET, HEAD, DELETE, and a POST that
+            carries an Idempotency-Key (``submit`` always sends one).
+    """
+
+    def __init__(self, base_url: str, api_key: str, timeout: float = 60.0, retries: int = 5, max_wait_s: float = 30.0):
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        self.retries = retries
+        self.max_wait_s = max_wait_s
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> bytes:
-        req = urllib.request.Request(self.base_url + path, data=body, method=method)
-        req.add_header("Authorization", f"Bearer {self.api_key}")
-        for k, v in (headers or {}).items():
-            req.add_header(k, v)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as err:
-            raise ApiError(err.code, err.read()) from None
+        headers = headers or {}
+        repeatable = method in ("GET", "HEAD", "DELETE") or "Idempotency-Key" in headers
+        for attempt in range(self.retries + 1):
+            req = urllib.request.Request(self.base_url + path, data=body, method=method)
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+            for k, v in headers.items():
+                req.add_header(k, v)
+            last = attempt == self.retries or not repeatable
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return resp.read()
+            except urllib.error.HTTPError as err:
+                payload = err.read()
+                if last or err.code not in RETRY_STATUSES:
+                    raise ApiError(err.code, payload) from None
+                wait = _retry_after(err.headers.get("Retry-After"))
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+                reason = getattr(err, "reason", err)
+                if last or not isinstance(reason, (ConnectionError, TimeoutError, OSError)):
+                    raise
+                wait = None
+            time.sleep(min(self.max_wait_s, wait if wait is not None else 0.5 * 2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def get_json(self, path: str) -> dict:
         return json.loads(self.request("GET", path))
@@ -78,9 +114,8 @@ class Client:
         fields += [("callback_url", callback_url)] if callback_url else []
         fields += [("external_id", e) for e in external_ids or []]
         body, ctype = encode_multipart(fields, [("files", name, data) for name, data in files])
-        headers = {"Content-Type": ctype}
-        if idempotency_key:
-            headers["Idempotency-Key"] = idempotency_key
+        # Always a key: a submission retried after a lost answer then gives the same job, never a second one.
+        headers = {"Content-Type": ctype, "Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
         return json.loads(self.request("POST", "/v1/jobs", body, headers))
 
     def job(self, job_id: str) -> dict:

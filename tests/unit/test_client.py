@@ -1,0 +1,121 @@
+"""The Python client rides out an API that says "not now" (502/503/504, with or
+without Retry-After) or drops connections, for requests safe to repeat only.
+A real HTTP server on loopback plays an API in the middle of a restart."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from bonedetect.client import ApiError, Client
+
+
+class Flaky:
+    """Answers 503 to the first `fail` requests (Retry-After 0), then 200 with what it saw."""
+
+    def __init__(self, fail: int, status: int = 503, port: int = 0):
+        self.fail, self.status, self.seen = fail, status, []
+        flaky = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                flaky.seen.append((self.command, self.headers.get("Idempotency-Key"), len(body)))
+                if len(flaky.seen) <= flaky.fail:
+                    payload, code = json.dumps({"error": "database unavailable, retry later"}).encode(), flaky.status
+                else:
+                    payload, code = json.dumps({"job_id": "j1", "status": "queued", "counts": {}}).encode(), 200
+                self.send_response(code)
+                if code == 503:
+                    self.send_header("Retry-After", "0")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky():
+    servers = []
+
+    def make(fail, status=503):
+        servers.append(Flaky(fail, status))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def test_get_is_retried_through_503s_and_502s(flaky):
+    api = flaky(3)
+    assert Client(api.url, "k", retries=5).job("j1")["job_id"] == "j1"
+    assert [m for m, _, _ in api.seen] == ["GET"] * 4
+    api = flaky(2, status=502)  # no Retry-After: short backoff
+    assert Client(api.url, "k", retries=5, max_wait_s=0.05).job("j1")["status"] == "queued"
+    assert len(api.seen) == 3
+
+
+def test_retries_run_out_with_the_api_error(flaky):
+    api = flaky(10)
+    with pytest.raises(ApiError) as err:
+        Client(api.url, "k", retries=2).job("j1")
+    assert err.value.status == 503 and "retry later" in str(err.value) and len(api.seen) == 3
+
+
+def test_submit_always_sends_an_idempotency_key_so_its_retries_are_one_job(flaky):
+    api = flaky(2)
+    Client(api.url, "k").submit([("a.jpg", b"\xff\xd8" + b"x" * 100)])
+    keys = {key for _, key, _ in api.seen}
+    assert len(api.seen) == 3 and len(keys) == 1 and None not in keys, "the same key on every try"
+    assert all(size > 100 for _, _, size in api.seen), "the whole body each time"
+    api = flaky(0)
+    Client(api.url, "k").submit([("b.jpg", b"y")], idempotency_key="night-42")
+    assert api.seen[0][1] == "night-42"
+
+
+def test_a_post_without_a_key_is_not_repeated(flaky):
+    api = flaky(1)
+    with pytest.raises(ApiError) as err:
+        Client(api.url, "k").request("POST", "/v1/jobs", b"{}", {"Content-Type": "application/json"})
+    assert err.value.status == 503 and len(api.seen) == 1
+
+
+def test_a_refused_connection_is_retried_until_the_api_is_back():
+    import socket
+    import time
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens here now
+    with pytest.raises(OSError, match="(?i)refused"):
+        Client(f"http://127.0.0.1:{port}", "k", retries=1, max_wait_s=0.05).job("j1")
+    started = []
+    timer = threading.Timer(0.4, lambda: started.append(Flaky(0, port=port)))  # the API comes back
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        assert Client(f"http://127.0.0.1:{port}", "k", retries=6, max_wait_s=0.2).job("j1")["job_id"] == "j1"
+        assert time.monotonic() - t0 >= 0.4
+    finally:
+        timer.join()
+        for server in started:
+            server.close()
