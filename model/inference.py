@@ -56,21 +56,87 @@ def postprocess_cropped(postprocessor: Postprocessor, prob: np.ndarray) -> np.nd
     prob = np.asarray(prob)
     if prob.ndim != 2 or prob.size == 0:
         return postprocessor(prob)  # its own error message
-    above = prob > postprocessor.threshold  # (H, W) bool
+    return _clean_in_box(postprocessor, prob > postprocessor.threshold, prob.size)
+
+
+def _clean_in_box(postprocessor: Postprocessor, above: np.ndarray, image_pixels: int) -> np.ndarray:
+    """Steps 2 and 3 of ``postprocessor`` on the thresholded pixels ``above``,
+    inside their bounding box (postprocess_cropped says why that is exact);
+    small regions are measured against ``image_pixels``."""
     rows = np.flatnonzero(above.any(axis=1))
     if rows.size == 0:
-        return np.zeros(prob.shape, np.uint8)
+        return np.zeros(above.shape, np.uint8)
     cols = np.flatnonzero(above.any(axis=0))
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     crop = above[y0:y1, x0:x1].astype(np.uint8)
-    min_area = max(1, math.ceil(postprocessor.min_region_fraction * prob.size))  # of the whole image
+    min_area = max(1, math.ceil(postprocessor.min_region_fraction * image_pixels))  # of the whole image
     if min_area > 1:
         crop = remove_small_regions(crop, min_area)
     if postprocessor.fill_holes:
         crop = fill_holes(crop)
-    mask = np.zeros(prob.shape, np.uint8)
+    mask = np.zeros(above.shape, np.uint8)
     mask[y0:y1, x0:x1] = crop
     return mask
+
+
+# A probability this far below the threshold in the frame cannot reach it after
+# interpolation (float rounding of a convex combination is far smaller).
+_MARGIN = 1e-5
+
+
+def _linear_taps(dst: int, src: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every destination index of a ``src -> dst`` resize, OpenCV's
+    INTER_LINEAR source pair (i0, i1) and weight of i1, computed as
+    ``cv2.resize`` does: half-pixel centres, float32 weights, clamped edges."""
+    scale = 1.0 / (dst / src)  # cv2: scale_x = 1. / inv_scale_x, in double
+    f = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    i0 = np.floor(f).astype(np.int64)
+    w = f - i0.astype(np.float32)
+    low, high = i0 < 0, i0 >= src - 1
+    i0[low], w[low] = 0, 0.0
+    i0[high], w[high] = src - 1, 0.0
+    return i0, np.minimum(i0 + 1, src - 1), w.astype(np.float32)
+
+
+def window_bounds(plane: np.ndarray, geometry: Geometry, threshold: float) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the smallest rectangle of the original
+    image outside which every value of ``geometry.restore(plane)`` is at most
+    ``threshold`` (bilinear interpolation never exceeds its inputs), or None
+    when no frame pixel comes near the threshold. Only for enlarging restores
+    (the image at least as large as its place in the frame, both ways: any
+    radiograph); ValueError otherwise (OpenCV shrinks by exactly 2 with
+    INTER_AREA, which ``restore_window`` does not copy)."""
+    g = geometry
+    if g.orig_h < g.scaled_h or g.orig_w < g.scaled_w:
+        raise ValueError("restore_window only enlarges; use Geometry.restore")
+    crop = np.asarray(plane)[g.top : g.top + g.scaled_h, g.left : g.left + g.scaled_w]
+    near = crop > threshold - _MARGIN
+    rows = np.flatnonzero(near.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(near.any(axis=0))
+    (ry0, ry1, _), (cx0, cx1, _) = _linear_taps(g.orig_h, g.scaled_h), _linear_taps(g.orig_w, g.scaled_w)
+    # destination rows/columns whose taps touch the frame pixels that come near the threshold
+    ys = np.flatnonzero((ry1 >= rows[0]) & (ry0 <= rows[-1]))
+    xs = np.flatnonzero((cx1 >= cols[0]) & (cx0 <= cols[-1]))
+    return int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+
+
+def restore_window(plane: np.ndarray, geometry: Geometry, bounds: tuple[int, int, int, int]) -> np.ndarray:
+    """``geometry.restore(plane)[top:bottom, left:right]`` computed for that
+    window only, with ``cv2.resize``'s INTER_LINEAR formula (half-pixel
+    centres, float32 weights, clamped edges, horizontal pass first); values
+    agree with OpenCV's to float rounding (a few 1e-6)."""
+    g = geometry
+    Y0, Y1, X0, X1 = bounds
+    crop = np.asarray(plane)[g.top : g.top + g.scaled_h, g.left : g.left + g.scaled_w]
+    ry0, ry1, wy = (t[Y0:Y1] for t in _linear_taps(g.orig_h, g.scaled_h))
+    cx0, cx1, wx = (t[X0:X1] for t in _linear_taps(g.orig_w, g.scaled_w))
+    a, c = ry0[0], cx0[0]
+    src = crop[a : ry1[-1] + 1, c : cx1[-1] + 1].astype(np.float32)
+    across = src[:, cx0 - c] * (np.float32(1) - wx) + src[:, cx1 - c] * wx
+    v1 = wy[:, None]
+    return across[ry0 - a] * (np.float32(1) - v1) + across[ry1 - a] * v1
 
 
 class Segmenter:
@@ -148,6 +214,32 @@ class Segmenter:
         """(S, S) probabilities in the frame -> Prediction at the original size; thread-safe."""
         prob = geometry.restore(plane)  # (orig_h, orig_w)
         return Prediction(prob=prob, mask=postprocess_cropped(self.postprocessor, prob))
+
+    def finish_windowed(self, plane: np.ndarray, geometry: Geometry) -> Prediction:
+        """``finish`` for the worker: the same mask, but the probabilities are
+        restored only where they can exceed the threshold (``window_bounds``)
+        and are 0 elsewhere, so ``prob`` is exact wherever the mask is (which
+        is all that the statistics read). For an image where the network found
+        nothing there is nothing to restore; for a small tumor on a 3000x2500
+        radiograph ~1 ms instead of ~10-25. A window above an eighth of the
+        image goes through ``finish`` (OpenCV's resize is faster there). Masks
+        equal ``finish``'s except where a probability lies within float
+        rounding of the threshold."""
+        g, post = geometry, self.postprocessor
+        if type(post) is not Postprocessor or g.orig_h < g.scaled_h or g.orig_w < g.scaled_w:
+            return self.finish(plane, geometry)
+        bounds = window_bounds(plane, g, post.threshold)
+        if bounds is not None and (bounds[1] - bounds[0]) * (bounds[3] - bounds[2]) * 8 > g.orig_h * g.orig_w:
+            return self.finish(plane, geometry)
+        prob = np.zeros((g.orig_h, g.orig_w), np.float32)  # calloc'd: pages outside the window are never touched
+        mask = np.zeros(prob.shape, np.uint8)
+        if bounds is None:
+            return Prediction(prob=prob, mask=mask)
+        top, bottom, left, right = bounds
+        window = restore_window(plane, g, bounds)
+        prob[top:bottom, left:right] = window
+        mask[top:bottom, left:right] = _clean_in_box(post, window > post.threshold, prob.size)
+        return Prediction(prob=prob, mask=mask)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Gray (H, W) images, any size and dtype -> one Prediction each, in order."""

@@ -140,7 +140,7 @@ class Pipeline:
         assert image is not None and item.geometry is not None
         h, w = image.pixels.shape
         try:
-            prediction = self.segmenter.finish(plane, item.geometry)
+            prediction = self.segmenter.finish_windowed(plane, item.geometry)
             prob, mask = prediction.prob, prediction.mask
             stats = tumor_statistics(mask, prob, image.pixel_spacing_mm)
             return ImageResult(

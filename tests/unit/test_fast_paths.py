@@ -244,3 +244,53 @@ def test_box_statistics_and_overlay_equal_the_whole_image_versions(seed):
     else:
         assert {k: getattr(got, k) for k in want} == want  # exactly: the same numbers, summed in the same order
     assert np.array_equal(render_overlay(pixels, mask), whole_image_overlay(pixels, mask))
+
+
+# -- restoring only the window where the tumor can be ------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_windowed_finish_equals_the_full_restore_where_it_matters(seed):
+    from model.inference import Segmenter, restore_window, window_bounds
+
+    rng = np.random.default_rng(seed)
+    size = 64
+    h, w = int(rng.integers(size, 900)), int(rng.integers(size, 900))
+    if seed == 0:
+        h, w = 2 * size, 4 * size  # exact integer factors
+    pre = Preprocessor(size)
+    geometry = pre.geometry(h, w)
+    plane = blobs(rng, size, size, int(rng.integers(0, 4))) * np.float32(rng.uniform(0.3, 1.1))
+    if seed == 1:
+        plane[:] = 0.2  # nothing near the threshold
+    post = Postprocessor(threshold=0.5, min_region_fraction=float(rng.choice([0.0, 1e-3])), fill_holes=bool(seed % 2))
+    seg = Segmenter.__new__(Segmenter)  # finish/finish_windowed use the postprocessor only
+    seg.postprocessor = post
+    exact, fast = seg.finish(plane, geometry), seg.finish_windowed(plane, geometry)
+    assert fast.mask.shape == exact.mask.shape == fast.prob.shape == (h, w) and fast.mask.dtype == np.uint8
+    borderline = np.abs(exact.prob - post.threshold) < 1e-5  # where float rounding may decide
+    assert np.array_equal(fast.mask[~borderline], exact.mask[~borderline])
+    inside = fast.mask > 0
+    np.testing.assert_allclose(fast.prob[inside], exact.prob[inside], rtol=0, atol=1e-5)
+    assert (exact.prob[fast.prob == 0] <= post.threshold + 1e-6).all(), "nothing above threshold left out"
+    bounds = window_bounds(plane, geometry, post.threshold)
+    if bounds is None:
+        assert not exact.mask.any() and not fast.prob.any()
+    else:
+        top, bottom, left, right = bounds
+        values = restore_window(plane, geometry, bounds)  # also for windows finish_windowed hands to OpenCV
+        np.testing.assert_allclose(values, exact.prob[top:bottom, left:right], rtol=0, atol=1e-5)
+        outside = np.ones((h, w), bool)
+        outside[top:bottom, left:right] = False
+        assert (exact.prob[outside] <= post.threshold + 1e-6).all(), "the window holds everything above threshold"
+
+
+def test_windowed_finish_falls_back_when_the_image_is_smaller_than_the_frame():
+    from model.inference import Segmenter
+
+    seg = Segmenter.__new__(Segmenter)
+    seg.postprocessor = Postprocessor(0.5)
+    g = Preprocessor(64).geometry(40, 30)
+    plane = blobs(np.random.default_rng(3), 64, 64, 2)
+    a, b = seg.finish(plane, g), seg.finish_windowed(plane, g)
+    assert np.array_equal(a.mask, b.mask) and np.array_equal(a.prob, b.prob)
