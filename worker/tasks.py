@@ -83,8 +83,12 @@ def build_context(settings: Settings) -> WorkerContext:
     if not torch.cuda.is_available() and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     loaded = load_checkpoint(settings.model_checkpoint or DEFAULT_CHECKPOINT)
-    segmenter = Segmenter(loaded, batch_size=settings.infer_batch_size)
-    segmenter.predict([_warmup_image()])  # first call pays for allocation and kernel selection
+    cuda = torch.cuda.is_available()
+    compile_network = settings.torch_compile == "on" or (settings.torch_compile == "auto" and cuda)
+    segmenter = Segmenter(loaded, batch_size=settings.infer_batch_size, compile_network=compile_network)
+    t0 = time.perf_counter()
+    segmenter.predict([_warmup_image()])  # pays for allocation, kernel selection and compilation before any task
+    log.info("warm-up in %.1f s (torch.compile %s)", time.perf_counter() - t0, "on" if compile_network else "off")
     log.info("model %s loaded on %s (%s)", loaded.version, segmenter.device, loaded.label)
     engine_args = {"connect_args": {"connect_timeout": 10}} if settings.database_url.startswith("postgres") else {}
     return WorkerContext(

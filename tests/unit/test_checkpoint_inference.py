@@ -184,3 +184,20 @@ def test_cuda_bf16_matches_cpu(saved):
     gpu = Segmenter(load_checkpoint(saved[0]), device="cuda").predict(images)
     for a, b in zip(cpu, gpu):
         assert np.abs(a.prob - b.prob).max() < 0.03
+
+
+def test_compiled_network_pads_partial_batches_and_gives_the_same_probabilities(saved):
+    """TORCH_COMPILE: one static shape (the last, partial batch is padded), same numbers (CPU inductor here)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    images = [np.random.default_rng(s).integers(0, 256, (90, 60 + 10 * s)).astype(np.uint8) for s in range(5)]
+    plain = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=2)
+    compiled = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=2, compile_network=True)
+    seen = []
+    forward = compiled.predict_batch_tensor
+    compiled.predict_batch_tensor = lambda x: (seen.append(tuple(x.shape)), forward(x))[1]
+    for a, b in zip(plain.predict(images), compiled.predict(images)):  # batches of 2, 2, 1
+        np.testing.assert_allclose(a.prob, b.prob, rtol=0, atol=1e-4)
+        assert np.array_equal(a.mask, b.mask) or np.abs(a.prob - 0.5).min() < 1e-4
+    assert len(seen) == 3 and set(seen) == {(2, 1, 32, 32)}, "the partial batch went in padded"

@@ -18,7 +18,7 @@ from worker.decode import DecodeError
 from worker.overlay import render_overlay_png
 from worker.pipeline import Pipeline
 
-SYNTHETIC_DEMO = "model/checkpoints/synthetic-demo.pt"
+from model.checkpoint import SYNTHETIC_CHECKPOINT as SYNTHETIC_DEMO
 
 
 def png16(seed: int) -> bytes:
@@ -70,11 +70,13 @@ def test_overlays_setting_defaults_to_lazy_and_reaches_the_worker_processes():
     from bonedetect.local import settings_env
     from bonedetect.settings import Settings
 
-    assert Settings.from_env({}).overlays == "lazy"
-    eager = Settings.from_env({"OVERLAYS": " Eager ", "IO_THREADS": "7", "LOG_LEVEL": "DEBUG"})
+    assert (Settings.from_env({}).overlays, Settings.from_env({}).torch_compile) == ("lazy", "auto")
+    eager = Settings.from_env({"OVERLAYS": " Eager ", "IO_THREADS": "7", "LOG_LEVEL": "DEBUG", "TORCH_COMPILE": "off"})
     assert eager.overlays == "eager"
     env = settings_env(eager)
-    assert (env["OVERLAYS"], env["IO_THREADS"], env["LOG_LEVEL"]) == ("eager", "7", "DEBUG")
+    assert (env["OVERLAYS"], env["IO_THREADS"], env["LOG_LEVEL"], env["TORCH_COMPILE"]) == ("eager", "7", "DEBUG", "off")
     assert Settings.from_env(env).overlays == "eager"
     with pytest.raises(ValueError, match="OVERLAYS must be one of lazy, eager"):
         Settings.from_env({"OVERLAYS": "sometimes"})
+    with pytest.raises(ValueError, match="TORCH_COMPILE must be one of auto, on, off"):
+        Settings.from_env({"TORCH_COMPILE": "yes"})
