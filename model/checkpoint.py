@@ -36,7 +36,12 @@ from model.postprocess import Postprocessor
 from model.preprocess import Preprocessor
 
 FORMAT = "bonedetect-checkpoint/1"
-DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "synthetic-demo.pt"
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+# Trained on real radiographs (BTXRD-256; CC BY-NC-ND 4.0, non-commercial): what the demo and workers load by default.
+BTXRD_CHECKPOINT = CHECKPOINTS / "btxrd-256.pt"
+# Trained on training.synthetic's images only: the tests' model (it finds the lesions the generator draws).
+SYNTHETIC_CHECKPOINT = CHECKPOINTS / "synthetic-demo.pt"
+DEFAULT_CHECKPOINT = SYNTHETIC_CHECKPOINT  # until btxrd-256.pt is trained
 _INFO_KEYS = ("format", "created_at", "network_config")  # copied into LoadedModel.info next to extra
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from bench import throughput as tp
 from bench.__main__ import main
-from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model.checkpoint import SYNTHETIC_CHECKPOINT, load_checkpoint
 
 LAST_LINE = re.compile(r"^bench: model=(\S+) pipeline=(\S+) system=(\S+) img/s, system/model=(\S+)$")
 
@@ -39,7 +39,7 @@ def test_bench_images_are_cached_jpegs_of_the_asked_size(tmp_path):
 
 def test_model_and_pipeline_stages_and_step_costs(tmp_path):
     paths = tp.bench_images(tmp_path, 5, 120, 100)
-    segmenter = tp.load_segmenter(DEFAULT_CHECKPOINT, batch=2, threads=1, device="cpu")
+    segmenter = tp.load_segmenter(SYNTHETIC_CHECKPOINT, batch=2, threads=1, device="cpu")
     model = tp.measure_model(segmenter, tp.frames_of(segmenter, paths, 3), 5)
     assert model.name == "model" and model.images == 5 and model.rate > 0
     pipeline = tp.measure_pipeline(segmenter, paths, chunk=3, threads=2, gpu_decode="auto")

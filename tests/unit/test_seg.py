@@ -102,7 +102,7 @@ def test_source_without_instance_uid_gets_a_reason_not_a_seg():
 def test_pipeline_records_the_source_format_and_writes_the_seg_of_its_own_mask():
     import cv2
 
-    from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from model.checkpoint import SYNTHETIC_CHECKPOINT, load_checkpoint
     from model.inference import Segmenter
     from training.synthetic import synthetic_radiograph
     from worker.pipeline import Pipeline
@@ -112,7 +112,7 @@ def test_pipeline_records_the_source_format_and_writes_the_seg_of_its_own_mask()
                       WindowCenter=2048, WindowWidth=4096)  # fmt: skip
     dicom = to_bytes(ds)
     png = cv2.imencode(".png", image)[1].tobytes()
-    pipe = Pipeline(Segmenter(load_checkpoint(DEFAULT_CHECKPOINT), batch_size=2), threads=2)
+    pipe = Pipeline(Segmenter(load_checkpoint(SYNTHETIC_CHECKPOINT), batch_size=2), threads=2)
     try:
         dcm_result, png_result = pipe.run([("d", lambda: dicom), ("p", lambda: png)])
     finally:

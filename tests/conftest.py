@@ -1,0 +1,16 @@
+"""Settings shared by every test.
+
+The tests run the synthetic demo model (model/checkpoints/synthetic-demo.pt):
+they check masks against lesions that training.synthetic drew, and CI has no
+real data. The shipped default, the BTXRD-trained model, has its own tests
+(tests/unit/test_checkpoint_inference.py). Worker processes started by a test
+inherit this environment; a test that wants another model sets
+MODEL_CHECKPOINT itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("MODEL_CHECKPOINT", str(Path(__file__).resolve().parents[1] / "model" / "checkpoints" / "synthetic-demo.pt"))
