@@ -31,6 +31,7 @@ from api.uploads import (
     discard_body,
     idempotency_key,
     parse_submission,
+    submission_digest,
     sniff,
 )
 from db.blobstore import TooLarge, image_prefix, job_prefix
@@ -128,13 +129,16 @@ def decode_cursor(cursor: str) -> list:
 def submit_job():
     session, svc = db_session(), services()
     key = idempotency_key(request)
-    if key and (existing := _job_by_key(session, key)):
-        discard_body(request)
+    if key and (existing := _job_by_key(session, key)) and existing.request_sha256 is None:
+        discard_body(request)  # a job from before fingerprints: the key alone decides, as it did then
         return submitted(session, existing, 200)
     sub = parse_submission(request, svc.settings)
     callback_url = parse_callback_url(request.form.get(CALLBACK_FIELD))
+    digest = submission_digest(sub, callback_url) if key else None
+    if key and existing:
+        return _replay(session, existing, digest)
     job = Job(id=new_id(), tenant_id=tenant_id(), label=sub.label, idempotency_key=key, image_count=len(sub.files))
-    job.callback_url = callback_url
+    job.callback_url, job.request_sha256 = callback_url, digest
     try:
         session.add(job)
         queued = _store_images(session, svc, job, sub)
@@ -144,7 +148,7 @@ def submit_job():
         existing = _job_by_key(session, key) if key else None
         if existing is None:
             raise
-        return submitted(session, existing, 200)  # a concurrent request with the same key won
+        return _replay(session, existing, digest)  # a concurrent request with the same key won
     except BaseException:
         _discard(session, svc, job)
         raise
@@ -155,6 +159,14 @@ def submit_job():
         # The rows are committed and queued: the reconciler re-enqueues them.
         log.exception("job %s: could not enqueue %d images; left queued for the reconciler", job.id, len(queued))
     return submitted(session, job, 202)
+
+
+def _replay(session: Session, existing: Job, digest: str | None):
+    """The answer to a repeated Idempotency-Key: the job it made, if the request is the same one."""
+    if existing.request_sha256 is not None and digest != existing.request_sha256:
+        raise ApiError(422, f"this Idempotency-Key was already used for a different submission (job {existing.id}); "
+                            "use a new key for a new batch")
+    return submitted(session, existing, 200)
 
 
 def _job_by_key(session: Session, key: str) -> Job | None:

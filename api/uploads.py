@@ -7,6 +7,7 @@ blob store in 1 MiB chunks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -75,6 +76,28 @@ def _text(value: str | None, what: str) -> str | None:
 
 def idempotency_key(request: Request) -> str | None:
     return _text(request.headers.get("Idempotency-Key"), "Idempotency-Key")
+
+
+def submission_digest(sub: Submission, callback_url: str | None) -> str:
+    """SHA-256 over everything a submission asks for: label, callback URL, and
+    each file's name, external id and bytes, in order (the streams are
+    rewound). Two requests with one Idempotency-Key must agree on it."""
+    digest = hashlib.sha256()
+
+    def field(value: str | None) -> None:
+        data = b"\x00" if value is None else b"\x01" + value.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "big") + data)  # length-prefixed: no two field lists collide
+
+    field(sub.label)
+    field(callback_url)
+    for f, external_id in zip(sub.files, sub.external_ids):
+        field(f.filename)
+        field(external_id)
+        digest.update(stream_size(f.stream).to_bytes(8, "big"))
+        while chunk := f.stream.read(CHUNK):
+            digest.update(chunk)
+        f.stream.seek(0)
+    return digest.hexdigest()
 
 
 def discard_body(request: Request) -> None:

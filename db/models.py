@@ -95,6 +95,8 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     label: Mapped[str | None] = mapped_column(String(200))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # SHA-256 over the submission (files, names, ids, label, callback): the same key with another body is a 422
+    request_sha256: Mapped[str | None] = mapped_column(String(64))
     image_count: Mapped[int] = mapped_column(Integer, default=0)
     callback_url: Mapped[str | None] = mapped_column(String(2000))  # POSTed a signed summary on completion
     # None until the job finishes; then pending -> delivered | failed (retries spent). Set from None by

@@ -204,6 +204,29 @@ def test_idempotency_key_returns_the_same_job(api):
         assert session.scalar(select(func.count()).select_from(Job)) == 2
 
 
+def test_idempotency_key_reused_for_another_batch_is_422_and_makes_nothing(api):
+    files = [("a.png", png_bytes(seed=1)), ("b.png", png_bytes(seed=2))]
+    first = api.submit(files, fields=[("label", "night")], headers={"Idempotency-Key": "k-7"})
+    assert first.status_code == 202
+    job_id = first.json["job_id"]
+    for other_files, label in (
+        ([("a.png", png_bytes(seed=1)), ("b.png", png_bytes(seed=3))], "night"),  # other pixels
+        ([("a.png", png_bytes(seed=1)), ("c.png", png_bytes(seed=2))], "night"),  # another name
+        ([files[1], files[0]], "night"),  # another order
+        (files, "day"),  # another label
+        (files[:1], "night"),  # fewer files
+    ):
+        resp = api.submit(other_files, fields=[("label", label)], headers={"Idempotency-Key": "k-7"})
+        assert resp.status_code == 422, (label, resp.json)
+        assert "already used for a different submission" in resp.json["error"] and job_id in resp.json["error"]
+    again = api.submit(files, fields=[("label", "night")], headers={"Idempotency-Key": "k-7"})
+    assert again.status_code == 200 and again.json["job_id"] == job_id, "the very same request is still a replay"
+    with api.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1
+    assert len(list((api.blobs.root / "tenants").rglob("source"))) == 2, "no blobs left from the refused requests"
+    assert len(api.broker.tasks) == 1
+
+
 def test_idempotency_race_loser_answers_the_winners_job(api, monkeypatch):
     """Two requests with one key both pass the lookup; the unique constraint decides."""
     from api import jobs
