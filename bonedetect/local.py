@@ -33,6 +33,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         IO_THREADS=str(settings.io_threads),
         OVERLAYS=settings.overlays,
         TORCH_COMPILE=settings.torch_compile,
+        INFER_TTA=settings.infer_tta,
         LOG_LEVEL=settings.log_level,
         LOG_FORMAT=settings.log_format,
     )

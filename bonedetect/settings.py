@@ -50,6 +50,7 @@ class Settings:
     lease_s: int = 120  # a live worker renews its chunk's leases every lease_s/3; one that lapses means the worker died
     torch_threads: int = 0  # CPU inference threads per worker; 0: PyTorch's default
     io_threads: int = 4  # decode/encode threads that overlap the network
+    infer_tta: str = "off"  # flip: average with the mirrored image's pass (twice the network's work; docs/training.md)
     torch_compile: str = "auto"  # auto: torch.compile the network on CUDA workers; on; off
     overlays: str = "lazy"  # lazy: the API renders an overlay on its first request; eager: the worker writes each (worker/overlay.py)
     log_level: str = "INFO"
@@ -100,6 +101,7 @@ class Settings:
             io_threads=_int(env, "IO_THREADS", 4),
             overlays=_choice(env, "OVERLAYS", ("lazy", "eager")),
             torch_compile=_choice(env, "TORCH_COMPILE", ("auto", "on", "off")),
+            infer_tta=_choice(env, "INFER_TTA", ("off", "flip")),
             callback_max_retries=_int(env, "CALLBACK_MAX_RETRIES", 8),
             callback_backoff_s=_int(env, "CALLBACK_BACKOFF_S", 10),
             callback_backoff_max_s=_int(env, "CALLBACK_BACKOFF_MAX_S", 600),

@@ -155,6 +155,10 @@ class Segmenter:
         channels_last: run the network in channels_last memory format (NHWC),
             which oneDNN on CPU and cuDNN's tensor-core kernels on CUDA are
             fastest with; False keeps PyTorch's default (NCHW).
+        flip_tta: average each probability map with that of the left-right
+            mirrored frame (test-time augmentation, INFER_TTA=flip): twice
+            the network's work; ``version`` then ends in "+flip-tta", so the
+            rows record what made them.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class Segmenter:
         batch_size: int = 16,
         compile_network: bool = False,
         channels_last: bool = True,
+        flip_tta: bool = False,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -182,7 +187,9 @@ class Segmenter:
         self.network = torch.compile(network, dynamic=False) if self.compiled else network
         self.preprocessor, self.postprocessor = loaded.preprocessor, loaded.postprocessor
         self.batch_size = batch_size
-        self.version, self.label = loaded.version, loaded.label
+        self.flip_tta = bool(flip_tta)
+        self.version = loaded.version + ("+flip-tta" if self.flip_tta else "")
+        self.label = loaded.label
 
     def predict_batch_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) preprocessed frames -> (N, 1, S, S) float32 probabilities, on ``self.device``."""
@@ -190,10 +197,14 @@ class Segmenter:
             x = x.to(self.device, dtype=torch.float32, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            n = x.shape[0]
+            if self.flip_tta:
+                x = torch.cat([x, x.flip(-1)])  # one pass over both: the batch the GPU sees doubles
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
             with autocast:
                 logits = self.network(x)
-            return torch.sigmoid(logits.float())
+            prob = torch.sigmoid(logits.float())
+            return (prob[:n] + prob[n:].flip(-1)) / 2 if self.flip_tta else prob
 
     # -- the three steps of predict -------------------------------------------
 

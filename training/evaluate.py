@@ -176,24 +176,15 @@ BREAKDOWNS = {
 
 
 def predict(segmenter, images: list[np.ndarray], tta: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(probability, mask) per image at the original size. Without ``tta``
-    this is exactly ``Segmenter.predict`` (the serving path); with it, the
-    probability is the mean of the plain and the left-right flipped pass."""
-    if not tta:
+    """(probability, mask) per image at the original size: ``Segmenter.predict``,
+    the serving path; with ``tta`` the way a worker with INFER_TTA=flip runs
+    (the mean of the plain and the left-right mirrored pass)."""
+    saved = segmenter.flip_tta
+    segmenter.flip_tta = bool(tta)
+    try:
         return [(p.prob, p.mask) for p in segmenter.predict(images)]
-    import torch
-
-    out = []
-    for start in range(0, len(images), segmenter.batch_size):
-        prepared = [segmenter.preprocessor(image) for image in images[start : start + segmenter.batch_size]]
-        x = torch.from_numpy(np.stack([frame for frame, _ in prepared])[:, None])
-        plain = segmenter.predict_batch_tensor(x)
-        flipped = segmenter.predict_batch_tensor(torch.flip(x, dims=[-1])).flip(dims=[-1])
-        probs = ((plain + flipped) / 2)[:, 0].cpu().numpy()
-        for plane, (_, geometry) in zip(probs, prepared):
-            prob = geometry.restore(plane)
-            out.append((prob, segmenter.postprocessor(prob)))
-    return out
+    finally:
+        segmenter.flip_tta = saved
 
 
 def score_records(loaded, records, device: str | None = None, batch_size: int = 16,
@@ -464,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-file", help="split CSV (training/splits/...); without it every image is scored")
     p.add_argument("--split", choices=("train", "val", "test", "all"), help="which split of --split-file")
     p.add_argument("--out-dir", help="where report.md etc. go (default runs/eval-<version>-<split>)")
-    p.add_argument("--tta", action="store_true", help="average with a left-right flipped pass (not what workers run)")
+    p.add_argument("--tta", action="store_true", help="average with a left-right flipped pass (what workers run with INFER_TTA=flip)")
     p.add_argument("--examples", type=int, default=8, help="rows in examples.png (0: none)")
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=16)

@@ -85,7 +85,8 @@ def build_context(settings: Settings) -> WorkerContext:
     loaded = load_checkpoint(settings.model_checkpoint or DEFAULT_CHECKPOINT)
     cuda = torch.cuda.is_available()
     compile_network = settings.torch_compile == "on" or (settings.torch_compile == "auto" and cuda)
-    segmenter = Segmenter(loaded, batch_size=settings.infer_batch_size, compile_network=compile_network)
+    segmenter = Segmenter(loaded, batch_size=settings.infer_batch_size, compile_network=compile_network,
+                          flip_tta=settings.infer_tta == "flip")
     t0 = time.perf_counter()
     segmenter.predict([_warmup_image()])  # pays for allocation, kernel selection and compilation before any task
     log.info("warm-up in %.1f s (torch.compile %s)", time.perf_counter() - t0, "on" if compile_network else "off")
@@ -97,7 +98,7 @@ def build_context(settings: Settings) -> WorkerContext:
         blobs=open_blob_store(settings.blob_url),
         pipeline=Pipeline(segmenter, max_pixels=settings.max_image_pixels, threads=settings.io_threads,
                           overlays=settings.overlays == "eager"),
-        model_version=loaded.version,
+        model_version=segmenter.version,  # "+flip-tta" when INFER_TTA=flip: the rows say what made them
     )
 
 

@@ -201,3 +201,16 @@ def test_compiled_network_pads_partial_batches_and_gives_the_same_probabilities(
         np.testing.assert_allclose(a.prob, b.prob, rtol=0, atol=1e-4)
         assert np.array_equal(a.mask, b.mask) or np.abs(a.prob - 0.5).min() < 1e-4
     assert len(seen) == 3 and set(seen) == {(2, 1, 32, 32)}, "the partial batch went in padded"
+
+
+def test_flip_tta_averages_the_mirrored_pass_and_says_so_in_the_version(saved):
+    loaded = load_checkpoint(saved[0])
+    plain = Segmenter(loaded, device="cpu", batch_size=3)
+    tta = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=3, flip_tta=True)
+    assert tta.version == plain.version + "+flip-tta"
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 1, 32, 32)).astype(np.float32))
+    want = (plain.predict_batch_tensor(x) + plain.predict_batch_tensor(x.flip(-1)).flip(-1)) / 2
+    torch.testing.assert_close(tta.predict_batch_tensor(x), want, rtol=0, atol=1e-6)
+    image = np.random.default_rng(1).integers(0, 256, (50, 70)).astype(np.uint8)
+    mirrored = tta.predict([image[:, ::-1].copy()])[0].prob[:, ::-1]
+    assert np.abs(tta.predict([image])[0].prob - mirrored).max() < 0.02, "a mirrored image gets a mirrored map"
