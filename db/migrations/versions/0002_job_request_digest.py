@@ -18,10 +18,10 @@ depends_on = None
 
 def upgrade() -> None:
     # Nullable: jobs made before this revision have no fingerprint, and their keys are trusted as before.
-    with op.batch_alter_table('jobs') as batch:
-        batch.add_column(sa.Column('request_sha256', sa.String(length=64), nullable=True))
+    op.add_column('jobs', sa.Column('request_sha256', sa.String(length=64), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('jobs') as batch:
-        batch.drop_column('request_sha256')
+    # A plain ALTER TABLE ... DROP COLUMN (SQLite 3.35+), never a batch "copy and move": on SQLite that
+    # drops and recreates jobs, and with foreign keys on, the DROP TABLE would cascade to every image row.
+    op.drop_column('jobs', 'request_sha256')
