@@ -3,7 +3,8 @@
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+# gcc: torch.compile (TORCH_COMPILE=auto on GPU workers) builds its kernels with a C compiler at run time
+RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 # CUDA build of PyTorch for GPU workers; override TORCH_SPEC for a CPU-only image.

@@ -78,18 +78,11 @@ def build_context(settings: Settings) -> WorkerContext:
     import torch
 
     from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-    from model.inference import Segmenter
 
     if not torch.cuda.is_available() and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     loaded = load_checkpoint(settings.model_checkpoint or DEFAULT_CHECKPOINT)
-    cuda = torch.cuda.is_available()
-    compile_network = settings.torch_compile == "on" or (settings.torch_compile == "auto" and cuda)
-    segmenter = Segmenter(loaded, batch_size=settings.infer_batch_size, compile_network=compile_network,
-                          flip_tta=settings.infer_tta == "flip")
-    t0 = time.perf_counter()
-    segmenter.predict([_warmup_image()])  # pays for allocation, kernel selection and compilation before any task
-    log.info("warm-up in %.1f s (torch.compile %s)", time.perf_counter() - t0, "on" if compile_network else "off")
+    segmenter = warm_segmenter(loaded, settings, cuda=torch.cuda.is_available())
     log.info("model %s loaded on %s (%s)", loaded.version, segmenter.device, loaded.label)
     engine_args = {"connect_args": {"connect_timeout": 10}} if settings.database_url.startswith("postgres") else {}
     return WorkerContext(
@@ -100,6 +93,30 @@ def build_context(settings: Settings) -> WorkerContext:
                           overlays=settings.overlays == "eager"),
         model_version=segmenter.version,  # "+flip-tta" when INFER_TTA=flip: the rows say what made them
     )
+
+
+def warm_segmenter(loaded, settings: Settings, cuda: bool):
+    """The worker's Segmenter, compiled per TORCH_COMPILE, after one warm-up
+    pass (allocation, kernel selection and compilation happen before any task).
+    With ``auto``, a compile that fails (a host without a C compiler or Triton)
+    is logged and the network served uncompiled; with ``on`` the error stands."""
+    from model.inference import Segmenter
+
+    compile_network = settings.torch_compile == "on" or (settings.torch_compile == "auto" and cuda)
+    kwargs = dict(batch_size=settings.infer_batch_size, flip_tta=settings.infer_tta == "flip")
+    t0 = time.perf_counter()
+    segmenter = Segmenter(loaded, compile_network=compile_network, **kwargs)
+    try:
+        segmenter.predict([_warmup_image()])
+    except Exception:
+        if not compile_network or settings.torch_compile == "on":
+            raise
+        log.exception("torch.compile failed during the warm-up; serving the network uncompiled (TORCH_COMPILE=off hides this)")
+        compile_network = False
+        segmenter = Segmenter(loaded, **kwargs)
+        segmenter.predict([_warmup_image()])
+    log.info("warm-up in %.1f s (torch.compile %s)", time.perf_counter() - t0, "on" if compile_network else "off")
+    return segmenter
 
 
 def _warmup_image():

@@ -214,3 +214,24 @@ def test_flip_tta_averages_the_mirrored_pass_and_says_so_in_the_version(saved):
     image = np.random.default_rng(1).integers(0, 256, (50, 70)).astype(np.uint8)
     mirrored = tta.predict([image[:, ::-1].copy()])[0].prob[:, ::-1]
     assert np.abs(tta.predict([image])[0].prob - mirrored).max() < 0.02, "a mirrored image gets a mirrored map"
+
+
+def test_worker_serves_uncompiled_when_compiling_fails_under_auto_only(saved, monkeypatch):
+    """TORCH_COMPILE=auto on a GPU host without a C compiler: log and serve; =on: fail loudly."""
+    from bonedetect.settings import Settings
+    from worker.tasks import warm_segmenter
+
+    real = Segmenter.predict_batch_tensor
+
+    def no_compiler(self, x):
+        if self.compiled:
+            raise RuntimeError("Failed to find C compiler")
+        return real(self, x)
+
+    monkeypatch.setattr(Segmenter, "predict_batch_tensor", no_compiler)
+    loaded = load_checkpoint(saved[0])
+    served = warm_segmenter(loaded, Settings.from_env({"TORCH_COMPILE": "auto"}), cuda=True)
+    assert not served.compiled and served.predict([np.zeros((40, 40), np.uint8)])[0].mask.shape == (40, 40)
+    with pytest.raises(RuntimeError, match="C compiler"):
+        warm_segmenter(loaded, Settings.from_env({"TORCH_COMPILE": "on"}), cuda=True)
+    assert not warm_segmenter(loaded, Settings.from_env({}), cuda=False).compiled, "auto: no compiling on the CPU"
