@@ -7,12 +7,14 @@ OVERLAYS=lazy (the default; worker/overlay.py says why), then read back."""
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime, timezone
 from urllib.parse import quote
 
 from flask import Blueprint, Response, url_for
+from sqlalchemy import select
 
-from api import services
+from api import db_session, services
 from api.auth import authenticate, owned
 from api.errors import ApiError
 from db.blobstore import BlobNotFound, image_prefix
@@ -109,6 +111,13 @@ def _png(image_id: str, kind: str) -> Response:
     return Response(data, mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
+# Rendering an overlay decodes the upload (up to MAX_IMAGE_PIXELS) in this process: a few at a time
+# per API process, so a page of thumbnails or one tenant's huge files cannot take its memory.
+RENDERS_AT_ONCE = 2
+RENDER_WAIT_S = 10.0
+_renders = threading.BoundedSemaphore(RENDERS_AT_ONCE)
+
+
 def _render_overlay(im: Image, key: str) -> bytes:
     """OVERLAYS=lazy: render the overlay from the upload and the mask, keep it at ``key``."""
     from worker.decode import DecodeError
@@ -122,12 +131,28 @@ def _render_overlay(im: Image, key: str) -> bytes:
         source = mask_png = None
     if source is None or mask_png is None:
         raise ApiError(404, f"the overlay of image {im.id} cannot be made: its upload or mask is missing from the blob store")
+    if not _renders.acquire(timeout=RENDER_WAIT_S):
+        raise ApiError(503, "busy rendering other overlays, retry shortly", {"Retry-After": "2"})
     try:
         data = render_overlay_png(source, mask_png, svc.settings.max_image_pixels)
     except (DecodeError, ValueError) as err:
         log.error("image %s: overlay not rendered: %s", im.id, err)
         raise ApiError(500, f"the overlay of image {im.id} could not be rendered: {err}") from None
-    svc.blobs.put_bytes(key, data)  # a concurrent request may write the same bytes: puts are atomic
+    finally:
+        _renders.release()
+    try:
+        svc.blobs.put_bytes(key, data)  # concurrent requests may write the same bytes: puts are atomic
+    except Exception as err:  # not kept this time: served all the same, rendered again next time
+        log.warning("image %s: rendered overlay not stored: %s", im.id, err)
+        return data
+    # A purge may have run while this rendered: then the put just recreated a derivative of a deleted
+    # upload. The row is the record: without it, take the image's folder away again.
+    session = db_session()
+    tenant_id, job_id, image_id = im.tenant_id, im.job_id, im.id
+    session.rollback()  # end this request's read transaction: look at the database as it is now
+    if session.scalar(select(Image.id).where(Image.id == image_id)) is None:
+        log.info("image %s was purged while its overlay rendered; overlay removed", image_id)
+        svc.blobs.delete_prefix(image_prefix(tenant_id, job_id, image_id))
     return data
 
 

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import random
 import time
 import uuid
 import urllib.error
@@ -59,12 +61,20 @@ RETRY_STATUSES = (502, 503, 504)  # the API (or its load balancer) says: not now
 
 class Client:
     """Args:
-        retries: how often a request is tried again after a 502/503/504 or a
-            refused or dropped connection (an API restarting, a database
-            failing over), waiting Retry-After when the API gives one, else
-            0.5, 1, 2 ... s (at most ``max_wait_s``). Only requests that are
-            safe to repeat are retried: GET, HEAD, DELETE, and a POST that
-            carries an Idempotency-Key (``submit`` always sends one).
+        retries: how often a request is tried again when the API is briefly
+            away (restarting, its database failing over), waiting Retry-After
+            when the API gives one, else 0.5, 1, 2 ... s with jitter (at most
+            ``max_wait_s``). What is retried:
+
+            - a refused connection, always (the request never reached the API);
+            - 502/503/504 answers and dropped connections, for GET and HEAD,
+              and for a POST that carries an Idempotency-Key (``submit``
+              always sends one: a repeat is answered with the first job);
+            - a timeout waiting for the answer, for GET and HEAD only: a big
+              upload the API is still storing is not sent a second time.
+
+            DELETE is never repeated after it may have arrived (a purge that
+            succeeded would answer the repeat with 404).
     """
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 60.0, retries: int = 5, max_wait_s: float = 30.0):
@@ -76,27 +86,38 @@ class Client:
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> bytes:
         headers = headers or {}
-        repeatable = method in ("GET", "HEAD", "DELETE") or "Idempotency-Key" in headers
+        reads = method in ("GET", "HEAD")
+        keyed = reads or (method == "POST" and "Idempotency-Key" in headers)
         for attempt in range(self.retries + 1):
             req = urllib.request.Request(self.base_url + path, data=body, method=method)
             req.add_header("Authorization", f"Bearer {self.api_key}")
             for k, v in headers.items():
                 req.add_header(k, v)
-            last = attempt == self.retries or not repeatable
+            last = attempt == self.retries
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     return resp.read()
             except urllib.error.HTTPError as err:
                 payload = err.read()
-                if last or err.code not in RETRY_STATUSES:
+                if last or not keyed or err.code not in RETRY_STATUSES:
                     raise ApiError(err.code, payload) from None
                 wait = _retry_after(err.headers.get("Retry-After"))
             except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
                 reason = getattr(err, "reason", err)
-                if last or not isinstance(reason, (ConnectionError, TimeoutError, OSError)):
+                if isinstance(reason, ConnectionRefusedError):
+                    retry = True
+                elif isinstance(reason, (ConnectionResetError, ConnectionAbortedError, http.client.RemoteDisconnected)):
+                    retry = keyed
+                elif isinstance(reason, TimeoutError):
+                    retry = reads
+                else:  # DNS, TLS, ...: not a moment's unavailability
+                    retry = False
+                if last or not retry:
                     raise
                 wait = None
-            time.sleep(min(self.max_wait_s, wait if wait is not None else 0.5 * 2**attempt))
+            if wait is None:
+                wait = 0.5 * 2**attempt * (0.5 + random.random())  # jitter: clients do not come back in step
+            time.sleep(min(self.max_wait_s, wait))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def get_json(self, path: str) -> dict:

@@ -236,8 +236,9 @@ class Segmenter:
     def finish_windowed(self, plane: np.ndarray, geometry: Geometry) -> Prediction:
         """``finish`` for the worker: the same mask, but the probabilities are
         restored only where they can exceed the threshold (``window_bounds``)
-        and are 0 elsewhere, so ``prob`` is exact wherever the mask is (which
-        is all that the statistics read). For an image where the network found
+        and are 0 elsewhere: ``prob`` is right, to float rounding (a few
+        1e-6 from ``cv2.resize``), wherever the mask is, which is all that
+        the statistics read. For an image where the network found
         nothing there is nothing to restore; for a small tumor on a 3000x2500
         radiograph ~1 ms instead of ~10-25. A window above an eighth of the
         image goes through ``finish`` (OpenCV's resize is faster there). Masks

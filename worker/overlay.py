@@ -13,7 +13,10 @@ outside the network on this project's CPU, and more CPU than a GPU worker
 host has at the rates the network reaches (1,000 images/s would need ~50
 cores for overlays alone). Most overlays of an overnight batch are never
 looked at; the masks (40 KB) and statistics are what downstream systems read.
-Both modes give the same bytes for the same image (tests/unit/test_overlay.py).
+Both modes give the same pixels for the same image when the worker decodes
+on the CPU (tests/unit/test_overlay.py checks the bytes); a worker decoding
+JPEGs with nvJPEG (GPU_DECODE) sees gray levels that may differ by one or two
+from Pillow's, and so would its eager overlays.
 
 Light on purpose (no PyTorch): the API process imports it.
 """

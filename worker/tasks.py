@@ -258,7 +258,7 @@ def owned_rows(session: Session, claimed: list[Claimed]) -> dict[str, tuple[str,
 
 
 def store_blobs(
-    ctx: WorkerContext, owned: dict[str, tuple[str, str]], results: list[ImageResult]
+    ctx: WorkerContext, owned: dict[str, tuple[str, str]], results: list[ImageResult], attempts: dict[str, int] | None = None
 ) -> dict[str, tuple[str, str]]:
     """Write masks (and eager overlays) of the owned rows under keys derived from the image id.
     The overlay key is recorded either way: it is where the overlay is, or will be once rendered."""
@@ -269,8 +269,12 @@ def store_blobs(
         tenant_id, job_id = owned[r.image_id]
         prefix = image_prefix(tenant_id, job_id, r.image_id)
         ctx.blobs.put_bytes(f"{prefix}/mask.png", r.mask_png)
-        if r.overlay_png is not None:  # OVERLAYS=lazy: the API renders it at this key on first request
+        if r.overlay_png is not None:
             ctx.blobs.put_bytes(f"{prefix}/overlay.png", r.overlay_png)
+        elif (attempts or {}).get(r.image_id, 1) > 1:
+            # OVERLAYS=lazy (the API renders it at this key on first request), and an earlier attempt by
+            # an eager worker may have left an overlay of its own mask here: it must not outlive that mask.
+            ctx.blobs.delete_prefix(f"{prefix}/overlay.png")
         if r.seg_dcm:  # DICOM sources: served by GET /v1/images/<id>/seg.dcm
             ctx.blobs.put_bytes(f"{prefix}/seg.dcm", r.seg_dcm)
         keys[r.image_id] = (f"{prefix}/mask.png", f"{prefix}/overlay.png")
@@ -285,7 +289,7 @@ def write_results(ctx: WorkerContext, claimed: list[Claimed], results: list[Imag
     now = utcnow()
     with ctx.sessions.begin() as session:
         owned = owned_rows(session, claimed)
-        keys = store_blobs(ctx, owned, results)
+        keys = store_blobs(ctx, owned, results, token)
         for r in results:
             if r.image_id not in owned:
                 continue

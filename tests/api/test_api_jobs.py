@@ -194,6 +194,66 @@ def test_overlay_is_rendered_on_first_request_then_kept(api):
     assert resp.status_code == 404 and "upload or mask is missing" in resp.json["error"]
 
 
+def lazy_done(api, n: int = 1):
+    """n done images with a mask and no overlay yet (what an OVERLAYS=lazy worker leaves)."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    _, rows = submit(api, n)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:15, 5:20] = 255
+    buf = io.BytesIO()
+    PILImage.fromarray(mask).save(buf, "PNG")
+    for row in rows:
+        finish(api, row, with_blobs=False)
+        api.blobs.put_bytes(f"{image_prefix(row.tenant_id, row.job_id, row.id)}/mask.png", buf.getvalue())
+    return rows
+
+
+def test_overlay_renders_are_bounded_and_failures_are_clear(api, monkeypatch):
+    from api import images
+
+    rows = lazy_done(api, 3)
+    monkeypatch.setattr(images, "RENDER_WAIT_S", 0.05)
+    held = [images._renders.acquire(timeout=1) for _ in range(images.RENDERS_AT_ONCE)]  # others are rendering
+    try:
+        resp = api.get(f"/v1/images/{rows[0].id}/overlay.png")
+        assert resp.status_code == 503 and resp.headers["Retry-After"] and "busy rendering" in resp.json["error"]
+    finally:
+        for ok in held:
+            ok and images._renders.release()
+    assert api.get(f"/v1/images/{rows[0].id}/overlay.png").status_code == 200, "served once a slot is free"
+
+    api.blobs.put_bytes(rows[1].blob_key, b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # the stored upload went bad
+    resp = api.get(f"/v1/images/{rows[1].id}/overlay.png")
+    assert resp.status_code == 500 and "could not be rendered" in resp.json["error"]
+
+    def full_disk(key, data):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(api.blobs, "put_bytes", full_disk)
+    resp = api.get(f"/v1/images/{rows[2].id}/overlay.png")
+    assert resp.status_code == 200 and resp.data.startswith(b"\x89PNG"), "served even when it cannot be kept"
+
+
+def test_overlay_rendered_while_its_job_is_purged_leaves_nothing_behind(api, monkeypatch):
+    import worker.overlay
+    from db.models import Image as ImageRow
+
+    (row,) = lazy_done(api, 1)
+    real = worker.overlay.render_overlay_png
+
+    def render_while_purged(*args, **kw):
+        with api.sessions.begin() as session:  # DELETE ...?purge=true lands meanwhile: rows first, then blobs
+            session.query(ImageRow).filter(ImageRow.id == row.id).delete()
+        api.blobs.delete_prefix(image_prefix(row.tenant_id, row.job_id, row.id))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(worker.overlay, "render_overlay_png", render_while_purged)
+    assert api.get(f"/v1/images/{row.id}/overlay.png").status_code == 200
+    assert not api.blobs.exists(f"{image_prefix(row.tenant_id, row.job_id, row.id)}/overlay.png")
+
+
 def test_failed_image_has_no_mask_and_a_missing_blob_is_404(api):
     _, rows = submit(api, 2)
     finish(api, rows[0], status="failed", error="not a decodable image")

@@ -98,6 +98,31 @@ def test_a_stale_claim_writes_nothing_and_the_newer_claim_wins(tmp_path, pg_url)
         assert mask == result(row.id, 20).mask_png, "the mask on disk is the one the row describes"
 
 
+def test_a_lazy_rerun_removes_the_overlay_an_earlier_attempt_left(tmp_path, pg_url):
+    """An eager worker stored its blobs and died before its commit; a lazy worker (OVERLAYS=lazy) redoes
+    the image with another mask: the old overlay must not be served beside the new mask."""
+    import dataclasses
+
+    ctx = context(tmp_path, pg_url)
+    ids = queued_images(ctx, 2)
+    first = claim(ctx, ids)
+    with ctx.sessions() as session:
+        rows = {r.id: r for r in session.scalars(select(Image).where(Image.id.in_(ids)))}
+    for i in ids:  # what the eager worker got to write before it died
+        prefix = image_prefix(rows[i].tenant_id, rows[i].job_id, i)
+        ctx.blobs.put_bytes(f"{prefix}/overlay.png", result(i, 10).overlay_png)
+    with ctx.sessions.begin() as session:
+        session.execute(update(Image).where(Image.id.in_(ids)).values(lease_expires_at=utcnow()))
+    second = claim(ctx, ids)
+    lazy = [dataclasses.replace(result(i, 20), overlay_png=None) for i in ids]
+    assert write_results(ctx, second, lazy) == 2
+    for i in ids:
+        prefix = image_prefix(rows[i].tenant_id, rows[i].job_id, i)
+        assert not ctx.blobs.exists(f"{prefix}/overlay.png"), "the old mask's overlay is gone; the API renders anew"
+        assert ctx.blobs.get_bytes(f"{prefix}/mask.png") == result(i, 20).mask_png
+    assert [c.attempt for c in first] == [1, 1]
+
+
 def test_a_result_write_waits_out_a_database_restart(tmp_path, private_postgres_available):
     with PrivatePostgres() as pg:
         ctx = context(tmp_path, pg.create_database())

@@ -119,3 +119,27 @@ def test_a_refused_connection_is_retried_until_the_api_is_back():
         timer.join()
         for server in started:
             server.close()
+
+
+def test_delete_and_unkeyed_posts_are_not_repeated_once_they_may_have_arrived(flaky):
+    api = flaky(1)
+    with pytest.raises(ApiError) as err:
+        Client(api.url, "k").request("DELETE", "/v1/jobs/j1?purge=true")
+    assert err.value.status == 503 and [m for m, _, _ in api.seen] == ["DELETE"]
+
+
+def test_a_submit_that_times_out_is_not_uploaded_again(flaky):
+    import time
+
+    api = flaky(0)
+    real = api.server.RequestHandlerClass.do_POST
+
+    def slow(self):
+        time.sleep(0.5)  # the API is still storing a big batch
+        real(self)
+
+    api.server.RequestHandlerClass.do_POST = slow
+    with pytest.raises(OSError, match="(?i)timed out"):
+        Client(api.url, "k", timeout=0.2).submit([("a.jpg", b"\xff\xd8" + b"x" * 100)])
+    time.sleep(0.6)
+    assert len(api.seen) == 1, "one upload, not six"

@@ -249,40 +249,75 @@ def test_box_statistics_and_overlay_equal_the_whole_image_versions(seed):
 # -- restoring only the window where the tumor can be ------------------------------------------
 
 
+def small_lesions(rng, size: int, n: int, g) -> np.ndarray:
+    """A frame of background noise with n small soft lesions on the image's part of it (geometry g),
+    close together (one small window), the first with a hole, the second on the image's top edge."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    plane = (rng.random((size, size)) * 0.3).astype(np.float32)
+    cy0 = g.top + int(rng.integers(0, max(1, g.scaled_h // 3)))
+    cx0 = g.left + int(rng.integers(0, g.scaled_w))
+    for k in range(n):
+        cy = g.top if k == 1 else min(g.top + g.scaled_h - 1, cy0 + int(rng.integers(0, 6)))
+        cx = int(np.clip(cx0 + rng.integers(-6, 7), g.left, g.left + g.scaled_w - 1))
+        r = float(rng.uniform(2, size / 12))
+        d = np.hypot(yy - cy, xx - cx)
+        plane = np.maximum(plane, np.clip(1.2 - d / r, 0, 0.95).astype(np.float32))
+        if k == 0:
+            plane[d < r / 4] = 0.1  # a hole: filled when the postprocessor fills holes
+    return plane
+
+
 @pytest.mark.parametrize("seed", range(16))
-def test_windowed_finish_equals_the_full_restore_where_it_matters(seed):
+def test_windowed_finish_equals_the_full_restore_where_it_matters(seed, monkeypatch):
+    import model.inference as inference
     from model.inference import Segmenter, restore_window, window_bounds
 
     rng = np.random.default_rng(seed)
     size = 64
-    h, w = int(rng.integers(size, 900)), int(rng.integers(size, 900))
+    h, w = int(rng.integers(size, 1200)), int(rng.integers(size, 1200))
     if seed == 0:
         h, w = 2 * size, 4 * size  # exact integer factors
-    pre = Preprocessor(size)
-    geometry = pre.geometry(h, w)
-    plane = blobs(rng, size, size, int(rng.integers(0, 4))) * np.float32(rng.uniform(0.3, 1.1))
-    if seed == 1:
-        plane[:] = 0.2  # nothing near the threshold
-    post = Postprocessor(threshold=0.5, min_region_fraction=float(rng.choice([0.0, 1e-3])), fill_holes=bool(seed % 2))
+    geometry = Preprocessor(size).geometry(h, w)
+    plane = small_lesions(rng, size, 0 if seed == 1 else 1 + seed % 3, geometry)
+    post = Postprocessor(threshold=0.5, min_region_fraction=float(rng.choice([0.0, 1e-3])), fill_holes=seed % 4 != 3)
     seg = Segmenter.__new__(Segmenter)  # finish/finish_windowed use the postprocessor only
     seg.postprocessor = post
+    calls = []
+    monkeypatch.setattr(inference, "restore_window", lambda *a: calls.append(1) or restore_window(*a))
     exact, fast = seg.finish(plane, geometry), seg.finish_windowed(plane, geometry)
     assert fast.mask.shape == exact.mask.shape == fast.prob.shape == (h, w) and fast.mask.dtype == np.uint8
+    bounds = window_bounds(plane, geometry, post.threshold)
+    small = bounds is not None and (bounds[1] - bounds[0]) * (bounds[3] - bounds[2]) * 8 <= h * w
+    assert bool(calls) == small, "the windowed path runs for windows up to an eighth of the image"
+    assert small or seed in (1, 2, 14), "these inputs exercise the windowed path (1: none; 2, 14: thin images)"
     borderline = np.abs(exact.prob - post.threshold) < 1e-5  # where float rounding may decide
     assert np.array_equal(fast.mask[~borderline], exact.mask[~borderline])
+    assert seed == 1 or exact.mask.any()
     inside = fast.mask > 0
     np.testing.assert_allclose(fast.prob[inside], exact.prob[inside], rtol=0, atol=1e-5)
     assert (exact.prob[fast.prob == 0] <= post.threshold + 1e-6).all(), "nothing above threshold left out"
-    bounds = window_bounds(plane, geometry, post.threshold)
     if bounds is None:
         assert not exact.mask.any() and not fast.prob.any()
     else:
         top, bottom, left, right = bounds
-        values = restore_window(plane, geometry, bounds)  # also for windows finish_windowed hands to OpenCV
-        np.testing.assert_allclose(values, exact.prob[top:bottom, left:right], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(restore_window(plane, geometry, bounds), exact.prob[top:bottom, left:right],
+                                   rtol=0, atol=1e-5)
         outside = np.ones((h, w), bool)
         outside[top:bottom, left:right] = False
         assert (exact.prob[outside] <= post.threshold + 1e-6).all(), "the window holds everything above threshold"
+
+
+def test_windowed_finish_hands_large_windows_to_opencv(monkeypatch):
+    import model.inference as inference
+    from model.inference import Segmenter
+
+    seg = Segmenter.__new__(Segmenter)
+    seg.postprocessor = Postprocessor(0.5)
+    g = Preprocessor(64).geometry(600, 500)
+    plane = np.full((64, 64), 0.9, np.float32)  # the whole image is "tumor"
+    monkeypatch.setattr(inference, "restore_window", lambda *a: pytest.fail("a window this large goes to cv2.resize"))
+    a, b = seg.finish(plane, g), seg.finish_windowed(plane, g)
+    assert np.array_equal(a.mask, b.mask) and np.array_equal(a.prob, b.prob)
 
 
 def test_windowed_finish_falls_back_when_the_image_is_smaller_than_the_frame():
