@@ -208,23 +208,32 @@ class Segmenter:
 
     # -- the three steps of predict -------------------------------------------
 
-    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
-        """Gray (H, W) image -> ((S, S) float32 frame, Geometry); thread-safe."""
+    def prepare(self, image) -> tuple:
+        """Gray (H, W) image -> ((S, S) float32 frame, Geometry); thread-safe.
+        A numpy image gives a numpy frame; an (H, W) uint8 torch tensor (pixels
+        decoded on the GPU) a frame tensor on its device (``prepare_tensor``)."""
+        if isinstance(image, torch.Tensor):
+            return self.preprocessor.prepare_tensor(image)
         return self.preprocessor(image)
 
-    def forward(self, frames: list[np.ndarray]) -> np.ndarray:
-        """Up to any number of (S, S) frames -> (n, S, S) float32 probabilities
-        on the CPU, in forward passes of at most ``batch_size``."""
+    def forward(self, frames: list) -> np.ndarray:
+        """Up to any number of (S, S) frames (numpy, or tensors from ``prepare``)
+        -> (n, S, S) float32 probabilities on the CPU, in forward passes of at
+        most ``batch_size``."""
         size = self.preprocessor.size
         out = np.empty((len(frames), size, size), np.float32)
         for start in range(0, len(frames), self.batch_size):
-            batch = np.stack(frames[start : start + self.batch_size])[:, None]  # (n, 1, S, S)
-            n = len(batch)
+            part = frames[start : start + self.batch_size]
+            n = len(part)
+            if any(isinstance(f, torch.Tensor) for f in part):  # frames prepared on the device
+                x = torch.stack([f.to(self.device) if isinstance(f, torch.Tensor) else torch.from_numpy(f).to(self.device)
+                                 for f in part])[:, None]
+            else:
+                x = torch.from_numpy(np.stack(part)[:, None])  # (n, 1, S, S)
+                if self.cuda:
+                    x = x.pin_memory()
             if self.compiled and n < self.batch_size:  # one shape, one compilation
-                batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), batch.dtype)])
-            x = torch.from_numpy(batch)
-            if self.cuda:
-                x = x.pin_memory()
+                x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
             out[start : start + n] = self.predict_batch_tensor(x)[:n, 0].cpu().numpy()
         return out
 

@@ -17,6 +17,7 @@ Masks follow the same geometry with nearest-neighbour resampling
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -84,6 +85,21 @@ def _rescale(pixels: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+@functools.lru_cache(maxsize=16)  # a batch has few distinct sizes; 3000 -> 512 is 6 MB
+def area_weights(dst: int, src: int, device=None):
+    """(dst, src) float32 tensor: row i holds the share of each source pixel in
+    destination pixel i when ``src`` pixels are averaged down to ``dst``
+    (OpenCV's INTER_AREA: source pixel j covers [j, j + 1), destination pixel
+    i covers [i * src / dst, (i + 1) * src / dst)). Rows sum to 1."""
+    import torch
+
+    scale = src / dst
+    edges = torch.arange(dst + 1, dtype=torch.float64) * scale
+    j = torch.arange(src, dtype=torch.float64)
+    overlap = torch.minimum(edges[1:, None], j[None, :] + 1) - torch.maximum(edges[:-1, None], j[None, :])
+    return (overlap.clamp_min_(0) / scale).to(device=device, dtype=torch.float32)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """How one (orig_h, orig_w) image was placed into the size x size frame:
@@ -146,6 +162,36 @@ class Preprocessor:
         frame -= np.float32(self.mean)
         frame /= np.float32(self.std)
         return frame, g
+
+    def prepare_tensor(self, pixels):
+        """``self(pixels)`` for an 8-bit gray image already in a torch tensor
+        ((H, W) uint8, e.g. decoded by nvJPEG on the GPU), computed where the
+        tensor is: -> ((size, size) float32 tensor on the same device, Geometry).
+
+        The same resampling as OpenCV's: shrinking is INTER_AREA's exact
+        area average, as two matrix products with the pixels' fractional
+        overlaps (``area_weights``; a GPU does them in well under a
+        millisecond), enlarging is bilinear with half-pixel centres. Frames
+        agree with ``self(pixels)`` to float rounding.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        if pixels.dtype != torch.uint8 or pixels.dim() != 2 or pixels.numel() == 0:
+            raise ValueError(f"prepare_tensor takes a non-empty (H, W) uint8 tensor, got {pixels.dtype} {tuple(pixels.shape)}")
+        g = self.geometry(*pixels.shape)
+        unit = pixels.to(torch.float32).div_(255.0)
+        if (g.scaled_h, g.scaled_w) != (g.orig_h, g.orig_w):
+            if g.scaled_h * g.scaled_w < g.orig_h * g.orig_w:  # shrinking, as _resize decides
+                rows = area_weights(g.scaled_h, g.orig_h, pixels.device)
+                cols = area_weights(g.scaled_w, g.orig_w, pixels.device)
+                unit = rows @ unit @ cols.T
+            else:
+                unit = F.interpolate(unit[None, None], size=(g.scaled_h, g.scaled_w), mode="bilinear",
+                                     align_corners=False)[0, 0]
+        frame = torch.zeros((self.size, self.size), dtype=torch.float32, device=pixels.device)
+        frame[g.top : g.top + g.scaled_h, g.left : g.left + g.scaled_w] = unit
+        return frame.sub_(self.mean).div_(self.std), g
 
     def resize_mask(self, mask: np.ndarray, geometry: Geometry) -> np.ndarray:
         """(orig_h, orig_w) mask (nonzero = tumor) -> (size, size) uint8 {0, 1},

@@ -4,8 +4,14 @@ On an H100 the network does about 1,800 images/s while OpenCV decodes a
 3000x2500 JPEG at about 448 images/s on all 16 cores, and nvJPEG at 1,323
 (DESIGN.md): CPU decoding is the first wall there. This module moves the
 JPEG entropy decoding and IDCT to the GPU; the pixels then come back to host
-memory (7.5 MB, well under a millisecond) and go through the same
-``Preprocessor`` as everything else, so what was measured is what runs.
+memory only where something needs them there (below).
+
+The decoded pixels stay on the GPU (``keep_on_device``, the default):
+``Segmenter.prepare`` then resizes, pads and normalises them there
+(``Preprocessor.prepare_tensor``, the same resampling as OpenCV's), the frame
+goes to the network without a host round trip, and the worker's CPU does
+nothing per image before the network. An eager overlay copies the pixels to
+the host when it is drawn.
 
 Selected by the GPU_DECODE setting (``Pipeline(gpu_decode=...)``):
 
@@ -91,8 +97,10 @@ class GpuJpegDecoder:
         fallback: the CPU decoder for everything else.
     """
 
-    def __init__(self, device, gpu_decode: Callable | None = None, fallback: Decoder = decode_image):
+    def __init__(self, device, gpu_decode: Callable | None = None, fallback: Decoder = decode_image,
+                 keep_on_device: bool = True):
         self.device = device
+        self.keep_on_device = keep_on_device
         self.fallback = fallback
         self._gpu_decode = gpu_decode or self._torchvision_decode
         self._lock = threading.Lock()
@@ -119,13 +127,15 @@ class GpuJpegDecoder:
 
         try:
             decoded = self._gpu_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            pixels = decoded.reshape(decoded.shape[-2:]).cpu().numpy()  # (H, W) uint8
+            pixels = decoded.reshape(decoded.shape[-2:])  # (H, W) uint8 on the device
+            if not self.keep_on_device:
+                pixels = np.ascontiguousarray(pixels.cpu().numpy(), dtype=np.uint8)
         except Exception as err:  # nvJPEG refused it: the CPU decoder gives the user's reason
             log.debug("nvJPEG could not decode a JPEG (%s); decoding on the CPU", err)
             self._count(False)
             return self.fallback(data, max_pixels)
         self._count(True)
-        return DecodedImage(pixels=np.ascontiguousarray(pixels, dtype=np.uint8), format="JPEG")
+        return DecodedImage(pixels=pixels, format="JPEG")
 
     @staticmethod
     def _plain_jpeg(data: bytes, max_pixels: int) -> bool:

@@ -69,6 +69,11 @@ class _Decoded:
     geometry: Geometry | None = None
 
 
+def _host(pixels) -> np.ndarray:
+    """Pixels as a numpy array (decoded on the GPU, they are a torch tensor there)."""
+    return pixels if isinstance(pixels, np.ndarray) else pixels.cpu().numpy()
+
+
 class Pipeline:
     """Runs chunks of (image_id, read_bytes) through decode, the network and
     postprocessing (module docstring).
@@ -149,7 +154,7 @@ class Pipeline:
                 height=h,
                 stats=stats,
                 mask_png=encode_png(mask * np.uint8(255)),
-                overlay_png=overlay_png(image.pixels, mask) if self.overlays else None,
+                overlay_png=overlay_png(_host(image.pixels), mask) if self.overlays else None,
                 pixel_spacing_mm=image.pixel_spacing_mm,
                 spacing_source=image.spacing_source,
                 source_format=image.format,

@@ -170,9 +170,11 @@ def test_gpu_decoder_takes_plain_jpegs_and_leaves_the_rest_to_the_cpu():
     gray, rgb = jpeg(1, 60, 80), jpeg(2, 40, 30, "RGB")
     for data in (gray, rgb):
         got = decoder(data)
-        assert got.format == "JPEG" and got.pixels.dtype == np.uint8
-        assert np.abs(got.pixels.astype(int) - decode_image(data).pixels.astype(int)).max() <= 2
+        assert got.format == "JPEG" and isinstance(got.pixels, torch.Tensor) and got.pixels.dtype == torch.uint8
+        assert np.abs(got.pixels.numpy().astype(int) - decode_image(data).pixels.astype(int)).max() <= 2
     assert (decoder.gpu_images, decoder.cpu_images) == (2, 0)
+    host = GpuJpegDecoder("cuda", gpu_decode=cpu_stand_in, keep_on_device=False)(gray).pixels
+    assert isinstance(host, np.ndarray) and host.dtype == np.uint8 and host.shape == (60, 80)
 
     png = io.BytesIO()
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(png, "PNG")
@@ -186,6 +188,50 @@ def test_gpu_decoder_takes_plain_jpegs_and_leaves_the_rest_to_the_cpu():
     with pytest.raises(DecodeError, match="smaller than the minimum"):
         decoder(jpeg(4, 8, 40))
     assert (decoder.gpu_images, decoder.cpu_images) == (2, 5)
+
+
+@pytest.mark.parametrize("shape", [(2500, 3000), (1000, 777), (300, 200), (64, 64), (40, 300)])
+def test_frames_prepared_from_a_tensor_equal_opencvs(shape):
+    """Preprocessor.prepare_tensor (pixels decoded on the GPU) resamples as OpenCV does: INTER_AREA to shrink."""
+    from model.preprocess import area_weights
+
+    rng = np.random.default_rng(shape[0])
+    pixels = cv2.GaussianBlur(rng.integers(0, 256, shape).astype(np.uint8), (0, 0), 3)
+    pixels[shape[0] // 3 :, : shape[1] // 2] = 250  # a sharp edge, where area weights matter most
+    pre = Preprocessor(128, 0.3, 0.2)
+    want, g = pre(pixels)
+    got, g2 = pre.prepare_tensor(torch.from_numpy(pixels))
+    assert g2 == g and got.dtype == torch.float32 and tuple(got.shape) == (128, 128)
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(area_weights(5, 13).sum(1), torch.ones(5))
+    with pytest.raises(ValueError, match="uint8"):
+        pre.prepare_tensor(torch.zeros((4, 4), dtype=torch.int16))
+
+
+def test_pipeline_with_pixels_left_on_the_device_gives_the_cpu_results():
+    """GPU_DECODE's path end to end, with a CPU stand-in for nvJPEG: the frames are prepared from tensors."""
+    from model.checkpoint import SYNTHETIC_CHECKPOINT
+    from training.synthetic import synthetic_jpegs
+
+    files, _ = synthetic_jpegs(5, seed=8, sides=(300, 700))
+    files.append(("truncated.jpg", files[0][1][:200]))
+    items = [(name, (lambda data=data: data)) for name, data in files]
+    segmenter = Segmenter(load_checkpoint(SYNTHETIC_CHECKPOINT), device="cpu", batch_size=2)
+    cpu_path = Pipeline(segmenter, threads=2, gpu_decode="off")
+    device_path = Pipeline(segmenter, threads=2, gpu_decode="off", overlays=True)
+    decoder = GpuJpegDecoder("cpu", gpu_decode=cpu_stand_in)
+    device_path.decode = decoder
+    try:
+        a, b = cpu_path.run(items), device_path.run(items)
+    finally:
+        cpu_path.close(), device_path.close()
+    assert decoder.gpu_images == 5 and not b[-1].ok and "truncated" in b[-1].error
+    for x, y in zip(a[:-1], b[:-1]):
+        assert x.ok and y.ok and (x.width, x.height) == (y.width, y.height)
+        mx = cv2.imdecode(np.frombuffer(x.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE) > 0
+        my = cv2.imdecode(np.frombuffer(y.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE) > 0
+        assert (mx ^ my).sum() <= 0.02 * max(1, mx.sum()), "the same masks (OpenCV's and the stand-in's JPEG decoders differ by a gray level)"
+        assert y.overlay_png is not None and abs(x.stats.area_px - y.stats.area_px) <= 0.02 * max(1, x.stats.area_px)
 
 
 # -- statistics and overlay inside the bounding box --------------------------------------------
