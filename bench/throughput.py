@@ -242,9 +242,11 @@ def step_costs(segmenter, paths: Sequence[Path], k: int = 6) -> dict[str, float]
     from model.postprocess import render_overlay
     from model.stats import tumor_statistics
     from worker.decode import decode_image
-    from worker.pipeline import encode_png
+    from worker.png import encode_png
 
-    steps = ["read", "decode", "preprocess", "restore", "postprocess", "statistics", "overlay", "mask PNG", "overlay PNG"]
+    # postprocess: what the worker does after the network (Segmenter.finish_windowed): restore the
+    # probabilities where the tumor can be, threshold, drop small regions, fill holes
+    steps = ["read", "decode", "preprocess", "postprocess", "statistics", "overlay", "mask PNG", "overlay PNG"]
     totals = dict.fromkeys(steps, 0.0)
     sample = list(dict.fromkeys(paths))[:k]
     threads = torch.get_num_threads()
@@ -268,11 +270,8 @@ def step_costs(segmenter, paths: Sequence[Path], k: int = 6) -> dict[str, float]
             lap("preprocess")
             plane = segmenter.forward([frame])[0]
             clock = time.perf_counter()
-            prob = geometry.restore(plane)
-            lap("restore")
-            from model.inference import postprocess_cropped
-
-            mask = postprocess_cropped(segmenter.postprocessor, prob)
+            prediction = segmenter.finish_windowed(plane, geometry)
+            prob, mask = prediction.prob, prediction.mask
             lap("postprocess")
             tumor_statistics(mask, prob, image.pixel_spacing_mm)
             lap("statistics")
