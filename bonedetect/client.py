@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import time
 import uuid
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Iterable, Iterator
 
 
@@ -37,23 +39,47 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+class MultipartBody:
+    """A multipart/form-data body streamed from its parts: bytes, or files
+    read from disk 1 MiB at a time, so a night's batch is never whole in the
+    client's memory. Iterable again for each retry; ``len()`` is its
+    Content-Length."""
+
+    CHUNK = 1024 * 1024
+
+    def __init__(self, fields: list[tuple[str, str]], files: list[tuple[str, str, "bytes | str | os.PathLike"]]):
+        self.boundary = uuid.uuid4().hex
+        self.content_type = f"multipart/form-data; boundary={self.boundary}"
+        self._parts: list[bytes | Path] = []
+        for name, value in fields:
+            self._parts.append(f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+        for name, filename, source in files:
+            safe = filename.replace('"', "%22").replace("\r", "").replace("\n", "")
+            self._parts.append((
+                f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{safe}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode("utf-8"))
+            self._parts.append(bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source))
+            self._parts.append(b"\r\n")
+        self._parts.append(f"--{self.boundary}--\r\n".encode())
+
+    def __len__(self) -> int:
+        return sum(len(p) if isinstance(p, bytes) else p.stat().st_size for p in self._parts)
+
+    def __iter__(self):
+        for part in self._parts:
+            if isinstance(part, bytes):
+                yield part
+                continue
+            with open(part, "rb") as fh:
+                while chunk := fh.read(self.CHUNK):
+                    yield chunk
+
+
 def encode_multipart(fields: list[tuple[str, str]], files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
-    """(body, content type) for form fields and (field, filename, bytes) files."""
-    boundary = uuid.uuid4().hex
-    parts: list[bytes] = []
-    for name, value in fields:
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        )
-    for name, filename, data in files:
-        safe = filename.replace('"', "%22").replace("\r", "").replace("\n", "")
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{safe}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        )
-        parts.append(head.encode("utf-8") + data + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+    """(body, content type) for form fields and (field, filename, bytes) files, in memory."""
+    body = MultipartBody(fields, files)
+    return b"".join(body), body.content_type
 
 
 RETRY_STATUSES = (502, 503, 504)  # the API (or its load balancer) says: not now, try again
@@ -84,7 +110,7 @@ class Client:
         self.retries = retries
         self.max_wait_s = max_wait_s
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> bytes:
+    def request(self, method: str, path: str, body: "bytes | MultipartBody | None" = None, headers: dict | None = None) -> bytes:
         headers = headers or {}
         reads = method in ("GET", "HEAD")
         keyed = reads or (method == "POST" and "Idempotency-Key" in headers)
@@ -125,18 +151,21 @@ class Client:
 
     def submit(
         self,
-        files: Iterable[tuple[str, bytes]],
+        files: Iterable[tuple[str, "bytes | str | os.PathLike"]],
         label: str | None = None,
         external_ids: list[str] | None = None,
         idempotency_key: str | None = None,
         callback_url: str | None = None,
     ) -> dict:
+        """One job of ``files``: (name, bytes) or (name, path); paths are streamed
+        from disk as the request is sent, so any number of files fits in memory."""
         fields = [("label", label)] if label else []
         fields += [("callback_url", callback_url)] if callback_url else []
         fields += [("external_id", e) for e in external_ids or []]
-        body, ctype = encode_multipart(fields, [("files", name, data) for name, data in files])
+        body = MultipartBody(fields, [("files", name, data) for name, data in files])
         # Always a key: a submission retried after a lost answer then gives the same job, never a second one.
-        headers = {"Content-Type": ctype, "Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
+        headers = {"Content-Type": body.content_type, "Content-Length": str(len(body)),
+                   "Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
         return json.loads(self.request("POST", "/v1/jobs", body, headers))
 
     def job(self, job_id: str) -> dict:

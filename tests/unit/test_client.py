@@ -143,3 +143,20 @@ def test_a_submit_that_times_out_is_not_uploaded_again(flaky):
         Client(api.url, "k", timeout=0.2).submit([("a.jpg", b"\xff\xd8" + b"x" * 100)])
     time.sleep(0.6)
     assert len(api.seen) == 1, "one upload, not six"
+
+
+def test_submit_streams_files_from_disk_and_sends_the_same_body_on_a_retry(flaky, tmp_path):
+    """Paths are read as the request goes out (never the whole batch in memory); a retry sends it again whole."""
+    from bonedetect.client import MultipartBody, encode_multipart
+
+    big = tmp_path / "big.dcm"
+    big.write_bytes(bytes(range(256)) * 12_000)  # 3 MB: several 1 MiB reads
+    body = MultipartBody([("label", "night")], [("files", "a.jpg", b"\xff\xd8jpeg"), ("files", "big.dcm", big)])
+    whole = b"".join(body)
+    assert len(body) == len(whole) and b"".join(body) == whole, "re-iterable, and its length is its Content-Length"
+    assert max(len(chunk) for chunk in body) <= MultipartBody.CHUNK
+    in_memory, _ = encode_multipart([("label", "night")], [("files", "a.jpg", b"\xff\xd8jpeg"), ("files", "big.dcm", big.read_bytes())])
+    assert len(in_memory) == len(whole)
+    api = flaky(1)
+    Client(api.url, "k").submit([("a.jpg", b"\xff\xd8jpeg"), ("big.dcm", big)], label="night")
+    assert [size for _, _, size in api.seen] == [len(whole), len(whole)], "the whole body, both times"
