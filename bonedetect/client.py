@@ -40,46 +40,62 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class MultipartBody:
-    """A multipart/form-data body streamed from its parts: bytes, or files
-    read from disk 1 MiB at a time, so a night's batch is never whole in the
-    client's memory. Iterable again for each retry; ``len()`` is its
-    Content-Length."""
+    """A multipart/form-data body streamed from its parts: bytes-like
+    objects, or files read from disk 1 MiB at a time, so a night's batch is
+    never whole in the client's memory. Iterable again for each retry;
+    ``len()`` is its Content-Length, from the files' sizes when it was made:
+    a file that changed size since is an error, not a malformed request."""
 
     CHUNK = 1024 * 1024
 
     def __init__(self, fields: list[tuple[str, str]], files: list[tuple[str, str, "bytes | str | os.PathLike"]]):
         self.boundary = uuid.uuid4().hex
         self.content_type = f"multipart/form-data; boundary={self.boundary}"
-        self._parts: list[bytes | Path] = []
+        self._parts: list[memoryview | tuple[Path, int]] = []
         for name, value in fields:
-            self._parts.append(f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+            self._add(f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
         for name, filename, source in files:
             safe = filename.replace('"', "%22").replace("\r", "").replace("\n", "")
-            self._parts.append((
+            self._add((
                 f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{safe}"\r\n'
                 "Content-Type: application/octet-stream\r\n\r\n"
             ).encode("utf-8"))
-            self._parts.append(bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source))
-            self._parts.append(b"\r\n")
-        self._parts.append(f"--{self.boundary}--\r\n".encode())
+            try:
+                self._parts.append(memoryview(source).cast("B"))  # bytes, bytearray, mmap, array ...: not copied
+            except TypeError:
+                path = Path(os.fspath(source))
+                self._parts.append((path, path.stat().st_size))
+            self._add(b"\r\n")
+        self._add(f"--{self.boundary}--\r\n".encode())
+
+    def _add(self, data: bytes) -> None:
+        self._parts.append(memoryview(data))
 
     def __len__(self) -> int:
-        return sum(len(p) if isinstance(p, bytes) else p.stat().st_size for p in self._parts)
+        return sum(p.nbytes if isinstance(p, memoryview) else p[1] for p in self._parts)
 
     def __iter__(self):
         for part in self._parts:
-            if isinstance(part, bytes):
+            if isinstance(part, memoryview):
                 yield part
                 continue
-            with open(part, "rb") as fh:
-                while chunk := fh.read(self.CHUNK):
+            path, size = part
+            with open(path, "rb") as fh:
+                left = size
+                while left:
+                    chunk = fh.read(min(self.CHUNK, left))
+                    if not chunk:
+                        raise OSError(f"{path} shrank from {size} bytes while it was being sent")
+                    left -= len(chunk)
                     yield chunk
+                if fh.read(1):
+                    raise OSError(f"{path} grew past {size} bytes while it was being sent")
 
 
 def encode_multipart(fields: list[tuple[str, str]], files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
     """(body, content type) for form fields and (field, filename, bytes) files, in memory."""
     body = MultipartBody(fields, files)
-    return b"".join(body), body.content_type
+    return b"".join(bytes(chunk) for chunk in body), body.content_type
 
 
 RETRY_STATUSES = (502, 503, 504)  # the API (or its load balancer) says: not now, try again
@@ -115,36 +131,49 @@ class Client:
         reads = method in ("GET", "HEAD")
         keyed = reads or (method == "POST" and "Idempotency-Key" in headers)
         for attempt in range(self.retries + 1):
-            req = urllib.request.Request(self.base_url + path, data=body, method=method)
-            req.add_header("Authorization", f"Bearer {self.api_key}")
-            for k, v in headers.items():
-                req.add_header(k, v)
-            last = attempt == self.retries
+            # a streamed body is a fresh generator per attempt, closed after it (its file with it)
+            data = iter(body) if isinstance(body, MultipartBody) else body
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return resp.read()
-            except urllib.error.HTTPError as err:
-                payload = err.read()
-                if last or not keyed or err.code not in RETRY_STATUSES:
-                    raise ApiError(err.code, payload) from None
-                wait = _retry_after(err.headers.get("Retry-After"))
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
-                reason = getattr(err, "reason", err)
-                if isinstance(reason, ConnectionRefusedError):
-                    retry = True
-                elif isinstance(reason, (ConnectionResetError, ConnectionAbortedError, http.client.RemoteDisconnected)):
-                    retry = keyed
-                elif isinstance(reason, TimeoutError):
-                    retry = reads
-                else:  # DNS, TLS, ...: not a moment's unavailability
-                    retry = False
-                if last or not retry:
-                    raise
-                wait = None
-            if wait is None:
-                wait = 0.5 * 2**attempt * (0.5 + random.random())  # jitter: clients do not come back in step
-            time.sleep(min(self.max_wait_s, wait))
+                result = self._attempt(method, path, data, headers, attempt, keyed, reads)
+            finally:
+                if data is not body:
+                    data.close()
+            if result is not None:
+                return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempt(self, method, path, body, headers, attempt, keyed, reads) -> bytes | None:
+        """One try: the answer, or None after waiting when it should be tried again; raises otherwise."""
+        req = urllib.request.Request(self.base_url + path, data=body, method=method)
+        req.add_header("Authorization", f"Bearer {self.api_key}")
+        for k, v in headers.items():
+            req.add_header(k, v)
+        last = attempt == self.retries
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as err:
+            payload = err.read()
+            if last or not keyed or err.code not in RETRY_STATUSES:
+                raise ApiError(err.code, payload) from None
+            wait = _retry_after(err.headers.get("Retry-After"))
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            reason = getattr(err, "reason", err)
+            if isinstance(reason, ConnectionRefusedError):
+                retry = True
+            elif isinstance(reason, (ConnectionResetError, ConnectionAbortedError, http.client.RemoteDisconnected)):
+                retry = keyed
+            elif isinstance(reason, TimeoutError):
+                retry = reads
+            else:  # DNS, TLS, ...: not a moment's unavailability
+                retry = False
+            if last or not retry:
+                raise
+            wait = None
+        if wait is None:
+            wait = 0.5 * 2**attempt * (0.5 + random.random())  # jitter: clients do not come back in step
+        time.sleep(min(self.max_wait_s, wait))
+        return None
 
     def get_json(self, path: str) -> dict:
         return json.loads(self.request("GET", path))

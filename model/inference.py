@@ -225,15 +225,24 @@ class Segmenter:
         for start in range(0, len(frames), self.batch_size):
             part = frames[start : start + self.batch_size]
             n = len(part)
+            pad = self.batch_size - n if self.compiled else 0  # one shape, one compilation
             if any(isinstance(f, torch.Tensor) for f in part):  # frames prepared on the device
+                if self.cuda:
+                    current = torch.cuda.current_stream(self.device)
+                    for f in part:  # made on a pool thread's stream: keep their memory until this stream is done
+                        if isinstance(f, torch.Tensor) and f.is_cuda:
+                            f.record_stream(current)
                 x = torch.stack([f.to(self.device) if isinstance(f, torch.Tensor) else torch.from_numpy(f).to(self.device)
                                  for f in part])[:, None]
+                if pad:
+                    x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
             else:
-                x = torch.from_numpy(np.stack(part)[:, None])  # (n, 1, S, S)
+                batch = np.stack(part)[:, None]  # (n, 1, S, S)
+                if pad:
+                    batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
+                x = torch.from_numpy(batch)
                 if self.cuda:
                     x = x.pin_memory()
-            if self.compiled and n < self.batch_size:  # one shape, one compilation
-                x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
             out[start : start + n] = self.predict_batch_tensor(x)[:n, 0].cpu().numpy()
         return out
 

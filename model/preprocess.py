@@ -85,19 +85,21 @@ def _rescale(pixels: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-@functools.lru_cache(maxsize=16)  # a batch has few distinct sizes; 3000 -> 512 is 6 MB
+@functools.lru_cache(maxsize=64)  # keyed on sizes and device; 512 x 3000 is 6 MB
 def area_weights(dst: int, src: int, device=None):
-    """(dst, src) float32 tensor: row i holds the share of each source pixel in
-    destination pixel i when ``src`` pixels are averaged down to ``dst``
-    (OpenCV's INTER_AREA: source pixel j covers [j, j + 1), destination pixel
-    i covers [i * src / dst, (i + 1) * src / dst)). Rows sum to 1."""
+    """(dst, src) float32 tensor on ``device``: row i holds the share of each
+    source pixel in destination pixel i when ``src`` pixels are averaged down
+    to ``dst`` (OpenCV's INTER_AREA: source pixel j covers [j, j + 1),
+    destination pixel i covers [i * src / dst, (i + 1) * src / dst)). Rows sum
+    to 1. Built where it is used (on a GPU in well under a millisecond), in
+    float64 for the overlaps."""
     import torch
 
     scale = src / dst
-    edges = torch.arange(dst + 1, dtype=torch.float64) * scale
-    j = torch.arange(src, dtype=torch.float64)
+    edges = torch.arange(dst + 1, dtype=torch.float64, device=device) * scale
+    j = torch.arange(src, dtype=torch.float64, device=device)
     overlap = torch.minimum(edges[1:, None], j[None, :] + 1) - torch.maximum(edges[:-1, None], j[None, :])
-    return (overlap.clamp_min_(0) / scale).to(device=device, dtype=torch.float32)
+    return (overlap.clamp_min_(0) / scale).to(torch.float32)
 
 
 @dataclass(frozen=True)

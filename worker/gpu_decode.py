@@ -26,7 +26,8 @@ project (PyPI's wheels are built against one torch release each; install
 the torchvision that matches the worker's torch on GPU hosts).
 
 Only plain JPEGs go to the GPU: complete (ending in the end-of-image
-marker), 8-bit grayscale or RGB, within the pixel limit, at least
+marker), 8-bit grayscale or RGB, without an EXIF rotation (nvJPEG on CUDA
+does not apply it), within the pixel limit, at least
 ``MIN_SIDE`` pixels a side. Everything else (PNG, DICOM,
 CMYK, a file nvJPEG rejects) is decoded on the CPU exactly as before, so the
 user sees the same error messages. nvJPEG's IDCT and colour conversion are
@@ -91,7 +92,7 @@ class GpuJpegDecoder:
     Args:
         device: the CUDA device the network runs on.
         gpu_decode: (uint8 tensor of the file's bytes) -> (1, H, W) uint8
-            tensor, grayscale, EXIF orientation applied; default
+            tensor, grayscale (files with an EXIF orientation go to the CPU); default
             ``torchvision.io.decode_jpeg`` on ``device``. Tests pass a CPU
             stand-in, since this machine has no GPU.
         fallback: the CPU decoder for everything else.
@@ -110,7 +111,8 @@ class GpuJpegDecoder:
     def _torchvision_decode(self, data):
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        return decode_jpeg(data, mode=ImageReadMode.GRAY, device=self.device, apply_exif_orientation=True)
+        # EXIF-oriented files never come here (_plain_jpeg): on CUDA decode_jpeg ignores apply_exif_orientation
+        return decode_jpeg(data, mode=ImageReadMode.GRAY, device=self.device)
 
     def _count(self, gpu: bool) -> None:
         with self._lock:
@@ -145,6 +147,8 @@ class GpuJpegDecoder:
         try:
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
+                if im.getexif().get(0x0112, 1) not in (0, 1):
+                    return False  # rotated or mirrored by EXIF: nvJPEG on CUDA ignores that, Pillow applies it
                 return im.format == "JPEG" and im.mode in ("L", "RGB") and w * h <= max_pixels and min(w, h) >= MIN_SIDE
         except Exception:
             return False

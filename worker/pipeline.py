@@ -17,8 +17,10 @@ what runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +33,7 @@ from model.inference import Segmenter
 from model.preprocess import Geometry
 from model.stats import TumorStats, tumor_statistics
 from worker.decode import DecodedImage, DecodeError
-from worker.gpu_decode import select_decoder
+from worker.gpu_decode import GpuJpegDecoder, select_decoder
 from worker.overlay import overlay_png
 from worker.png import encode_png
 
@@ -65,8 +67,23 @@ class _Decoded:
     started: float
     image: DecodedImage | None = None
     error: str | None = None
-    frame: np.ndarray | None = None  # (S, S) float32, the network's input
+    frame: np.ndarray | None = None  # (S, S) float32, the network's input (a tensor when prepared on the GPU)
     geometry: Geometry | None = None
+    shape: tuple[int, int] | None = None  # (H, W) of the decoded image
+
+
+def _on_device(pixels) -> bool:
+    return pixels is not None and not isinstance(pixels, np.ndarray)
+
+
+@contextlib.contextmanager
+def _synchronised(stream):
+    import torch
+
+    with torch.cuda.stream(stream):
+        stream.synchronize()
+        yield stream
+        stream.synchronize()
 
 
 def _host(pixels) -> np.ndarray:
@@ -114,6 +131,7 @@ class Pipeline:
         self.overlays = bool(overlays)
         batch = max(1, segmenter.batch_size)
         self.max_pending = max_pending or max(2 * batch, 2 * threads)
+        self._local = threading.local()  # each pool thread's CUDA stream (_device_stream)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bonedetect-io")
 
     def _decode(self, image_id: str, read: Callable[[], bytes]) -> _Decoded:
@@ -124,26 +142,60 @@ class Pipeline:
         except Exception as err:  # a blob that cannot be read fails alone
             item.error = f"could not read the uploaded file: {err}"
             return item
-        try:
-            item.image = self.decode(data, self.max_pixels)
-        except DecodeError as err:
-            item.error = str(err)
-            return item
-        except Exception as err:  # a decoder bug must not fail the chunk either
-            item.error = f"not a decodable image: {type(err).__name__}: {err}"
-            return item
-        try:
-            item.frame, item.geometry = self.segmenter.prepare(item.image.pixels)
-        except Exception as err:
-            item.error = f"preprocessing failed: {err}"
-            item.image = None
+        with self._device_stream():
+            try:
+                item.image = self.decode(data, self.max_pixels)
+            except DecodeError as err:
+                item.error = str(err)
+                return item
+            except Exception as err:  # a decoder bug must not fail the chunk either
+                item.error = f"not a decodable image: {type(err).__name__}: {err}"
+                return item
+            pixels = item.image.pixels
+            try:
+                try:
+                    item.frame, item.geometry = self.segmenter.prepare(pixels)
+                except Exception:
+                    if not _on_device(pixels):
+                        raise
+                    # out of GPU memory, say: the CPU prepares it as for any other file
+                    log.warning("image %s: preparing on the GPU failed; preparing on the CPU", image_id, exc_info=True)
+                    pixels = item.image.pixels = _host(pixels)
+                    item.frame, item.geometry = self.segmenter.prepare(pixels)
+            except Exception as err:
+                item.error = f"preprocessing failed: {err}"
+                item.image = None
+                return item
+            item.shape = tuple(int(v) for v in pixels.shape)
+            if _on_device(pixels):
+                # keep the GPU's copy only as long as needed: an eager overlay wants the pixels on the host
+                item.image.pixels = _host(pixels) if self.overlays else None
         return item
+
+    def _device_stream(self):
+        """A CUDA stream of this pool thread's own while it decodes and prepares on the GPU.
+
+        nvJPEG decodes on a stream of its own and does not wait for the
+        current one, so memory the caching allocator hands it must not be
+        memory that queued work on a shared stream may still read. Blocks
+        freed on this thread's stream are reused only by it, and it is
+        synchronised before each decode and after each prepare, so a frame
+        is complete before the network's stream reads it (Segmenter.forward
+        records that use). A no-op unless JPEGs are decoded on the GPU."""
+        if not isinstance(self.decode, GpuJpegDecoder) or not self.segmenter.cuda:
+            return contextlib.nullcontext()
+        import torch
+
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.segmenter.device)
+        return _synchronised(stream)
 
     def _finish(self, item: _Decoded, plane: np.ndarray) -> ImageResult:
         """Probabilities in the frame -> the image's result (pool thread)."""
         image = item.image
         assert image is not None and item.geometry is not None
-        h, w = image.pixels.shape
+        h, w = item.shape
         try:
             prediction = self.segmenter.finish_windowed(plane, item.geometry)
             prob, mask = prediction.prob, prediction.mask

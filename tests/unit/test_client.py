@@ -152,11 +152,28 @@ def test_submit_streams_files_from_disk_and_sends_the_same_body_on_a_retry(flaky
     big = tmp_path / "big.dcm"
     big.write_bytes(bytes(range(256)) * 12_000)  # 3 MB: several 1 MiB reads
     body = MultipartBody([("label", "night")], [("files", "a.jpg", b"\xff\xd8jpeg"), ("files", "big.dcm", big)])
-    whole = b"".join(body)
-    assert len(body) == len(whole) and b"".join(body) == whole, "re-iterable, and its length is its Content-Length"
+    whole = b"".join(bytes(c) for c in body)
+    assert len(body) == len(whole) and b"".join(bytes(c) for c in body) == whole, "re-iterable; len() is its Content-Length"
     assert max(len(chunk) for chunk in body) <= MultipartBody.CHUNK
     in_memory, _ = encode_multipart([("label", "night")], [("files", "a.jpg", b"\xff\xd8jpeg"), ("files", "big.dcm", big.read_bytes())])
     assert len(in_memory) == len(whole)
     api = flaky(1)
     Client(api.url, "k").submit([("a.jpg", b"\xff\xd8jpeg"), ("big.dcm", big)], label="night")
     assert [size for _, _, size in api.seen] == [len(whole), len(whole)], "the whole body, both times"
+
+
+def test_a_file_that_changes_size_after_the_body_was_made_is_an_error_not_a_bad_request(tmp_path):
+    import array
+
+    from bonedetect.client import MultipartBody
+
+    path = tmp_path / "export.dcm"
+    path.write_bytes(b"x" * 1000)
+    body = MultipartBody([], [("files", "export.dcm", path), ("files", "a.raw", array.array("H", [1, 2, 3]))])
+    assert len(body) == len(b"".join(bytes(c) for c in body)), "buffers (array, mmap) are sent as they are"
+    path.write_bytes(b"x" * 10)  # the PACS export was rewritten meanwhile
+    with pytest.raises(OSError, match="shrank"):
+        b"".join(bytes(c) for c in body)
+    path.write_bytes(b"x" * 2000)
+    with pytest.raises(OSError, match="grew"):
+        b"".join(bytes(c) for c in body)

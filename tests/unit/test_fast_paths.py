@@ -188,6 +188,13 @@ def test_gpu_decoder_takes_plain_jpegs_and_leaves_the_rest_to_the_cpu():
     with pytest.raises(DecodeError, match="smaller than the minimum"):
         decoder(jpeg(4, 8, 40))
     assert (decoder.gpu_images, decoder.cpu_images) == (2, 5)
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": nvJPEG on CUDA would not
+    Image.fromarray(np.zeros((30, 50), np.uint8)).save(rotated, "JPEG", exif=exif)
+    got = decoder(rotated.getvalue())
+    assert isinstance(got.pixels, np.ndarray) and got.pixels.shape == (50, 30), "Pillow decoded and rotated it"
+    assert (decoder.gpu_images, decoder.cpu_images) == (2, 6)
 
 
 @pytest.mark.parametrize("shape", [(2500, 3000), (1000, 777), (300, 200), (64, 64), (40, 300)])
@@ -208,8 +215,11 @@ def test_frames_prepared_from_a_tensor_equal_opencvs(shape):
         pre.prepare_tensor(torch.zeros((4, 4), dtype=torch.int16))
 
 
-def test_pipeline_with_pixels_left_on_the_device_gives_the_cpu_results():
-    """GPU_DECODE's path end to end, with a CPU stand-in for nvJPEG: the frames are prepared from tensors."""
+@pytest.mark.parametrize("overlays", [True, False], ids=["eager", "lazy"])
+@pytest.mark.parametrize("device_prepare_fails", [False, True], ids=["", "prepare-falls-back"])
+def test_pipeline_with_pixels_left_on_the_device_gives_the_cpu_results(overlays, device_prepare_fails, monkeypatch):
+    """GPU_DECODE's path end to end, with a CPU stand-in for nvJPEG: the frames are prepared from tensors
+    (or, when that fails, as out of GPU memory would, on the host)."""
     from model.checkpoint import SYNTHETIC_CHECKPOINT
     from training.synthetic import synthetic_jpegs
 
@@ -218,9 +228,14 @@ def test_pipeline_with_pixels_left_on_the_device_gives_the_cpu_results():
     items = [(name, (lambda data=data: data)) for name, data in files]
     segmenter = Segmenter(load_checkpoint(SYNTHETIC_CHECKPOINT), device="cpu", batch_size=2)
     cpu_path = Pipeline(segmenter, threads=2, gpu_decode="off")
-    device_path = Pipeline(segmenter, threads=2, gpu_decode="off", overlays=True)
+    device_path = Pipeline(segmenter, threads=2, gpu_decode="off", overlays=overlays)
     decoder = GpuJpegDecoder("cpu", gpu_decode=cpu_stand_in)
     device_path.decode = decoder
+    if device_prepare_fails:
+        def out_of_memory(pixels):
+            raise RuntimeError("CUDA out of memory")
+
+        monkeypatch.setattr(segmenter.preprocessor, "prepare_tensor", out_of_memory)
     try:
         a, b = cpu_path.run(items), device_path.run(items)
     finally:
@@ -231,7 +246,7 @@ def test_pipeline_with_pixels_left_on_the_device_gives_the_cpu_results():
         mx = cv2.imdecode(np.frombuffer(x.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE) > 0
         my = cv2.imdecode(np.frombuffer(y.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE) > 0
         assert (mx ^ my).sum() <= 0.02 * max(1, mx.sum()), "the same masks (OpenCV's and the stand-in's JPEG decoders differ by a gray level)"
-        assert y.overlay_png is not None and abs(x.stats.area_px - y.stats.area_px) <= 0.02 * max(1, x.stats.area_px)
+        assert (y.overlay_png is not None) == overlays and abs(x.stats.area_px - y.stats.area_px) <= 0.02 * max(1, x.stats.area_px)
 
 
 # -- statistics and overlay inside the bounding box --------------------------------------------
