@@ -41,7 +41,7 @@ CHECKPOINTS = Path(__file__).parent / "checkpoints"
 BTXRD_CHECKPOINT = CHECKPOINTS / "btxrd-256.pt"
 # Trained on training.synthetic's images only: the tests' model (it finds the lesions the generator draws).
 SYNTHETIC_CHECKPOINT = CHECKPOINTS / "synthetic-demo.pt"
-DEFAULT_CHECKPOINT = SYNTHETIC_CHECKPOINT  # until btxrd-256.pt is trained
+DEFAULT_CHECKPOINT = BTXRD_CHECKPOINT
 _INFO_KEYS = ("format", "created_at", "network_config")  # copied into LoadedModel.info next to extra
 
 

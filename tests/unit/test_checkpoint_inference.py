@@ -108,7 +108,26 @@ def test_unstorable_extra_is_rejected_at_save_time(tmp_path):
 
 def test_default_checkpoint_path_is_in_the_package():
     assert DEFAULT_CHECKPOINT.parent == Path(__file__).resolve().parents[2] / "model" / "checkpoints"
-    assert DEFAULT_CHECKPOINT.name == "synthetic-demo.pt"
+    assert DEFAULT_CHECKPOINT.name == "btxrd-256.pt"
+
+
+def test_the_shipped_default_is_the_btxrd_model_with_its_terms_and_it_serves():
+    """What the demo and every worker load unless told otherwise: trained on real radiographs,
+    saying so and saying its non-commercial terms wherever it reports itself; the README matches it."""
+    import hashlib
+
+    loaded = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert loaded.version == "btxrd-256-strong16-20261127-0697d0f8"
+    assert "non-commercial" in loaded.label and "not for clinical use" in loaded.label
+    assert "CC BY-NC-ND 4.0" in loaded.info["data_license"]
+    assert loaded.preprocessor.size == 256 and loaded.postprocessor.threshold == pytest.approx(0.10)
+    assert loaded.info["training_config"]["split_file"].endswith("btxrd-256-grouped-v1.csv")
+    readme = (DEFAULT_CHECKPOINT.parent / "README.md").read_text()
+    assert loaded.version in readme and hashlib.sha256(DEFAULT_CHECKPOINT.read_bytes()).hexdigest() in readme
+    assert f"{sum(p.numel() for p in loaded.network.parameters()):,}" in readme
+    image = np.random.default_rng(0).integers(0, 256, (300, 240)).astype(np.uint8)
+    pred = Segmenter(loaded, device="cpu", batch_size=1).predict([image])[0]
+    assert pred.mask.shape == (300, 240) and np.isfinite(pred.prob).all()
 
 
 # --- Segmenter -------------------------------------------------------------------
