@@ -545,9 +545,10 @@ def audit(system: System, job_ids: list[str], submitted: int) -> Audit:
             result.rerun += 1
         if r.status == DONE:
             result.done += 1
-            if "mask.png" not in names or "overlay.png" not in names:
+            # the overlay is there (OVERLAYS=eager, or already asked for), or can be made from the upload (lazy)
+            if "mask.png" not in names or ("overlay.png" not in names and "source" not in names):
                 result.lost += 1
-                result.problems.append(f"image {r.id} is done but its mask or overlay is missing")
+                result.problems.append(f"image {r.id} is done but its mask, or what its overlay is made from, is missing")
                 continue
             mask = np.asarray(PILImage.open(folder / "mask.png"))
             if mask.shape != (r.height, r.width) or int((mask > 0).sum()) != r.area_px:
