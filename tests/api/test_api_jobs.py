@@ -171,21 +171,15 @@ def test_overlay_is_rendered_on_first_request_then_kept(api):
 
     from worker.overlay import render_overlay_png
 
-    _, rows = submit(api, 2)
-    mask = np.zeros((30, 40), np.uint8)
-    mask[8:20, 10:25] = 255
-    mask_png = io.BytesIO()
-    PILImage.fromarray(mask).save(mask_png, "PNG")
-    for row in rows:
-        finish(api, row, with_blobs=False)
-        api.blobs.put_bytes(f"{image_prefix(row.tenant_id, row.job_id, row.id)}/mask.png", mask_png.getvalue())
+    rows = lazy_done(api, 2)
+    mask_png = api.blobs.get_bytes(f"{image_prefix(rows[0].tenant_id, rows[0].job_id, rows[0].id)}/mask.png")
     overlay_key = f"{image_prefix(rows[0].tenant_id, rows[0].job_id, rows[0].id)}/overlay.png"
     assert not api.blobs.exists(overlay_key)
     resp = api.get(f"/v1/images/{rows[0].id}/overlay.png")
     assert resp.status_code == 200 and resp.mimetype == "image/png"
-    assert resp.data == render_overlay_png(png_bytes(seed=0), mask_png.getvalue())
+    assert resp.data == render_overlay_png(png_bytes(seed=0), mask_png)
     rgb = np.array(PILImage.open(io.BytesIO(resp.data)))
-    assert rgb.shape == (30, 40, 3) and tuple(rgb[8, 15]) == (255, 0, 0) and (rgb[0, 0] == rgb[0, 0, 0]).all()
+    assert rgb.shape == (30, 40, 3) and tuple(rgb[5, 10]) == (255, 0, 0) and (rgb[25, 35] == rgb[25, 35, 0]).all()
     assert api.blobs.get_bytes(overlay_key) == resp.data, "kept for the next request"
     assert api.get(f"/v1/images/{rows[0].id}/overlay.png").data == resp.data
 
