@@ -54,7 +54,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from bonedetect.settings import Settings
+    from bonedetect.settings import OVERLAY_MODES, Settings
 
     s = Settings.from_env()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (model and pipeline stages)")
     p.add_argument("--gpu-decode", choices=("auto", "on", "off"), default=os.environ.get("GPU_DECODE") or "auto")
-    p.add_argument("--overlays", choices=("lazy", "eager"), default=s.overlays,
+    p.add_argument("--overlays", choices=OVERLAY_MODES, default=s.overlays,
                    help=f"OVERLAYS for the pipeline and the workers (now {s.overlays}); lazy: the API renders on request")
     p.add_argument("--stages", default="model,pipeline,system", help="comma-separated subset of model,pipeline,system")
     p.add_argument("--quick", action="store_true", help="16 images, demo model: under a minute on the 2-core CPU")

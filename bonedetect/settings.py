@@ -23,6 +23,9 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+OVERLAY_MODES = ("lazy", "eager")  # OVERLAYS; the first is the default (worker/overlay.py)
+
+
 def _choice(env: dict, name: str, choices: tuple[str, ...]) -> str:
     """env[name], lower-cased, one of choices (the first when unset)."""
     raw = (env.get(name) or choices[0]).strip().lower()
@@ -99,7 +102,7 @@ class Settings:
             lease_s=_int(env, "LEASE_S", 120),
             torch_threads=_int(env, "TORCH_THREADS", 0),
             io_threads=_int(env, "IO_THREADS", 4),
-            overlays=_choice(env, "OVERLAYS", ("lazy", "eager")),
+            overlays=_choice(env, "OVERLAYS", OVERLAY_MODES),
             torch_compile=_choice(env, "TORCH_COMPILE", ("auto", "on", "off")),
             infer_tta=_choice(env, "INFER_TTA", ("off", "flip")),
             callback_max_retries=_int(env, "CALLBACK_MAX_RETRIES", 8),

@@ -30,9 +30,6 @@ from model.postprocess import render_overlay
 from worker.decode import decode_image
 from worker.png import encode_png
 
-MODES = ("lazy", "eager")
-
-
 def overlay_png(pixels: np.ndarray, mask: np.ndarray) -> bytes:
     """Decoded gray pixels and their {0, 1} (or {0, 255}) mask -> overlay PNG bytes."""
     return encode_png(render_overlay(pixels, mask))
