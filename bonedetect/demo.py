@@ -30,13 +30,17 @@ from bonedetect.local import serve_api, start_worker, stop_process
 from bonedetect.settings import Settings
 
 
+def with_corrupt_file(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """``files`` plus the first one cut to a third: the file that must fail alone, with its reason."""
+    return [*files, ("corrupt-truncated.jpg", files[0][1][: len(files[0][1]) // 3])]
+
+
 def sample_batch(n: int, seed: int = 2026) -> tuple[list[tuple[str, bytes]], dict[str, np.ndarray]]:
     """n synthetic radiographs as JPEGs (with their drawn lesion masks) and one corrupt file."""
     from training.synthetic import synthetic_jpegs
 
     files, truth = synthetic_jpegs(n, seed, sides=(300, 700), name="synthetic-{:03d}.jpg", first=1)
-    files.append(("corrupt-truncated.jpg", files[0][1][: len(files[0][1]) // 3]))
-    return files, truth
+    return with_corrupt_file(files), truth
 
 
 GROUPED_SPLIT = "btxrd-256-grouped-v1.csv"
@@ -46,13 +50,11 @@ def btxrd_batch(root: str, n: int, seed: int = 2026) -> tuple[list[tuple[str, by
     """n radiographs of a BTXRD-layout folder, their outlines as masks, and where they came from.
 
     Images of the grouped split's test part when the folder's ids are in it, else any usable images."""
-    from pathlib import Path
-
     from training.btxrd import load_image, load_mask, read_btxrd
-    from training.split import read_split_csv
+    from training.split import SPLITS_DIR, read_split_csv
 
     dataset = read_btxrd(root)
-    split = read_split_csv(Path(__file__).resolve().parents[1] / "training" / "splits" / GROUPED_SPLIT)
+    split = read_split_csv(SPLITS_DIR / GROUPED_SPLIT)
     held_out = [r for r in dataset.records if split.split.get(r.image_id) == "test"]
     pool, where = (held_out, f"the test part of {GROUPED_SPLIT}") if held_out else (dataset.records, "the whole folder")
     if not pool:
@@ -61,8 +63,7 @@ def btxrd_batch(root: str, n: int, seed: int = 2026) -> tuple[list[tuple[str, by
     picked = sorted((pool[i] for i in rng.choice(len(pool), size=min(n, len(pool)), replace=False)), key=lambda r: r.image_id)
     files = [(r.image_path.name, r.image_path.read_bytes()) for r in picked]
     truth = {r.image_path.name: load_mask(r, load_image(r).shape) for r in picked}
-    files.append(("corrupt-truncated.jpg", files[0][1][: len(files[0][1]) // 3]))
-    return files, truth, f"{len(picked)} radiographs from {where} of {root}"
+    return with_corrupt_file(files), truth, f"{len(picked)} radiographs from {where} of {root}"
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
