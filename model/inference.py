@@ -232,8 +232,7 @@ class Segmenter:
                     for f in part:  # made on a pool thread's stream: keep their memory until this stream is done
                         if isinstance(f, torch.Tensor) and f.is_cuda:
                             f.record_stream(current)
-                x = torch.stack([f.to(self.device) if isinstance(f, torch.Tensor) else torch.from_numpy(f).to(self.device)
-                                 for f in part])[:, None]
+                x = torch.stack([torch.as_tensor(f, device=self.device) for f in part])[:, None]
                 if pad:
                     x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
             else:
