@@ -477,17 +477,8 @@ class ApiProcess:
 
 
 def wait_done(client, job_id: str, timeout: float = 3600.0, poll: float = 0.25, on_poll=None) -> tuple[dict, float]:
-    """Poll until the job is finished; (job, perf_counter when first seen finished)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.job(job_id)
-        if on_poll:
-            on_poll(job)
-        if job["status"] in ("done", "done_with_errors", "cancelled"):
-            return job, time.perf_counter()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s: {job['counts']}")
-        time.sleep(poll)
+    """``Client.wait``, plus the perf_counter when the job was first seen finished."""
+    return client.wait(job_id, timeout=timeout, poll=poll, on_poll=on_poll), time.perf_counter()
 
 
 def warm_up(system: System, path: Path) -> None:
