@@ -131,6 +131,7 @@ class TrainConfig:
     filters: tuple[int, ...] = (32, 64, 128, 256, 512)  # the thesis network
     dropout: float = 0.3
     output_prior: float = 0.0  # > 0: initial tumor probability everywhere (output bias, Lin et al. 2017); 0: keep the init
+    init_from: str | None = None  # a checkpoint of the same network: start from its weights and its z-score (a warm restart)
     # optimisation
     optimizer: str = "adam"  # "adam" | "adamw"
     lr: float = 1e-4
@@ -633,12 +634,23 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
         train_set = prepare_frames(train_records, cfg.size)
         val_set = prepare_frames(val_records, cfg.size)
         mean, std = intensity_stats(train_set)
+        parent = load_checkpoint(cfg.init_from) if cfg.init_from else None
+        if parent is not None:
+            # the parent's weights expect the parent's normalisation; on the same training split the two agree
+            mean, std = parent.preprocessor.mean, parent.preprocessor.std
         print(f"data: {len(train_records)} train, {len(val_records)} val ({choice.info['description']}), "
               f"mean {mean:.4f} std {std:.4f} [{time.perf_counter() - t0:.0f}s]", flush=True)
         val_z = (val_set.images - mean) / std
 
         network = AttentionUNet(net_config)
-        if cfg.output_prior:
+        if parent is not None:
+            same_shape = dataclasses.replace(parent.network.config, dropout=net_config.dropout) == net_config
+            if not same_shape or parent.preprocessor.size != cfg.size:
+                raise ValueError(f"--init-from {cfg.init_from}: its network {parent.network.config} at "
+                                 f"{parent.preprocessor.size} px differs from this run's {net_config} at {cfg.size} px")
+            network.load_state_dict(parent.network.state_dict())
+            print(f"starting from {cfg.init_from} (version {parent.version})", flush=True)
+        elif cfg.output_prior:
             set_output_prior(network, cfg.output_prior)
         network = network.to(device).to(memory_format=torch.channels_last)
         # the average is taken before DeepSupervision hooks the network, so the copy carries no hooks
@@ -838,6 +850,8 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
                  "n_test_in_split": choice.n_test, "problems": len(dataset.problems),
                  "train_ids": [r.image_id for r in train_records]},
         "data_license": data_license,
+        "init_from": ({"path": cfg.init_from, "version": parent.version, "history": parent.info.get("history")}
+                      if parent is not None else None),
         "history": history,
         "device": str(device),
         "torch": str(torch.__version__),  # TorchVersion is not a plain str for weights_only loading

@@ -259,3 +259,30 @@ def test_train_command_rejects_missing_data_and_bad_sizes(tmp_path):
         train_main(["--out", str(tmp_path / "x.pt")])
     with pytest.raises(ValueError, match="not divisible"):
         train_main(["--data", str(tmp_path), "--size", "100", "--filters", "4,8,16,32"])
+
+
+def test_init_from_starts_at_the_parents_weights_and_normalisation(tmp_path):
+    data = generate_dataset(tmp_path / "data", 12, seed=2, min_side=48, max_side=64)
+    common = dict(data=str(data), size=32, filters=(4, 8), batch_size=4, progress=False, tensorboard=False, version="v")
+    parent_path = train(preset("thesis", out=str(tmp_path / "parent.pt"), epochs=2, **common))
+    parent = load_checkpoint(parent_path)
+    # lr ~0: the child's weights stay the parent's, so any difference would come from the start, not from training
+    # (batch-norm running statistics do move in training, so only the parameters are compared)
+    child_path = train(preset("thesis", out=str(tmp_path / "child.pt"), epochs=1, lr=1e-30, min_lr=1e-30,
+                              init_from=str(parent_path), **common))
+    child = load_checkpoint(child_path)
+    child_params = dict(child.network.named_parameters())
+    for name, tensor in parent.network.named_parameters():
+        assert torch.equal(tensor, child_params[name]), name
+    assert (child.preprocessor.mean, child.preprocessor.std) == (parent.preprocessor.mean, parent.preprocessor.std)
+    assert child.info["init_from"]["version"] == parent.version
+    assert child.info["init_from"]["history"] == parent.info["history"]
+    # a fresh start differs from the parent
+    fresh = load_checkpoint(train(preset("thesis", out=str(tmp_path / "fresh.pt"), epochs=1, lr=1e-30, min_lr=1e-30,
+                                         **common)))
+    assert fresh.info["init_from"] is None
+    fresh_params = dict(fresh.network.named_parameters())
+    assert not all(torch.equal(t, fresh_params[name]) for name, t in parent.network.named_parameters())
+    with pytest.raises(ValueError, match="differs from this run's"):
+        train(preset("thesis", out=str(tmp_path / "wide.pt"), epochs=1, init_from=str(parent_path),
+                      **{**common, "filters": (4, 8, 16)}))
