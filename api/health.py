@@ -49,6 +49,13 @@ def broker_queue_depth(settings: Settings, timeout: float = BROKER_TIMEOUT_S) ->
                 return channel.queue_declare(queue=settings.queue_name, passive=True).message_count
             except ChannelError:  # no such queue yet: nothing was ever sent to it
                 return 0
+            finally:
+                # kombu's SQLAlchemy transport never closes its channel's session, so each probe would keep a
+                # pooled connection checked out until the garbage collector found the channel; at 15 (pool 5 +
+                # overflow 10) the next probe waited 30 s for one. Give it back now.
+                session = getattr(channel, "_session", None)
+                if session is not None:
+                    session.close()
 
 
 @dataclass

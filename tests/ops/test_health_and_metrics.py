@@ -86,6 +86,30 @@ def test_readyz_counts_only_fresh_workers_with_a_loaded_model(embedded_api):
     assert resp.json["checks"]["broker"] == {"ok": True, "queue_depth": 0}
 
 
+def test_probes_on_the_embedded_broker_give_their_connections_back(embedded_api):
+    """Orchestrators probe every few seconds: 40 probes must not hold 40 pooled broker connections.
+
+    kombu's SQLAlchemy transport left each probe's session open until the garbage collector ran; with the
+    collector paused (as it can be for long stretches in a quiet API process), the 16th probe waited 30 s
+    for a connection and the broker check failed.
+    """
+    import gc
+
+    import kombu.transport.sqlalchemy as kombu_sqla
+
+    broker_url = embedded_api.settings.broker_url  # sqla+sqlite:///...: kombu keys its engines by the part after +
+    gc.disable()
+    try:
+        for path in ("/readyz", "/metrics") * 20:
+            assert embedded_api.client.get(path).status_code in (200, 503)
+            engine, _ = kombu_sqla.Channel._engines[broker_url.split("+", 1)[1]]
+            assert engine.pool.checkedout() == 0, f"after {path}: {engine.pool.status()}"
+    finally:
+        gc.enable()
+    resp = embedded_api.client.get("/readyz")
+    assert resp.json["checks"]["broker"] == {"ok": True, "queue_depth": 0}
+
+
 # -- /metrics ------------------------------------------------------------------------------
 
 

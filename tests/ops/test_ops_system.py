@@ -23,6 +23,7 @@ from urllib.error import HTTPError
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.services import wait_for
 from bonedetect.client import Client
 from bonedetect.local import serve_api, start_worker, stop_process
 from bonedetect.logs import JsonFormatter
@@ -39,17 +40,6 @@ def get_json(url: str) -> tuple[int, dict]:
             return resp.status, json.load(resp)
     except HTTPError as err:
         return err.code, json.load(err)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def samples(metrics_text: str) -> dict[tuple[str, tuple], float]:
