@@ -371,6 +371,21 @@ def _autocast(device: torch.device, cpu_bf16: bool = False):
     return contextlib.nullcontext()
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); None where /proc/cpuinfo is unreadable.
+
+    Without it, CPU autocast emulates bf16 and trains several times slower than fp32 (an AVX2-only EPYC: no
+    epoch of the 256-px half-width network in 14 minutes, against ~150 s in fp32).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def _batch(x: np.ndarray, device: torch.device) -> torch.Tensor:
     """(n, S, S) numpy -> (n, 1, S, S) channels_last tensor on device."""
     t = torch.from_numpy(np.ascontiguousarray(x, np.float32))[:, None].to(device)
@@ -603,6 +618,9 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
     net_config = check_config(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if cfg.cpu_bf16 and device.type == "cpu" and cpu_has_native_bf16() is False:
+        print("warning: --cpu-bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag): autocast emulates "
+              "it and trains slower than fp32; leave the flag off here", file=sys.stderr, flush=True)
     out = Path(cfg.out)
     metrics_path = Path(cfg.metrics_file) if cfg.metrics_file else out.with_name(out.stem + ".metrics.jsonl")
     last_path = state_path(out)

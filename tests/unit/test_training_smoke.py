@@ -286,3 +286,11 @@ def test_init_from_starts_at_the_parents_weights_and_normalisation(tmp_path):
     with pytest.raises(ValueError, match="differs from this run's"):
         train(preset("thesis", out=str(tmp_path / "wide.pt"), epochs=1, init_from=str(parent_path),
                       **{**common, "filters": (4, 8, 16)}))
+
+
+def test_cpu_bf16_is_called_native_only_with_the_instructions_for_it():
+    from training.train import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 vaes\n") is True
+    assert cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n") is True
+    assert cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 avx512f vaes\n") is False  # AVX-512 alone emulates bf16
