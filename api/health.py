@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from api import services
 from api.errors import RETRY_AFTER_S
+from bonedetect.queue import waiting_messages
 from bonedetect.settings import Settings
 from db.models import WorkerHeartbeat, utcnow
 
@@ -46,16 +47,9 @@ def broker_queue_depth(settings: Settings, timeout: float = BROKER_TIMEOUT_S) ->
         conn.ensure_connection(max_retries=0, timeout=timeout)
         with conn.channel() as channel:
             try:
-                return channel.queue_declare(queue=settings.queue_name, passive=True).message_count
+                return waiting_messages(channel, settings.queue_name)
             except ChannelError:  # no such queue yet: nothing was ever sent to it
                 return 0
-            finally:
-                # kombu's SQLAlchemy transport never closes its channel's session, so each probe would keep a
-                # pooled connection checked out until the garbage collector found the channel; at 15 (pool 5 +
-                # overflow 10) the next probe waited 30 s for one. Give it back now.
-                session = getattr(channel, "_session", None)
-                if session is not None:
-                    session.close()
 
 
 @dataclass

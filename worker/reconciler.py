@@ -32,7 +32,7 @@ from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from bonedetect.queue import enqueue_chunks
+from bonedetect.queue import enqueue_chunks, waiting_messages
 from bonedetect.settings import Settings
 from db.models import PROCESSING, QUEUED, Image, Job, utcnow
 
@@ -52,7 +52,7 @@ def broker_queue_length(app: Celery, queue: str) -> int | None:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5)  # ask once, do not wait it out
             channel = conn.default_channel
             try:
-                return channel.queue_declare(queue=queue, passive=True).message_count
+                return waiting_messages(channel, queue)
             except conn.channel_errors as err:  # NOT_FOUND: no such queue, so nothing waits in it
                 log.debug("queue %s not declared: %s", queue, err)
                 return 0

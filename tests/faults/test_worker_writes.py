@@ -149,3 +149,23 @@ def test_an_emptied_redis_queue_reads_as_empty_not_unknown(tmp_path, private_red
     assert broker_queue_length(app, "q") == 0
     private_redis.stop()
     assert broker_queue_length(app, "q") is None, "a broker that does not answer cannot say"
+
+
+def test_the_reconciler_gives_the_embedded_brokers_connections_back(tmp_path):
+    """It asks the broker every round; with the garbage collector idle, the 16th round used to wait 30 s."""
+    import gc
+
+    import kombu.transport.sqlalchemy as kombu_sqla
+
+    broker = f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    settings = Settings.from_env({"BONEDETECT_HOME": str(tmp_path), "BROKER_URL": broker, "QUEUE_NAME": "q"})
+    app = make_celery(settings)
+    enqueue_chunks(app, ["a", "b", "c"], 1)
+    gc.disable()
+    try:
+        for round_ in range(20):
+            assert broker_queue_length(app, "q") == 3
+            engine, _ = kombu_sqla.Channel._engines[broker.split("+", 1)[1]]
+            assert engine.pool.checkedout() == 0, f"round {round_}: {engine.pool.status()}"
+    finally:
+        gc.enable()
