@@ -372,7 +372,8 @@ def _autocast(device: torch.device, cpu_bf16: bool = False):
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); None where /proc/cpuinfo is unreadable.
+    """Whether this x86 CPU computes bf16 natively (AVX512-BF16 or AMX); None where /proc/cpuinfo is unreadable
+    or is not an x86 one.
 
     Without it, CPU autocast emulates bf16 and trains several times slower than fp32 (an AVX2-only EPYC: no
     epoch of the 256-px half-width network in 14 minutes, against ~150 s in fp32).
@@ -382,7 +383,9 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return None
-    flags = set(cpuinfo.split())
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.partition(":")[2].split()}
+    if not flags:  # not an x86 cpuinfo (ARM lists "Features"): no verdict
+        return None
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
@@ -652,10 +655,16 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
         train_set = prepare_frames(train_records, cfg.size)
         val_set = prepare_frames(val_records, cfg.size)
         mean, std = intensity_stats(train_set)
-        parent = load_checkpoint(cfg.init_from) if cfg.init_from else None
+        # --init-from: the parent's weights expect the parent's normalisation. A resumed run takes both from its
+        # state, so a parent file moved or replaced since cannot change them.
+        parent = load_checkpoint(cfg.init_from) if cfg.init_from and resume is None else None
+        init_record = resume.get("init_from") if resume is not None else None
         if parent is not None:
-            # the parent's weights expect the parent's normalisation; on the same training split the two agree
             mean, std = parent.preprocessor.mean, parent.preprocessor.std
+            init_record = {"path": cfg.init_from, "version": parent.version, "history": parent.info.get("history"),
+                           "init_from": parent.info.get("init_from")}  # the parent's own parent, and so on
+        if resume is not None and resume.get("zscore") is not None:
+            mean, std = resume["zscore"]
         print(f"data: {len(train_records)} train, {len(val_records)} val ({choice.info['description']}), "
               f"mean {mean:.4f} std {std:.4f} [{time.perf_counter() - t0:.0f}s]", flush=True)
         val_z = (val_set.images - mean) / std
@@ -820,6 +829,7 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
                     "plateau": plateau.state_dict() if plateau is not None else None, "best": best,
                     "since_best": since_best, "history": history, "rng": _rng_state(rng, aug_gen),
                     "data": {"train_ids": [r.image_id for r in train_records]},
+                    "zscore": [float(mean), float(std)], "init_from": init_record,
                 })
                 last_save = time.perf_counter()
             if stop:
@@ -868,8 +878,7 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
                  "n_test_in_split": choice.n_test, "problems": len(dataset.problems),
                  "train_ids": [r.image_id for r in train_records]},
         "data_license": data_license,
-        "init_from": ({"path": cfg.init_from, "version": parent.version, "history": parent.info.get("history")}
-                      if parent is not None else None),
+        "init_from": init_record,
         "history": history,
         "device": str(device),
         "torch": str(torch.__version__),  # TorchVersion is not a plain str for weights_only loading

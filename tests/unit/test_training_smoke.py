@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -263,29 +265,36 @@ def test_train_command_rejects_missing_data_and_bad_sizes(tmp_path):
 
 def test_init_from_starts_at_the_parents_weights_and_normalisation(tmp_path):
     data = generate_dataset(tmp_path / "data", 12, seed=2, min_side=48, max_side=64)
-    common = dict(data=str(data), size=32, filters=(4, 8), batch_size=4, progress=False, tensorboard=False, version="v")
-    parent_path = train(preset("thesis", out=str(tmp_path / "parent.pt"), epochs=2, **common))
+    common = dict(data=str(data), size=32, filters=(4, 8), batch_size=4, progress=False, tensorboard=False)
+    parent_path = train(preset("thesis", out=str(tmp_path / "parent.pt"), epochs=2, version="parent", **common))
     parent = load_checkpoint(parent_path)
-    # lr ~0: the child's weights stay the parent's, so any difference would come from the start, not from training
-    # (batch-norm running statistics do move in training, so only the parameters are compared)
-    child_path = train(preset("thesis", out=str(tmp_path / "child.pt"), epochs=1, lr=1e-30, min_lr=1e-30,
-                              init_from=str(parent_path), **common))
-    child = load_checkpoint(child_path)
+    # the child trains on part of the data (other intensity statistics) at lr ~0: its weights stay the
+    # parent's, so any difference would come from the start, not from training (batch-norm running
+    # statistics do move in training, so only the parameters are compared)
+    child_cfg = preset("thesis", out=str(tmp_path / "child.pt"), epochs=1, lr=1e-30, min_lr=1e-30, max_train=4,
+                       init_from=str(parent_path), version="child", **common)
+    child = load_checkpoint(train(child_cfg))
     child_params = dict(child.network.named_parameters())
     for name, tensor in parent.network.named_parameters():
         assert torch.equal(tensor, child_params[name]), name
+    own = load_checkpoint(train(dataclasses.replace(child_cfg, init_from=None, out=str(tmp_path / "own.pt"))))
+    assert own.preprocessor.mean != parent.preprocessor.mean  # the subset alone would give other statistics
     assert (child.preprocessor.mean, child.preprocessor.std) == (parent.preprocessor.mean, parent.preprocessor.std)
-    assert child.info["init_from"]["version"] == parent.version
+    assert child.info["init_from"]["version"] == "parent" and child.version == "child"
     assert child.info["init_from"]["history"] == parent.info["history"]
-    # a fresh start differs from the parent
-    fresh = load_checkpoint(train(preset("thesis", out=str(tmp_path / "fresh.pt"), epochs=1, lr=1e-30, min_lr=1e-30,
-                                         **common)))
-    assert fresh.info["init_from"] is None
-    fresh_params = dict(fresh.network.named_parameters())
-    assert not all(torch.equal(t, fresh_params[name]) for name, t in parent.network.named_parameters())
+    assert own.info["init_from"] is None
+    own_params = dict(own.network.named_parameters())
+    assert not all(torch.equal(t, own_params[name]) for name, t in parent.network.named_parameters())
+    # resumed after the parent file is gone: the normalisation and the lineage come from the training state
+    cut = tmp_path / "cut.pt"
+    train(dataclasses.replace(child_cfg, out=str(cut), epochs=2, max_minutes=1e-6, version="cut"))
+    parent_path.unlink()
+    assert train_main(["--resume", str(state_path(cut)), "--max-minutes", "0"]) == 0
+    resumed = load_checkpoint(cut)
+    assert resumed.preprocessor.mean == parent.preprocessor.mean
+    assert resumed.info["init_from"]["version"] == "parent"
     with pytest.raises(ValueError, match="differs from this run's"):
-        train(preset("thesis", out=str(tmp_path / "wide.pt"), epochs=1, init_from=str(parent_path),
-                      **{**common, "filters": (4, 8, 16)}))
+        train(dataclasses.replace(child_cfg, out=str(tmp_path / "wide.pt"), filters=(4, 8, 16), init_from=str(cut)))
 
 
 def test_cpu_bf16_is_called_native_only_with_the_instructions_for_it():
@@ -294,3 +303,4 @@ def test_cpu_bf16_is_called_native_only_with_the_instructions_for_it():
     assert cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 vaes\n") is True
     assert cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n") is True
     assert cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 avx512f vaes\n") is False  # AVX-512 alone emulates bf16
+    assert cpu_has_native_bf16("processor\t: 0\nFeatures\t: fp asimd bf16 sve\n") is None  # ARM: no verdict
