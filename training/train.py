@@ -624,6 +624,14 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
     if cfg.cpu_bf16 and device.type == "cpu" and cpu_has_native_bf16() is False:
         print("warning: --cpu-bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag): autocast emulates "
               "it and trains slower than fp32; leave the flag off here", file=sys.stderr, flush=True)
+    # --init-from: checked before any data is read. A resumed run takes the z-score and lineage from its state
+    # instead, so a parent file moved or replaced since cannot change them.
+    parent = load_checkpoint(cfg.init_from) if cfg.init_from and resume is None else None
+    if parent is not None:
+        same_shape = dataclasses.replace(parent.network.config, dropout=net_config.dropout) == net_config
+        if not same_shape or parent.preprocessor.size != cfg.size:
+            raise ValueError(f"--init-from {cfg.init_from}: its network {parent.network.config} at "
+                             f"{parent.preprocessor.size} px differs from this run's {net_config} at {cfg.size} px")
     out = Path(cfg.out)
     metrics_path = Path(cfg.metrics_file) if cfg.metrics_file else out.with_name(out.stem + ".metrics.jsonl")
     last_path = state_path(out)
@@ -655,9 +663,7 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
         train_set = prepare_frames(train_records, cfg.size)
         val_set = prepare_frames(val_records, cfg.size)
         mean, std = intensity_stats(train_set)
-        # --init-from: the parent's weights expect the parent's normalisation. A resumed run takes both from its
-        # state, so a parent file moved or replaced since cannot change them.
-        parent = load_checkpoint(cfg.init_from) if cfg.init_from and resume is None else None
+        # the parent's weights expect the parent's normalisation
         init_record = resume.get("init_from") if resume is not None else None
         if parent is not None:
             mean, std = parent.preprocessor.mean, parent.preprocessor.std
@@ -671,10 +677,6 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
 
         network = AttentionUNet(net_config)
         if parent is not None:
-            same_shape = dataclasses.replace(parent.network.config, dropout=net_config.dropout) == net_config
-            if not same_shape or parent.preprocessor.size != cfg.size:
-                raise ValueError(f"--init-from {cfg.init_from}: its network {parent.network.config} at "
-                                 f"{parent.preprocessor.size} px differs from this run's {net_config} at {cfg.size} px")
             network.load_state_dict(parent.network.state_dict())
             print(f"starting from {cfg.init_from} (version {parent.version})", flush=True)
         elif cfg.output_prior:
