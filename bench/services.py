@@ -324,6 +324,9 @@ class ApiProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+            # The master is gone, but its workers (same group) may still be dying with the listening socket
+            # open: a start() now would take their port for the new API's, and its first request be reset.
+            wait_for(lambda: not port_open(self.port), 10, f"the killed API to let go of port {self.port}")
         self.proc = None
 
     def stop(self) -> None:
