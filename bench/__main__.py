@@ -66,7 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes for the system stage (default 1)")
     p.add_argument("--threads", type=int, help="torch threads per worker and for the model/pipeline stages "
                    "(default: PyTorch's default with one worker, 1 with several)")
-    p.add_argument("--batch", type=int, default=s.infer_batch_size, help=f"forward batch (INFER_BATCH_SIZE, now {s.infer_batch_size})")
+    p.add_argument("--batch", type=int, default=s.infer_batch_size,
+                   help=f"forward batch (INFER_BATCH_SIZE, now {s.infer_batch_size or 'auto'}; "
+                        "auto: 16 on CUDA, 1-4 on a CPU by the network's size)")
     p.add_argument("--chunk", type=int, default=s.chunk_size, help=f"images per task (CHUNK_SIZE, now {s.chunk_size})")
     p.add_argument("--io-threads", type=int, default=s.io_threads, help=f"pipeline decode/encode threads (IO_THREADS, now {s.io_threads})")
     p.add_argument("--broker", choices=("sqlite", "redis"), default="sqlite",
@@ -156,7 +158,7 @@ def run(args, argv, tmp: Path) -> int:
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
     if not stages <= {"model", "pipeline", "system"}:
         raise SystemExit(f"--stages: unknown stage(s) {sorted(stages - {'model', 'pipeline', 'system'})}")
-    if args.workers < 1 or args.batch < 1 or args.chunk < 1 or args.io_threads < 1:
+    if args.workers < 1 or (args.batch is not None and args.batch < 1) or args.chunk < 1 or args.io_threads < 1:
         raise SystemExit("--workers, --batch, --chunk and --io-threads must be at least 1")
     import torch
 
@@ -180,6 +182,7 @@ def run(args, argv, tmp: Path) -> int:
     h, w = args.size or (3000, 2500)
     paths = tp.bench_images(args.cache, n, h, w, log=log)
     segmenter = tp.load_segmenter(ckpt, args.batch, args.threads, args.device, compile_network=args.compile)
+    args.batch = segmenter.batch_size  # auto resolved for this device: the workers get the same number
     device = tp.device_name(segmenter)
     results: dict[str, tp.StageResult] = {}
     if "model" in stages:

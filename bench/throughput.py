@@ -116,7 +116,7 @@ def full_size_checkpoint(path: Path, size: int = 512, seed: int = 0) -> Path:
     )
 
 
-def load_segmenter(checkpoint: Path, batch: int, threads: int, device: str | None = None, compile_network: bool = False):
+def load_segmenter(checkpoint: Path, batch: int | None, threads: int, device: str | None = None, compile_network: bool = False):
     import torch
 
     from model.checkpoint import load_checkpoint
@@ -358,7 +358,7 @@ def running_system(
     *,
     workers: int,
     threads: int,
-    batch: int,
+    batch: int | None,
     chunk: int,
     io_threads: int,
     broker: str = "sqlite",
@@ -385,7 +385,7 @@ def running_system(
         "BONEDETECT_HOME": str(home),
         "MODEL_CHECKPOINT": str(checkpoint),
         "CHUNK_SIZE": str(chunk),
-        "INFER_BATCH_SIZE": str(batch),
+        "INFER_BATCH_SIZE": str(batch or "auto"),
         "TORCH_THREADS": str(threads),
         "IO_THREADS": str(io_threads),
         "QUEUE_NAME": f"bench-{uuid.uuid4().hex[:8]}",

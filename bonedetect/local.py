@@ -26,7 +26,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         BROKER_URL=settings.broker_url,
         BLOB_URL=settings.blob_url,
         CHUNK_SIZE=str(settings.chunk_size),
-        INFER_BATCH_SIZE=str(settings.infer_batch_size),
+        INFER_BATCH_SIZE=str(settings.infer_batch_size or "auto"),
         QUEUE_NAME=settings.queue_name,
         LEASE_S=str(settings.lease_s),
         TORCH_THREADS=str(settings.torch_threads),

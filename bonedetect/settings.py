@@ -23,6 +23,17 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _batch(env: dict, name: str) -> int | None:
+    """A positive integer, or None for "auto" (also when unset)."""
+    raw = (env.get(name) or "auto").strip().lower()
+    if raw == "auto":
+        return None
+    value = _int({name: raw}, name, 0)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer or 'auto', got {raw!r}")
+    return value
+
+
 OVERLAY_MODES = ("lazy", "eager")  # OVERLAYS; the first is the default (worker/overlay.py)
 
 
@@ -42,7 +53,7 @@ class Settings:
     blob_url: str
     model_checkpoint: str | None  # None: model.checkpoint.DEFAULT_CHECKPOINT
     chunk_size: int = 32  # images per Celery task: the GPU wants batches
-    infer_batch_size: int = 16  # images per forward pass inside a chunk
+    infer_batch_size: int | None = None  # images per forward pass inside a chunk; None (auto): by device (model.inference.default_batch_size)
     max_files_per_job: int = 10_000
     max_file_bytes: int = 64 * 1024**2
     max_request_bytes: int = 4 * 1024**3
@@ -91,7 +102,7 @@ class Settings:
             blob_url=env.get("BLOB_URL") or f"file://{home / 'blobs'}",
             model_checkpoint=env.get("MODEL_CHECKPOINT") or None,
             chunk_size=_int(env, "CHUNK_SIZE", 32),
-            infer_batch_size=_int(env, "INFER_BATCH_SIZE", 16),
+            infer_batch_size=_batch(env, "INFER_BATCH_SIZE"),
             max_files_per_job=_int(env, "MAX_FILES_PER_JOB", 10_000),
             max_file_bytes=_int(env, "MAX_FILE_BYTES", 64 * 1024**2),
             max_request_bytes=_int(env, "MAX_REQUEST_BYTES", 4 * 1024**3),

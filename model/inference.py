@@ -139,6 +139,33 @@ def restore_window(plane: np.ndarray, geometry: Geometry, bounds: tuple[int, int
     return across[ry0 - a] * (np.float32(1) - v1) + across[ry1 - a] * v1
 
 
+GPU_BATCH = 16
+CPU_BATCH_ELEMENTS = 2**21
+
+
+def default_batch_size(config, size: int, cuda: bool, flip_tta: bool = False) -> int:
+    """The forward batch when none is configured (INFER_BATCH_SIZE=auto).
+
+    A GPU wants large batches: 16 (docker-compose.yml sets 32 on the H100
+    workers). A CPU is the other way round: past a few images the first
+    level's activations (first filters x size x size floats per image) no
+    longer fit the caches and every image gets slower. Measured on the
+    2-core AMD EPYC (docs/benchmarks.md, 2 torch threads, img/s at batch
+    1/2/4/16): the thesis network at 512 px 1.09/1.11/0.88/0.59, the shipped
+    BTXRD-256 network 11.5/15.0/15.6/9.4, the synthetic demo network
+    52/66/91/62. The largest power of two with at most 2**21 first-level
+    activations per forward pass (1, 2 and 4 for those three) is at or near
+    the best of each, and 1.6-1.9x faster than 16.
+    """
+    if cuda:
+        return GPU_BATCH
+    per_image = config.filters[0] * size * size * (2 if flip_tta else 1)
+    batch = 1
+    while batch * 2 * per_image <= CPU_BATCH_ELEMENTS and batch * 2 <= GPU_BATCH:
+        batch *= 2
+    return batch
+
+
 class Segmenter:
     """Runs a loaded checkpoint over lists of images in batches.
 
@@ -146,7 +173,8 @@ class Segmenter:
         loaded: from ``load_checkpoint``; its network is moved to ``device``
             (once, here) and used in place.
         device: "cuda", "cpu", ...; None picks "cuda" when available.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; None picks ``default_batch_size``
+            for the device (16 on CUDA, 1-4 on a CPU by the network's size).
         compile_network: wrap the network in ``torch.compile`` with static
             shapes (TORCH_COMPILE; on an H100 channels_last + compile took
             the thesis network from 1,051 to 1,804 images/s, DESIGN.md).
@@ -165,13 +193,13 @@ class Segmenter:
         self,
         loaded: LoadedModel,
         device: str | None = None,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         compile_network: bool = False,
         channels_last: bool = True,
         flip_tta: bool = False,
     ):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None (automatic), got {batch_size!r}")
         config = loaded.network.config
         if config.in_channels != 1 or config.out_channels != 1:
             raise ValueError(f"Segmenter needs a 1-in, 1-out network, got {config.in_channels} in, {config.out_channels} out")
@@ -186,8 +214,8 @@ class Segmenter:
         self.compiled = bool(compile_network)
         self.network = torch.compile(network, dynamic=False) if self.compiled else network
         self.preprocessor, self.postprocessor = loaded.preprocessor, loaded.postprocessor
-        self.batch_size = batch_size
         self.flip_tta = bool(flip_tta)
+        self.batch_size = batch_size or default_batch_size(config, loaded.preprocessor.size, self.cuda, self.flip_tta)
         self.version = loaded.version + ("+flip-tta" if self.flip_tta else "")
         self.label = loaded.label
 

@@ -187,7 +187,7 @@ def predict(segmenter, images: list[np.ndarray], tta: bool = False) -> list[tupl
         segmenter.flip_tta = saved
 
 
-def score_records(loaded, records, device: str | None = None, batch_size: int = 16,
+def score_records(loaded, records, device: str | None = None, batch_size: int | None = None,
                   tta: bool = False) -> list[ImageResult]:
     """Run the checkpoint over ``records`` and score each image (module docstring)."""
     from model.inference import Segmenter
@@ -196,7 +196,7 @@ def score_records(loaded, records, device: str | None = None, batch_size: int = 
     segmenter = Segmenter(loaded, device=device, batch_size=batch_size)
     loss = LossSpec.from_training_config(loaded.info.get("training_config"))
     results = []
-    chunk = max(batch_size, 32)
+    chunk = max(segmenter.batch_size, 32)
     for start in range(0, len(records), chunk):
         part = records[start : start + chunk]
         images = [load_image(r) for r in part]
@@ -346,7 +346,7 @@ def write_per_image_csv(path: Path, results: list[ImageResult]) -> None:
 
 
 def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = None, out_dir=None, tta: bool = False,
-                        examples: int = 8, device: str | None = None, batch_size: int = 16, max_images: int = 0,
+                        examples: int = 8, device: str | None = None, batch_size: int | None = None, max_images: int = 0,
                         quiet: bool = False) -> dict:
     """Everything ``main`` does; returns the metrics dict (also written to ``out_dir/metrics.json``).
 
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", action="store_true", help="average with a left-right flipped pass (what workers run with INFER_TTA=flip)")
     p.add_argument("--examples", type=int, default=8, help="rows in examples.png (0: none)")
     p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="forward batch (default: automatic, as the workers)")
     p.add_argument("--max-images", type=int, default=0, help="score a seeded subset (smoke checks)")
     args = p.parse_args(argv)
     if args.split_file and not args.split:

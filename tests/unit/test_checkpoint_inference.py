@@ -196,6 +196,35 @@ def test_segmenter_rejects_bad_settings(saved):
         Segmenter(bad, device="cpu")
 
 
+def test_automatic_batch_is_small_on_a_cpu_and_large_on_a_gpu():
+    """INFER_BATCH_SIZE=auto: the three networks this project runs get the CPU
+    batch that measured fastest for them (docs/benchmarks.md), a GPU gets 16."""
+    from model.inference import default_batch_size
+    from model.network import UNetConfig
+
+    full, shipped, demo = UNetConfig(), UNetConfig(filters=(16, 32, 64, 128, 256)), UNetConfig(filters=(8, 16, 32, 64, 128))
+    assert [default_batch_size(c, s, cuda=False) for c, s in ((full, 512), (shipped, 256), (demo, 192))] == [1, 2, 4]
+    assert default_batch_size(shipped, 256, cuda=False, flip_tta=True) == 1, "flip TTA doubles each forward pass"
+    assert default_batch_size(demo, 32, cuda=False) == 16, "never above the GPU batch"
+    assert default_batch_size(full, 512, cuda=True) == 16
+
+
+def test_segmenter_and_settings_take_automatic_or_explicit_batches(saved):
+    from bonedetect.local import settings_env
+    from bonedetect.settings import Settings
+    from worker.tasks import warm_segmenter
+
+    loaded = load_checkpoint(saved[0])  # 32 px: the automatic CPU batch is the cap
+    assert Segmenter(loaded, device="cpu").batch_size == 16 and Segmenter(loaded, device="cpu", batch_size=3).batch_size == 3
+    assert Settings.from_env({}).infer_batch_size is None and Settings.from_env({"INFER_BATCH_SIZE": " Auto "}).infer_batch_size is None
+    assert Settings.from_env({"INFER_BATCH_SIZE": "8"}).infer_batch_size == 8
+    assert settings_env(Settings.from_env({}))["INFER_BATCH_SIZE"] == "auto"
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(ValueError, match="INFER_BATCH_SIZE"):
+            Settings.from_env({"INFER_BATCH_SIZE": bad})
+    assert warm_segmenter(loaded, Settings.from_env({"INFER_BATCH_SIZE": "5"}), cuda=False).batch_size == 5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_matches_cpu(saved):
