@@ -36,6 +36,21 @@ def test_diagonal_neighbours_form_one_region():
     assert not remove_small_regions(mask, 6).any()
 
 
+def test_remove_small_regions_matches_scipy_on_random_masks():
+    """8-connected labelling by scipy, areas by bincount: the independent reference."""
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        mask = (rng.random((61, 47)) < rng.uniform(0.2, 0.6)).astype(np.uint8) * np.uint8(rng.choice([1, 255]))
+        labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+        areas = np.bincount(labels.ravel())
+        for min_area in (1, 2, 7, 40, 10_000):
+            want = ((areas[labels] >= min_area) & (labels > 0)).astype(np.uint8)
+            got = remove_small_regions(mask, min_area)
+            assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
+            np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, min_area {min_area}")
+    assert not remove_small_regions(np.zeros((9, 9), np.uint8), 3).any()
+
+
 def test_default_keeps_single_pixels_on_tiny_images():
     prob = np.zeros((50, 50), np.float32)
     prob[25, 25] = 1.0  # 1e-4 * 2500 = 0.25 px: at least 1 px, so this one stays
