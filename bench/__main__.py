@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes for the system stage (default 1)")
     p.add_argument("--threads", type=int, help="torch threads per worker and for the model/pipeline stages "
                    "(default: PyTorch's default with one worker, 1 with several)")
+    p.add_argument("--pin-workers", action="store_true",
+                   help="system stage: worker i runs on core i only (round robin), as with a one-CPU container per worker")
     p.add_argument("--batch", type=int, default=s.infer_batch_size,
                    help=f"forward batch (INFER_BATCH_SIZE, now {s.infer_batch_size or 'auto'}; "
                         "auto: 16 on CUDA, 1-4 on a CPU by the network's size)")
@@ -200,7 +202,8 @@ def run(args, argv, tmp: Path) -> int:
             "the last chunk runs alone and the scaling looks worse than it is")
     if "system" in stages:
         kw = dict(threads=args.threads, batch=args.batch, chunk=args.chunk, io_threads=args.io_threads,
-                  broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays})
+                  broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays},
+                  pin_workers=args.pin_workers)
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
             with tp.running_system(ckpt, workers=1, **kw) as system:
@@ -219,7 +222,8 @@ def run(args, argv, tmp: Path) -> int:
     print(f"model:    {model_text} ({ckpt})")
     chunks = -(-n // args.chunk)
     print(f"config:   {n} images of {h}x{w} JPEG; forward batch {args.batch}; chunk {args.chunk} ({chunks} chunks); torch threads {args.threads}"
-          f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}; broker {args.broker}; "
+          f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}"
+          f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
           f"channels_last {segmenter.channels_last}; compile {args.compile}; overlays {args.overlays}")
     print()
     print(f"{'stage':<22}{'images':>7}{'seconds':>9}{'img/s':>9}{'/ model':>9}{'CPU ms/img':>11}{'model/this':>11}{'cores':>6}  notes")

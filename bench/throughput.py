@@ -353,6 +353,20 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @contextlib.contextmanager
+def on_core(core: int | None) -> Iterator[None]:
+    """This process (so every process it starts meanwhile) on one core; as before afterwards."""
+    if core is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextlib.contextmanager
 def running_system(
     checkpoint: Path,
     *,
@@ -364,13 +378,16 @@ def running_system(
     broker: str = "sqlite",
     api_process: bool = False,
     extra_env: dict | None = None,
+    pin_workers: bool = False,
 ) -> Iterator[System]:
     """Start the real system in a temporary BONEDETECT_HOME: the embedded
     default (SQLite database and broker), or with ``broker="redis"`` Redis and
     a fresh PostgreSQL database (dropped afterwards). The API runs in a thread
     of this process (``serve_api``), or in its own process with
     ``api_process`` (to measure its memory); the workers are real Celery
-    processes (``start_worker``), one torch thread pool of ``threads`` each."""
+    processes (``start_worker``), one torch thread pool of ``threads`` each;
+    with ``pin_workers`` worker i may run on this process's i-th core only
+    (round robin), like a worker given one CPU by its container."""
     from sqlalchemy import create_engine, text
 
     from bonedetect.local import serve_api, settings_env, start_worker, stop_process
@@ -418,8 +435,10 @@ def running_system(
             api = ApiProcess(settings, settings_env(settings, **process_env))
         else:
             api = serve_api(settings)
+        cores = sorted(os.sched_getaffinity(0)) if pin_workers else []
         for i in range(workers):
-            procs.append(start_worker(settings, name=f"bench{i}-{uuid.uuid4().hex[:4]}", log_path=home / f"worker{i}.log", **process_env))
+            with on_core(cores[i % len(cores)] if cores else None):  # the worker inherits the affinity
+                procs.append(start_worker(settings, name=f"bench{i}-{uuid.uuid4().hex[:4]}", log_path=home / f"worker{i}.log", **process_env))
         yield System(settings, api, key, procs, home, dbname)
     finally:
         for proc in procs:
