@@ -1,8 +1,9 @@
 """`python -m bench`: how close the whole system comes to the network alone.
 
-    python -m bench --quick                  # demo model, 16 images: under a minute on the 2-core CPU
+    python -m bench --quick                  # shipped model, 16 images: under a minute on the 2-core CPU
     python -m bench --full --images 200      # the thesis network (random weights) at 512, 200 images
-    python -m bench --full --images 60 --workers 2 --stages system   # 1 vs 2 worker processes, 1 thread each
+    python -m bench --full --images 160 --chunk 8 --workers 2 --pin-workers --stages system   # 1 vs 2 workers, a core each
+    python -m bench --full --sweep-batches 1,2,4,8,16 --images 16   # the network alone per forward batch
     python -m bench --memory                 # worker RSS over 5,000 images; API RSS against upload size
     python -m bench --broker redis           # Redis + a fresh PostgreSQL database instead of the embedded SQLite
 
@@ -82,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"OVERLAYS for the pipeline and the workers (now {s.overlays}); lazy: the API renders on request")
     p.add_argument("--stages", default="model,pipeline,system", help="comma-separated subset of model,pipeline,system")
     p.add_argument("--quick", action="store_true", help="16 images, demo model: under a minute on the 2-core CPU")
+    p.add_argument("--sweep-batches", metavar="B,B,...",
+                   help="instead: the model stage alone at each of these forward batches (what INFER_BATCH_SIZE=auto is based on)")
     p.add_argument("--memory", action="store_true", help="memory run instead: worker RSS over --images (5,000), API RSS vs upload size")
     p.add_argument("--api-files", default="25,100,400", help="--memory: files per upload for the API probe (3000x2500 JPEGs)")
     p.add_argument("--cache", type=Path, default=s.home / "bench", help="where generated JPEGs are kept (default var/bench)")
@@ -147,6 +150,37 @@ def run_memory(args, ckpt: Path, out: dict) -> int:
     return 0
 
 
+def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
+    """The network alone at several forward batches, n images each (at least two batches)."""
+    from model.inference import default_batch_size
+
+    try:
+        batches = [int(b) for b in args.sweep_batches.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"--sweep-batches takes positive integers, e.g. 1,2,4,16; got {args.sweep_batches!r}") from None
+    if not batches or min(batches) < 1:
+        raise SystemExit(f"--sweep-batches takes positive integers, e.g. 1,2,4,16; got {args.sweep_batches!r}")
+    paths = tp.bench_images(args.cache, min(n, 8), h, w, log=log)
+    rows = []
+    for batch in batches:
+        segmenter = tp.load_segmenter(ckpt, batch, args.threads, args.device, compile_network=args.compile)
+        r = tp.measure_model(segmenter, tp.frames_of(segmenter, paths, 8), max(n, 2 * batch))
+        rows.append({"batch": batch, "images": r.images, "img_s": round(r.rate, 3), "cpu_ms_per_image": round(r.cpu_ms_per_image, 1)})
+        log(f"batch {batch}: {r.rate:.3f} img/s")
+    config = segmenter.network.config if not segmenter.compiled else segmenter.network._orig_mod.config
+    auto = default_batch_size(config, segmenter.preprocessor.size, segmenter.cuda)
+    out["sweep"], out["auto_batch"] = rows, auto
+    best = max(rows, key=lambda r: r["img_s"])
+    print(f"\ndevice:   {tp.device_name(segmenter)}\nmachine:  {out['machine']}\nmodel:    {out['model']}")
+    print(f"\n{'batch':>6}{'images':>8}{'img/s':>9}{'CPU ms/img':>12}{'/ best':>8}")
+    for r in rows:
+        print(f"{r['batch']:>6}{r['images']:>8}{r['img_s']:>9.3f}{r['cpu_ms_per_image']:>12.0f}{r['img_s'] / best['img_s']:>8.2f}")
+    print(f"bench sweep: best batch {best['batch']} ({best['img_s']:.3f} img/s); INFER_BATCH_SIZE=auto picks {auto} here")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bonedetect-bench-ckpt-"))
@@ -182,6 +216,8 @@ def run(args, argv, tmp: Path) -> int:
 
     n = args.images or (16 if args.quick else 100)
     h, w = args.size or (3000, 2500)
+    if args.sweep_batches:
+        return run_sweep(args, ckpt, out, n, h, w)
     paths = tp.bench_images(args.cache, n, h, w, log=log)
     segmenter = tp.load_segmenter(ckpt, args.batch, args.threads, args.device, compile_network=args.compile)
     args.batch = segmenter.batch_size  # auto resolved for this device: the workers get the same number

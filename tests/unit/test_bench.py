@@ -79,6 +79,22 @@ def test_quick_command_prints_the_table_and_the_summary_line(tmp_path, capsys):
     assert "device:   CPU" in out and "forward batch 2; chunk 2 (2 chunks); torch threads 1" in out
 
 
+def test_batch_sweep_times_each_batch_and_names_the_automatic_choice(tmp_path, capsys):
+    import json
+
+    report = tmp_path / "sweep.json"
+    status = main(["--sweep-batches", "1,3", "--images", "3", "--size", "120x100", "--threads", "1",
+                   "--cache", str(tmp_path / "cache"), "--json", str(report)])
+    out = capsys.readouterr().out
+    assert status == 0
+    rows = json.loads(report.read_text())["sweep"]
+    assert [(r["batch"], r["images"]) for r in rows] == [(1, 3), (3, 6)]  # at least two forward passes each
+    assert all(r["img_s"] > 0 for r in rows)
+    assert re.search(r"^bench sweep: best batch [13] \(.* img/s\); INFER_BATCH_SIZE=auto picks 2 here$", out, re.M), out  # the shipped BTXRD-256 network
+    with pytest.raises(SystemExit, match="positive integers"):
+        main(["--sweep-batches", "0,2", "--cache", str(tmp_path / "cache")])
+
+
 def test_memory_probes_report_worker_and_api_rss(tmp_path, capsys):
     status = main(["--memory", "--images", "6", "--size", "96x80", "--api-files", "1,3", "--batch", "2", "--chunk", "3",
                    "--threads", "1", "--cache", str(tmp_path / "cache")])
