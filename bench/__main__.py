@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     s = Settings.from_env()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--checkpoint", type=Path, help="checkpoint to run (default: the shipped demo model)")
+    model.add_argument("--checkpoint", type=Path, help="checkpoint to run (default: the shipped model, model.checkpoint.DEFAULT_CHECKPOINT)")
     model.add_argument("--full", action="store_true", help="the full-size thesis network UNetConfig() at 512, random weights")
     p.add_argument("--images", type=int, help="images per stage (default 100; --quick 16; --memory 5000)")
     p.add_argument("--size", type=parse_size, help="image size HxW (default 3000x2500; --memory 1000x800)")
@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
                    help="system stage: worker i runs on core i only (round robin), as with a one-CPU container per worker")
     p.add_argument("--batch", type=int, default=s.infer_batch_size,
                    help=f"forward batch (INFER_BATCH_SIZE, now {s.infer_batch_size or 'auto'}; "
-                        "auto: 16 on CUDA, 1-4 on a CPU by the network's size)")
+                        "auto: 16 on CUDA, 1-16 on a CPU by the network's size)")
     p.add_argument("--chunk", type=int, default=s.chunk_size, help=f"images per task (CHUNK_SIZE, now {s.chunk_size})")
     p.add_argument("--io-threads", type=int, default=s.io_threads, help=f"pipeline decode/encode threads (IO_THREADS, now {s.io_threads})")
     p.add_argument("--broker", choices=("sqlite", "redis"), default="sqlite",
@@ -82,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", choices=OVERLAY_MODES, default=s.overlays,
                    help=f"OVERLAYS for the pipeline and the workers (now {s.overlays}); lazy: the API renders on request")
     p.add_argument("--stages", default="model,pipeline,system", help="comma-separated subset of model,pipeline,system")
-    p.add_argument("--quick", action="store_true", help="16 images, demo model: under a minute on the 2-core CPU")
+    p.add_argument("--quick", action="store_true", help="16 images, the shipped model: under a minute on the 2-core CPU")
     p.add_argument("--sweep-batches", metavar="B,B,...",
                    help="instead: the model stage alone at each of these forward batches (what INFER_BATCH_SIZE=auto is based on)")
     p.add_argument("--memory", action="store_true", help="memory run instead: worker RSS over --images (5,000), API RSS vs upload size")
@@ -163,6 +163,10 @@ def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
     paths = tp.bench_images(args.cache, min(n, 8), h, w, log=log)
     rows = []
     for batch in batches:
+        if args.compile:
+            import torch._dynamo
+
+            torch._dynamo.reset()  # a fresh compilation per batch, not torch's recompile limit
         segmenter = tp.load_segmenter(ckpt, batch, args.threads, args.device, compile_network=args.compile)
         r = tp.measure_model(segmenter, tp.frames_of(segmenter, paths, 8), max(n, 2 * batch))
         rows.append({"batch": batch, "images": r.images, "img_s": round(r.rate, 3), "cpu_ms_per_image": round(r.cpu_ms_per_image, 1)})
@@ -199,7 +203,7 @@ def run(args, argv, tmp: Path) -> int:
     import torch
 
     if args.threads is None:
-        args.threads = 1 if args.workers > 1 else torch.get_num_threads()
+        args.threads = 1 if args.workers > 1 or args.pin_workers else torch.get_num_threads()
     ckpt, model_text = checkpoint_for(args, tmp)
     out: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -219,8 +223,9 @@ def run(args, argv, tmp: Path) -> int:
     if args.sweep_batches:
         return run_sweep(args, ckpt, out, n, h, w)
     paths = tp.bench_images(args.cache, n, h, w, log=log)
+    worker_batch = args.batch  # None: the workers choose (INFER_BATCH_SIZE=auto), on their own device
     segmenter = tp.load_segmenter(ckpt, args.batch, args.threads, args.device, compile_network=args.compile)
-    args.batch = segmenter.batch_size  # auto resolved for this device: the workers get the same number
+    args.batch = segmenter.batch_size  # auto resolved here, for the model and pipeline stages and the table
     device = tp.device_name(segmenter)
     results: dict[str, tp.StageResult] = {}
     if "model" in stages:
@@ -237,7 +242,7 @@ def run(args, argv, tmp: Path) -> int:
         log(f"note: {n} images in chunks of {args.chunk} do not split evenly over {args.workers} workers: "
             "the last chunk runs alone and the scaling looks worse than it is")
     if "system" in stages:
-        kw = dict(threads=args.threads, batch=args.batch, chunk=args.chunk, io_threads=args.io_threads,
+        kw = dict(threads=args.threads, batch=worker_batch, chunk=args.chunk, io_threads=args.io_threads,
                   broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays},
                   pin_workers=args.pin_workers)
         if args.workers > 1:

@@ -150,12 +150,13 @@ def default_batch_size(config, size: int, cuda: bool, flip_tta: bool = False) ->
     workers). A CPU is the other way round: past a few images the first
     level's activations (first filters x size x size floats per image) no
     longer fit the caches and every image gets slower. Measured on the
-    2-core AMD EPYC (docs/benchmarks.md, 2 torch threads, img/s at batch
-    1/2/4/16): the thesis network at 512 px 1.09/1.11/0.88/0.59, the shipped
-    BTXRD-256 network 11.5/15.0/15.6/9.4, the synthetic demo network
-    52/66/91/62. The largest power of two with at most 2**21 first-level
-    activations per forward pass (1, 2 and 4 for those three) is at or near
-    the best of each, and 1.6-1.9x faster than 16.
+    2-core AMD EPYC (docs/benchmarks.md, ``python -m bench --sweep-batches``,
+    2 torch threads, img/s at batch 1/2/4/8/16): the thesis network at 512 px
+    0.96/0.92/0.77/0.60/0.54, the shipped BTXRD-256 network
+    12.6/12.5/13.3/13.1/10.1, the synthetic demo network 55/62/79/57/63. The
+    largest power of two with at most 2**21 first-level activations per
+    forward pass (1, 2 and 4 for those three; up to 16 for smaller ones) is
+    within 6% of the best of each, and 1.2-1.8x faster than 16.
     """
     if cuda:
         return GPU_BATCH
@@ -174,7 +175,7 @@ class Segmenter:
             (once, here) and used in place.
         device: "cuda", "cpu", ...; None picks "cuda" when available.
         batch_size: images per forward pass; None picks ``default_batch_size``
-            for the device (16 on CUDA, 1-4 on a CPU by the network's size).
+            for the device (16 on CUDA; on a CPU 1-16 by the network's size).
         compile_network: wrap the network in ``torch.compile`` with static
             shapes (TORCH_COMPILE; on an H100 channels_last + compile took
             the thesis network from 1,051 to 1,804 images/s, DESIGN.md).

@@ -70,12 +70,12 @@ def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
     algorithm there), then one table lookup per pixel; when no region is
     small the mask is returned as it is (as 0/1).
     """
-    m = np.ascontiguousarray(mask, np.uint8)
+    m = np.ascontiguousarray(np.asarray(mask) != 0).view(np.uint8)  # any nonzero value is foreground
     n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(m, 8, cv2.CV_32S, cv2.CCL_BBDT)
     keep = (stats[:, cv2.CC_STAT_AREA] >= min_area).astype(np.uint8)  # (n,) one flag per label
     keep[0] = 0  # label 0 is the background
     if n > 1 and keep[1:].all():
-        return (m != 0).astype(np.uint8)
+        return m
     return np.take(keep, labels)
 
 

@@ -193,7 +193,7 @@ def score_records(loaded, records, device: str | None = None, batch_size: int | 
     from model.inference import Segmenter
     from training.btxrd import load_image, load_mask
 
-    segmenter = Segmenter(loaded, device=device, batch_size=batch_size)
+    segmenter = Segmenter(loaded, device=device, batch_size=batch_size, flip_tta=tta)  # auto batch counts the flip
     loss = LossSpec.from_training_config(loaded.info.get("training_config"))
     results = []
     chunk = max(segmenter.batch_size, 32)
