@@ -168,7 +168,8 @@ def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
 
             torch._dynamo.reset()  # a fresh compilation per batch, not torch's recompile limit
         segmenter = tp.load_segmenter(ckpt, batch, args.threads, args.device, compile_network=args.compile)
-        r = tp.measure_model(segmenter, tp.frames_of(segmenter, paths, 8), max(n, 2 * batch))
+        frames = frames if rows else tp.frames_of(segmenter, paths, 8)  # the same frames at every batch
+        r = tp.measure_model(segmenter, frames, max(n, 2 * batch))
         rows.append({"batch": batch, "images": r.images, "img_s": round(r.rate, 3), "cpu_ms_per_image": round(r.cpu_ms_per_image, 1)})
         log(f"batch {batch}: {r.rate:.3f} img/s")
     config = segmenter.network.config if not segmenter.compiled else segmenter.network._orig_mod.config
