@@ -172,8 +172,7 @@ def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
         r = tp.measure_model(segmenter, frames, max(n, 2 * batch))
         rows.append({"batch": batch, "images": r.images, "img_s": round(r.rate, 3), "cpu_ms_per_image": round(r.cpu_ms_per_image, 1)})
         log(f"batch {batch}: {r.rate:.3f} img/s")
-    config = segmenter.network.config if not segmenter.compiled else segmenter.network._orig_mod.config
-    auto = default_batch_size(config, segmenter.preprocessor.size, segmenter.cuda)
+    auto = default_batch_size(segmenter.network.config, segmenter.preprocessor.size, segmenter.cuda)  # compiled: passed through
     out["sweep"], out["auto_batch"] = rows, auto
     best = max(rows, key=lambda r: r["img_s"])
     print(f"\ndevice:   {tp.device_name(segmenter)}\nmachine:  {out['machine']}\nmodel:    {out['model']}")

@@ -28,7 +28,7 @@ def _batch(env: dict, name: str) -> int | None:
     raw = (env.get(name) or "auto").strip().lower()
     if raw == "auto":
         return None
-    value = _int({name: raw}, name, 0)
+    value = _int(env, name, 0)
     if value < 1:
         raise ValueError(f"{name} must be a positive integer or 'auto', got {raw!r}")
     return value

@@ -416,7 +416,7 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
         from model.inference import Segmenter
 
         by_id = {r.image_id: r for r in records}
-        segmenter = Segmenter(loaded, device=device, batch_size=batch_size)
+        segmenter = Segmenter(loaded, device=device, batch_size=batch_size, flip_tta=tta)
         images = [load_image(by_id[c.image_id]) for c in chosen]
         rows = []
         for c, image, (prob, pred) in zip(chosen, images, predict(segmenter, images, tta)):
