@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue #5's GPU figures in one device call: the full-size network alone (a batch sweep, plain
+# and compiled) and model / pipeline / system on 3000x2500 JPEGs with the network compiled.
+# docs/benchmarks.md ("On a GPU") has the procedure. Before the call, on the CPU machine, from the
+# repository root, fetch the service packages the device image lacks (Python 3.12 wheels, 15 MB):
+#
+#     bash bench/gpu/fetch_wheels.sh        # into the git-ignored .whl/
+#
+# then run `bash bench/gpu/run_throughput.sh` with carry [".whl"].
+#
+# Settings (environment variables):
+#   IMAGES   images for the pipeline and system stages (default 1000; 200 distinct JPEGs, repeated)
+#   BATCH    forward batch (default 64, DESIGN.md's H100 figure)
+#   CHUNK    images per task (default 128)
+#   IO       decode/encode threads per worker (default 12)
+#   LIMIT_S  seconds the end-to-end run may take (default 240; SWEEP_LIMIT_S, the sweep, 90)
+#   OUT      where the results go (the device tool sets it; default runs/gpu-bench)
+#   PYTHON   default python3
+#   SWEEP    forward batches for the network-alone sweep (default 16,64,128; empty: no sweep)
+#   SWEEP_IMAGES  images per batch size in the sweep (default 1024)
+#
+# What comes back in $OUT: bench-log.txt (everything printed) and bench.json (the compiled run).
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+OUT=${OUT:-runs/gpu-bench}
+PY=${PYTHON:-python3}
+IMAGES=${IMAGES:-1000}
+BATCH=${BATCH:-64}
+CHUNK=${CHUNK:-128}
+IO=${IO:-12}
+LIMIT_S=${LIMIT_S:-240}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/bench-log.txt") 2>&1
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+
+if ls .whl/*.whl > /dev/null 2>&1; then
+    stamp "installing the carried wheels into /tmp/site"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+"$PY" - <<'EOF' || { echo "preflight failed: a package the system stage needs is missing"; exit 1; }
+import celery, cv2, flask, kombu, sqlalchemy, torch
+import api, worker.tasks  # noqa: F401  the system stage's imports
+print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, opencv {cv2.__version__}, "
+      f"celery {celery.__version__}, flask {flask.__version__}, sqlalchemy {sqlalchemy.__version__}")
+try:
+    import torchvision
+    print(f"torchvision {torchvision.__version__} (nvJPEG decoding)")
+except ImportError as e:
+    print(f"no torchvision: JPEGs decode on the CPU ({e})")
+EOF
+
+SWEEP=${SWEEP-16,64,128}
+if [ -n "$SWEEP" ]; then
+    stamp "the network alone, plain (channels_last, bf16 autocast on CUDA), batches $SWEEP"
+    timeout -s INT -k 15 "${SWEEP_LIMIT_S:-90}" "$PY" -m bench --full --sweep-batches "$SWEEP" --images "${SWEEP_IMAGES:-1024}"
+fi
+stamp "model / pipeline / system, compiled, batch $BATCH, $IMAGES images, chunk $CHUNK, $IO io threads"
+timeout -s INT -k 15 "$LIMIT_S" "$PY" -m bench --full --compile --batch "$BATCH" --images "$IMAGES" --chunk "$CHUNK" \
+    --io-threads "$IO" --json "$OUT/bench.json"
+stamp "done (exit $?)"
