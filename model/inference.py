@@ -224,8 +224,10 @@ class Segmenter:
         """(N, 1, S, S) preprocessed frames -> (N, 1, S, S) float32 probabilities, on ``self.device``."""
         with torch.inference_mode():
             x = x.to(self.device, dtype=torch.float32, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            # One stride pattern whatever made the batch (a numpy view whose channel axis has stride 0, a
+            # padded copy, frames stacked on the GPU): a compiled network guards on strides, and a padded
+            # last batch compiled it a second time (seconds on an H100, inside the first chunk's time).
+            x = x.clone(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
             n = x.shape[0]
             if self.flip_tta:
                 x = torch.cat([x, x.flip(-1)])  # one pass over both: the batch the GPU sees doubles

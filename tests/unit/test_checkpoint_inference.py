@@ -239,8 +239,10 @@ def test_cuda_bf16_matches_cpu(saved):
 def test_compiled_network_pads_partial_batches_and_gives_the_same_probabilities(saved):
     """TORCH_COMPILE: one static shape (the last, partial batch is padded), same numbers (CPU inductor here)."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()
     images = [np.random.default_rng(s).integers(0, 256, (90, 60 + 10 * s)).astype(np.uint8) for s in range(5)]
     plain = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=2)
     compiled = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=2, compile_network=True)
@@ -251,6 +253,7 @@ def test_compiled_network_pads_partial_batches_and_gives_the_same_probabilities(
         np.testing.assert_allclose(a.prob, b.prob, rtol=0, atol=1e-4)
         assert np.array_equal(a.mask, b.mask) or np.abs(a.prob - 0.5).min() < 1e-4
     assert len(seen) == 3 and set(seen) == {(2, 1, 32, 32)}, "the partial batch went in padded"
+    assert counters["stats"]["unique_graphs"] == 1, "compiled once: the padded batch has the full batches' strides"
 
 
 def test_flip_tta_averages_the_mirrored_pass_and_says_so_in_the_version(saved):
