@@ -16,12 +16,15 @@
 #   MINUTES   wall-clock training budget per config (default 5.5); the configs train at the
 #             same time on the one GPU (PARALLEL=1), so the whole command takes about
 #             MINUTES + 2.5 minutes
-#   CONFIGS   which recipes (default "thesis strong")
+#   CONFIGS   which runs (default "thesis strong"): the presets thesis and strong from scratch, and
+#             "warm", a warm restart of the shipped model (model/checkpoints/btxrd-256.pt, its
+#             16..256 network at 256 px) with the strong recipe at lr 3e-4 (WARM_ARGS)
 #   PARALLEL  1: train the configs concurrently on the GPU; 0: one after the other
 #   DATA      default devdata/btxrd-256
 #   SPLIT     default training/splits/btxrd-256-grouped-v1.csv
 #   OUT       where the results go (the device tool sets it; default runs/gpu-out)
-#   EXTRA_ARGS more flags for training.train (a dry run on a CPU: REQUIRE_CUDA=0 MINUTES=0.1
+#   WARM_ARGS  flags for the warm run (default: the shipped checkpoint's network, lr 3e-4, batch 16)
+#   EXTRA_ARGS more flags for training.train, every run (a dry run on a CPU: REQUIRE_CUDA=0 MINUTES=0.1
 #             EXTRA_ARGS="--size 64 --filters 8,16,32,64 --max-train 24 --max-val 12")
 #   REQUIRE_CUDA  1 (default): stop when torch sees no GPU
 #
@@ -84,9 +87,14 @@ stamp "preflight: a tiny run on 32 real images (catches errors before the long r
 tail -3 "$WORK/preflight.log"
 rm -rf "$WORK/preflight"* 
 
+WARM_ARGS=${WARM_ARGS:-"--init-from model/checkpoints/btxrd-256.pt --filters 16,32,64,128,256 --size 256 --lr 3e-4 --batch-size 16 --warmup-epochs 1 --thresholds 0.05,0.07,0.10,0.15,0.20,0.25,0.30,0.40,0.50"}
 train_one() {
-    local cfg=$1
-    "$PY" -m training.train --config "$cfg" --data "$DATA" --split-file "$SPLIT" --max-minutes "$MINUTES" \
+    local cfg=$1 recipe
+    case $cfg in
+        warm) recipe="--config strong $WARM_ARGS" ;;
+        *) recipe="--config $cfg" ;;
+    esac
+    "$PY" -m training.train $recipe --data "$DATA" --split-file "$SPLIT" --max-minutes "$MINUTES" \
         --out "$WORK/btxrd-256-$cfg.pt" --half $EXTRA_ARGS > "$WORK/train-$cfg.log" 2>&1
     echo "$cfg: exit $?" >> "$WORK/train-status.txt"
 }
@@ -110,7 +118,7 @@ evaluate_one() {
     for split in val test; do
         "$PY" -m training.evaluate "$ckpt" --data "$DATA" --split-file "$SPLIT" --split "$split" \
             --out-dir "$WORK/eval-$cfg-$split" > "$WORK/eval-$cfg-$split.log" 2>&1
-        if [ "$cfg" = strong ]; then
+        if [ "$cfg" != thesis ]; then  # the strong recipe suggests flip TTA
             "$PY" -m training.evaluate "$ckpt" --data "$DATA" --split-file "$SPLIT" --split "$split" --tta \
                 --out-dir "$WORK/eval-$cfg-$split-tta" > "$WORK/eval-$cfg-$split-tta.log" 2>&1
         fi
