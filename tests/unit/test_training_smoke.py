@@ -174,7 +174,8 @@ def test_presets_and_command_line_overrides():
     cfg, evaluate_path, resume_path = parse_args(["--config", "strong", "--lr", "5e-4", "--half", "--filters", "8,16"])
     assert (cfg.config, cfg.lr, cfg.half, cfg.filters, cfg.batch_size) == ("strong", 5e-4, True, (8, 16), 16)
     assert evaluate_path is None and resume_path is None
-    assert parse_args([])[0] == preset("thesis")  # thesis stays the default until strong is shown to beat it
+    assert parse_args([])[0] == preset("strong")  # the default since it beat thesis on grouped validation
+    assert parse_args(["--config", "thesis"])[0] == preset("thesis") == TrainConfig(config="thesis")
     assert set(PRESETS) == {"thesis", "strong", "demo"}
     with pytest.raises(ValueError, match="unknown config"):
         preset("best")
