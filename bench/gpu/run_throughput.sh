@@ -10,7 +10,10 @@
 #
 # Settings (environment variables):
 #   IMAGES   images for the pipeline and system stages (default 1000; 200 distinct JPEGs, repeated)
-#   BATCH    forward batch (default 64, DESIGN.md's H100 figure)
+#   BATCH    forward batch (default 16: the fastest of 8..128 on an H100, 2026-11-27)
+#   CHECKPOINT  a trained checkpoint to measure instead of the full-size network with random
+#            weights (whose speckled masks are the worst case for postprocessing), e.g.
+#            model/checkpoints/btxrd-256.pt
 #   CHUNK    images per task (default 128)
 #   IO       decode/encode threads per worker (default 12)
 #   LIMIT_S  seconds the end-to-end run may take (default 240; SWEEP_LIMIT_S, the sweep, 90)
@@ -25,7 +28,9 @@ cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-runs/gpu-bench}
 PY=${PYTHON:-python3}
 IMAGES=${IMAGES:-1000}
-BATCH=${BATCH:-64}
+BATCH=${BATCH:-16}
+MODEL_ARGS=(--full)
+[ -n "${CHECKPOINT:-}" ] && MODEL_ARGS=(--checkpoint "$CHECKPOINT")
 CHUNK=${CHUNK:-128}
 IO=${IO:-12}
 LIMIT_S=${LIMIT_S:-240}
@@ -56,10 +61,10 @@ EOF
 
 SWEEP=${SWEEP-16,64,128}
 if [ -n "$SWEEP" ]; then
-    stamp "the network alone, plain (channels_last, bf16 autocast on CUDA), batches $SWEEP"
-    timeout -s INT -k 15 "${SWEEP_LIMIT_S:-90}" "$PY" -m bench --full --sweep-batches "$SWEEP" --images "${SWEEP_IMAGES:-1024}"
+    stamp "${MODEL_ARGS[*]}: the network alone, plain (channels_last, bf16 autocast on CUDA), batches $SWEEP"
+    timeout -s INT -k 15 "${SWEEP_LIMIT_S:-90}" "$PY" -m bench "${MODEL_ARGS[@]}" --sweep-batches "$SWEEP" --images "${SWEEP_IMAGES:-1024}"
 fi
 stamp "model / pipeline / system, compiled, batch $BATCH, $IMAGES images, chunk $CHUNK, $IO io threads"
-timeout -s INT -k 15 "$LIMIT_S" "$PY" -m bench --full --compile --batch "$BATCH" --images "$IMAGES" --chunk "$CHUNK" \
+timeout -s INT -k 15 "$LIMIT_S" "$PY" -m bench "${MODEL_ARGS[@]}" --compile --batch "$BATCH" --images "$IMAGES" --chunk "$CHUNK" \
     --io-threads "$IO" --json "$OUT/bench.json"
 stamp "done (exit $?)"
