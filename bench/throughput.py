@@ -74,10 +74,13 @@ def bench_images(cache: Path, n: int, height: int, width: int, unique: int = 200
     if missing and log:
         log(f"making {len(missing)} synthetic {height}x{width} JPEGs in {folder} (once)")
     if len(missing) > 1 and (os.cpu_count() or 1) > 1:
-        # one process per core: about 0.4-0.8 s each at 3000x2500, mostly single-threaded numpy
+        # one process per core: about 0.4-0.8 s each at 3000x2500, mostly single-threaded numpy;
+        # spawned, not forked, since the caller may already run torch's threads
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1), mp_context=spawn) as pool:
             list(pool.map(_write_jpeg, missing, [height] * len(missing), [width] * len(missing)))
     else:
         for path in missing:
