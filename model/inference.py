@@ -146,8 +146,9 @@ CPU_BATCH_ELEMENTS = 2**21
 def default_batch_size(config, size: int, cuda: bool, flip_tta: bool = False) -> int:
     """The forward batch when none is configured (INFER_BATCH_SIZE=auto).
 
-    A GPU wants large batches: 16 (docker-compose.yml sets 32 on the H100
-    workers). A CPU is the other way round: past a few images the first
+    A GPU wants large batches, up to a point: 16 (the fastest of 8-128 for
+    the thesis network at 512 on an H100, 2026-11-27: 596-628 images/s
+    against 415 at 32 and 434 at 64, docs/benchmarks.md). A CPU is the other way round: past a few images the first
     level's activations (first filters x size x size floats per image) no
     longer fit the caches and every image gets slower. Measured on the
     2-core AMD EPYC (docs/benchmarks.md, ``python -m bench --sweep-batches``,
@@ -177,8 +178,8 @@ class Segmenter:
         batch_size: images per forward pass; None picks ``default_batch_size``
             for the device (16 on CUDA; on a CPU 1-16 by the network's size).
         compile_network: wrap the network in ``torch.compile`` with static
-            shapes (TORCH_COMPILE; on an H100 channels_last + compile took
-            the thesis network from 1,051 to 1,804 images/s, DESIGN.md).
+            shapes (TORCH_COMPILE; on an H100 it took the thesis network
+            at batch 16 from 596 to 828 images/s, docs/benchmarks.md).
             Partial batches are padded to ``batch_size`` so the network is
             compiled once; ``warmup`` pays for the compilation.
         channels_last: run the network in channels_last memory format (NHWC),

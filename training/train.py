@@ -2,7 +2,7 @@
 
 Named recipes (``--config``; any flag given on the command line overrides it):
 
-- ``thesis`` (the default for now): the thesis's recipe. Dice + Focal
+- ``thesis``: the thesis's recipe. Dice + Focal
   (gamma 2), Adam at 1e-4 with weight decay 1e-5, dropout 0.3, batch 4,
   ReduceLROnPlateau (x0.5 after 5 epochs without a better validation Dice)
   and early stopping (15 epochs) on validation Dice, augmentation of image
@@ -15,9 +15,9 @@ Named recipes (``--config``; any flag given on the command line overrides it):
   dropout 0.1, output bias started at tumor probability 0.01, deep
   supervision on the two coarser decoder levels (training only; the served
   network is unchanged), an exponential moving average of the weights, and
-  flip test-time augmentation suggested at evaluation. It becomes the default
-  only once a GPU run shows it beats ``thesis`` on the grouped validation
-  split; that has not been measured yet (docs/training.md).
+  flip test-time augmentation suggested at evaluation. The default
+  (``DEFAULT_CONFIG``): at an equal budget on one H100 it beat ``thesis`` on
+  the grouped validation split, 0.499 against 0.416 (docs/training.md 5c).
 - ``demo``: the recipe of the synthetic demo checkpoint (Adam 1e-3 with cosine
   decay to lr / 20, batch 8, a two-way 80/20 split, the older numpy
   augmentation); with the flags in model/checkpoints/README.md it reproduces

@@ -9,9 +9,11 @@ cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 PACKAGES="alembic amqp billiard blinker celery click-didyoumean click-plugins click-repl flask greenlet
 itsdangerous kombu mako prompt-toolkit wcwidth sqlalchemy vine redis isal tzlocal tzdata pydicom highdicom pyjpegls"
+# (python-dateutil, click, Jinja2, Werkzeug, prometheus-client: already in the device image)
 specs=()
 for p in $PACKAGES; do
     v=$("$PY" -m pip show "$p" 2>/dev/null | awk '/^Version:/{print $2}' || true)
+    [ -n "$v" ] || echo "note: $p is not in $PY's environment; fetching its latest release" >&2
     specs+=("$p${v:+==$v}")
 done
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || grep -qx '/.whl/' .gitignore || echo /.whl/ >> .git/info/exclude

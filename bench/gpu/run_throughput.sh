@@ -63,8 +63,12 @@ SWEEP=${SWEEP-16,64,128}
 if [ -n "$SWEEP" ]; then
     stamp "${MODEL_ARGS[*]}: the network alone, plain (channels_last, bf16 autocast on CUDA), batches $SWEEP"
     timeout -s INT -k 15 "${SWEEP_LIMIT_S:-90}" "$PY" -m bench "${MODEL_ARGS[@]}" --sweep-batches "$SWEEP" --images "${SWEEP_IMAGES:-1024}"
+    sweep_rc=$?
+    stamp "sweep done (exit $sweep_rc; 124 or 130: stopped at its time limit)"
 fi
 stamp "model / pipeline / system, compiled, batch $BATCH, $IMAGES images, chunk $CHUNK, $IO io threads"
 timeout -s INT -k 15 "$LIMIT_S" "$PY" -m bench "${MODEL_ARGS[@]}" --compile --batch "$BATCH" --images "$IMAGES" --chunk "$CHUNK" \
     --io-threads "$IO" --json "$OUT/bench.json"
-stamp "done (exit $?)"
+rc=$?
+stamp "done (exit $rc; 124 or 130: stopped at its time limit)"
+exit $rc

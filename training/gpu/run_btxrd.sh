@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the thesis and the strong recipe on real BTXRD-256 on one GPU, evaluate both on the
+# Train the thesis and the strong recipe (and optionally a warm restart) on real BTXRD-256 on one GPU, evaluate them on the
 # grouped split, and leave the checkpoints and the reports in $OUT. One command for a session
 # that is lent a GPU through the device tool (docs/training.md, "On a GPU", has the whole
 # procedure). Before the call, on the CPU machine, from the repository root:
@@ -23,7 +23,8 @@
 #   DATA      default devdata/btxrd-256
 #   SPLIT     default training/splits/btxrd-256-grouped-v1.csv
 #   OUT       where the results go (the device tool sets it; default runs/gpu-out)
-#   WARM_ARGS  flags for the warm run (default: the shipped checkpoint's network, lr 3e-4, batch 16)
+#   WARM_ARGS  flags for the warm run (default: the shipped checkpoint's network, lr 3e-4, batch 16);
+#             EXTRA_ARGS come after them and win, so leave network flags out of EXTRA_ARGS with warm
 #   EXTRA_ARGS more flags for training.train, every run (a dry run on a CPU: REQUIRE_CUDA=0 MINUTES=0.1
 #             EXTRA_ARGS="--size 64 --filters 8,16,32,64 --max-train 24 --max-val 12")
 #   REQUIRE_CUDA  1 (default): stop when torch sees no GPU
