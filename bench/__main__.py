@@ -253,6 +253,7 @@ def run(args, argv, tmp: Path) -> int:
         with tp.running_system(ckpt, workers=args.workers, **kw) as system:
             results["system"] = tp.measure_system(system, paths, f"system, {args.workers} worker(s)")
 
+    by_step = results["pipeline"].notes.pop("cpu_ms_by_step", None) if "pipeline" in results else None
     for r in results.values():
         r.notes["load"] = r.notes.pop("load", None)  # keep it last
     model = results.get("model")
@@ -287,6 +288,14 @@ def run(args, argv, tmp: Path) -> int:
           " their load (OpenMP threads spin while a sibling waits for a core): compare stages only at a steady load.)")
     if scale > 1:
         print(f"(system / model compares {args.workers} workers with {args.workers} x the one-thread model figure)")
+    if by_step:
+        r = results["pipeline"]
+        other = (r.cpu_ms_per_image or 0.0) - sum(by_step.values())
+        out["pipeline_cpu_ms_by_step"] = {**{k: round(v, 1) for k, v in by_step.items()}, "other": round(other, 1)}
+        print("\nPipeline CPU by step, in the run (core-ms per image, the thread that ran each step):")
+        print("  " + ", ".join(f"{k} {v:.1f}" for k, v in by_step.items() if v >= 0.05) + f"; other {other:.1f}")
+        print("  (forward: the calling thread only. other: the stage's CPU ms per image minus the steps: PyTorch's\n"
+              "   and OpenCV's own threads (on a CPU, most of the network), waits that spin, hand-offs between threads)")
     if "step_ms" in out:
         net_ms = 1000.0 / model.rate * args.threads if model else None
         print("\nCPU cost per image, one thread, step by step (ms):")

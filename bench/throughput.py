@@ -231,6 +231,7 @@ def measure_pipeline(
     pipeline = Pipeline(segmenter, threads=threads, gpu_decode=gpu_decode, overlays=overlays)
     try:
         pipeline.run([("warm-up", paths[0].read_bytes)])
+        pipeline.cpu_seconds.clear()
         failed, tumors, start, cpu = 0, 0, time.perf_counter(), cpu_time()
         for i in range(0, len(paths), chunk):
             items = [(f"img-{i + j}", p.read_bytes) for j, p in enumerate(paths[i : i + chunk])]
@@ -241,7 +242,9 @@ def measure_pipeline(
     finally:
         pipeline.close()
     decoder = pipeline.decode
-    notes = {"tumor_detected": tumors, "decoder": getattr(decoder, "__name__", type(decoder).__name__), "load": load_average()}
+    notes = {"tumor_detected": tumors, "decoder": getattr(decoder, "__name__", type(decoder).__name__), "load": load_average(),
+             # core-ms per image of each step in this run (Pipeline.cpu_seconds); run() prints it under the table
+             "cpu_ms_by_step": {k: 1000.0 * v / len(paths) for k, v in pipeline.cpu_seconds.items() if v > 0}}
     return StageResult("pipeline", len(paths), seconds, failed, notes, cpu_seconds=cpu)
 
 

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -110,7 +110,15 @@ class Pipeline:
         overlays: render and encode each image's overlay PNG here (OVERLAYS=eager);
             False leaves ``overlay_png`` None for the API to render on request
             (OVERLAYS=lazy, worker/overlay.py).
+
+    ``cpu_seconds`` adds up, per step, the CPU time of the thread that ran it
+    (``time.thread_time``), over everything this pipeline has run: where the
+    worker's cores go, measured in the run itself (the benchmark prints it).
+    The threads a step starts (PyTorch's and OpenCV's own) are not in it.
     """
+
+    STEPS = ("read", "decode", "prepare", "forward", "restore+postprocess", "statistics", "mask PNG", "overlay",
+             "DICOM SEG")
 
     def __init__(
         self,
@@ -132,19 +140,34 @@ class Pipeline:
         batch = max(1, segmenter.batch_size)
         self.max_pending = max_pending or max(2 * batch, 2 * threads)
         self._local = threading.local()  # each pool thread's CUDA stream (_device_stream)
+        self.cpu_seconds: Counter[str] = Counter()
+        self._cpu_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bonedetect-io")
+
+    @contextlib.contextmanager
+    def _step(self, name: str):
+        """Adds this thread's CPU time inside the block to ``cpu_seconds[name]``."""
+        t0 = time.thread_time()
+        try:
+            yield
+        finally:
+            spent = time.thread_time() - t0
+            with self._cpu_lock:
+                self.cpu_seconds[name] += spent
 
     def _decode(self, image_id: str, read: Callable[[], bytes]) -> _Decoded:
         """Read, decode and preprocess one image (pool thread)."""
         item = _Decoded(image_id, time.perf_counter())
         try:
-            data = read()
+            with self._step("read"):
+                data = read()
         except Exception as err:  # a blob that cannot be read fails alone
             item.error = f"could not read the uploaded file: {err}"
             return item
         with self._device_stream():
             try:
-                item.image = self.decode(data, self.max_pixels)
+                with self._step("decode"):
+                    item.image = self.decode(data, self.max_pixels)
             except DecodeError as err:
                 item.error = str(err)
                 return item
@@ -153,15 +176,16 @@ class Pipeline:
                 return item
             pixels = item.image.pixels
             try:
-                try:
-                    item.frame, item.geometry = self.segmenter.prepare(pixels)
-                except Exception:
-                    if not _on_device(pixels):
-                        raise
-                    # out of GPU memory, say: the CPU prepares it as for any other file
-                    log.warning("image %s: preparing on the GPU failed; preparing on the CPU", image_id, exc_info=True)
-                    pixels = item.image.pixels = _host(pixels)
-                    item.frame, item.geometry = self.segmenter.prepare(pixels)
+                with self._step("prepare"):
+                    try:
+                        item.frame, item.geometry = self.segmenter.prepare(pixels)
+                    except Exception:
+                        if not _on_device(pixels):
+                            raise
+                        # out of GPU memory, say: the CPU prepares it as for any other file
+                        log.warning("image %s: preparing on the GPU failed; preparing on the CPU", image_id, exc_info=True)
+                        pixels = item.image.pixels = _host(pixels)
+                        item.frame, item.geometry = self.segmenter.prepare(pixels)
             except Exception as err:
                 item.error = f"preprocessing failed: {err}"
                 item.image = None
@@ -197,20 +221,28 @@ class Pipeline:
         assert image is not None and item.geometry is not None
         h, w = item.shape
         try:
-            prediction = self.segmenter.finish_windowed(plane, item.geometry)
+            with self._step("restore+postprocess"):
+                prediction = self.segmenter.finish_windowed(plane, item.geometry)
             prob, mask = prediction.prob, prediction.mask
-            stats = tumor_statistics(mask, prob, image.pixel_spacing_mm)
+            with self._step("statistics"):
+                stats = tumor_statistics(mask, prob, image.pixel_spacing_mm)
+            with self._step("mask PNG"):
+                mask_png = encode_png(mask * np.uint8(255))
+            with self._step("overlay"):
+                overlay = overlay_png(_host(image.pixels), mask) if self.overlays else None
+            with self._step("DICOM SEG"):
+                seg = self._seg(item.image_id, image, mask)
             return ImageResult(
                 image_id=item.image_id,
                 width=w,
                 height=h,
                 stats=stats,
-                mask_png=encode_png(mask * np.uint8(255)),
-                overlay_png=overlay_png(_host(image.pixels), mask) if self.overlays else None,
+                mask_png=mask_png,
+                overlay_png=overlay,
                 pixel_spacing_mm=image.pixel_spacing_mm,
                 spacing_source=image.spacing_source,
                 source_format=image.format,
-                **self._seg(item.image_id, image, mask),
+                **seg,
                 processing_ms=(time.perf_counter() - item.started) * 1000.0,
             )
         except Exception as err:
@@ -247,7 +279,8 @@ class Pipeline:
             # Backpressure: finishing is the slower side on a GPU; bound what waits for it.
             while pending and (len(pending) + len(good) > self.max_pending or pending[0].done()):
                 pending.popleft().result()
-            planes = self.segmenter.forward([d.frame for d in good]) if good else []
+            with self._step("forward"):
+                planes = self.segmenter.forward([d.frame for d in good]) if good else []
             planes_of = iter(planes)
             for d in ready:
                 if d.image is None:

@@ -65,3 +65,39 @@ def test_results_in_order_with_bad_files_failing_alone(pipeline):
         overlay = Image.open(io.BytesIO(r.overlay_png))
         assert overlay.size == (w, h) and overlay.mode == "RGB"
         assert r.processing_ms > 0
+
+
+def test_cpu_time_is_accounted_per_step_and_within_what_the_process_spent(pipeline):
+    """Pipeline.cpu_seconds (the benchmark's per-step profile): every step the run took is there,
+    overlays only when eager, and the steps together never exceed the process's own CPU time."""
+    import resource
+
+    import torch
+
+    def process_cpu() -> float:
+        u = resource.getrusage(resource.RUSAGE_SELF)
+        return u.ru_utime + u.ru_stime
+
+    items = [(f"img{i}", (lambda d=jpeg(600 + 40 * i, 500): d)) for i in range(6)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the network's work in this thread, so "forward" is most of it
+    try:
+        pipeline.cpu_seconds.clear()
+        before = process_cpu()
+        results = pipeline.run(items)
+        spent = process_cpu() - before
+    finally:
+        torch.set_num_threads(threads)
+    assert all(r.ok for r in results)
+    steps = dict(pipeline.cpu_seconds)
+    for step in ("read", "decode", "prepare", "forward", "restore+postprocess", "statistics", "mask PNG", "overlay"):
+        assert steps.get(step, 0) > 0, (step, steps)
+    assert set(steps) <= set(Pipeline.STEPS)
+    assert sum(steps.values()) <= spent * 1.05 + 0.01, (steps, spent)
+
+    lazy = Pipeline(pipeline.segmenter, threads=2, overlays=False)
+    try:
+        lazy.run(items[:2])
+    finally:
+        lazy.close()
+    assert lazy.cpu_seconds["overlay"] < 0.002 and lazy.cpu_seconds["mask PNG"] > 0
