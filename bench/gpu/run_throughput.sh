@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #5's GPU figures in one device call: the full-size network alone (a batch sweep, plain
 # and compiled) and model / pipeline / system on 3000x2500 JPEGs with the network compiled.
-# docs/benchmarks.md ("On a GPU") has the procedure. Before the call, on the CPU machine, from the
+# docs/benchmarks.md (its H100 section, and "What limits the rate now") has the figures and the procedure. Before the call, on the CPU machine, from the
 # repository root, fetch the service packages the device image lacks (Python 3.12 wheels, 15 MB):
 #
 #     bash bench/gpu/fetch_wheels.sh        # into the git-ignored .whl/
