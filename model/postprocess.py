@@ -67,15 +67,25 @@ def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
 
     OpenCV's BBDT labelling with statistics (about 22 ms on a 3000x2500 mask
     with 2,000 regions on the 2-core EPYC, against 59 ms for the default
-    algorithm there), then one table lookup per pixel; when no region is
-    small the mask is returned as it is (as 0/1).
+    algorithm there). When no region is small the mask is returned as it is
+    (as 0/1). When the kept regions' bounding boxes cover at most half the
+    image, only those boxes are read (a speckled mask with a few large
+    regions: 23 ms instead of 44 there); otherwise one table lookup per pixel.
     """
     m = np.ascontiguousarray(np.asarray(mask) != 0).view(np.uint8)  # any nonzero value is foreground
     n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(m, 8, cv2.CV_32S, cv2.CCL_BBDT)
-    keep = (stats[:, cv2.CC_STAT_AREA] >= min_area).astype(np.uint8)  # (n,) one flag per label
-    keep[0] = 0  # label 0 is the background
-    if n > 1 and keep[1:].all():
+    kept = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area) + 1  # label 0 is the background
+    if kept.size == n - 1:
         return m
+    boxes = stats[kept, cv2.CC_STAT_WIDTH].astype(np.int64) * stats[kept, cv2.CC_STAT_HEIGHT]
+    if 2 * int(boxes.sum()) <= m.size:
+        out = np.zeros_like(m)
+        for label in kept:
+            x, y, w, h = stats[label, :4]
+            out[y : y + h, x : x + w] |= (labels[y : y + h, x : x + w] == label).view(np.uint8)
+        return out
+    keep = np.zeros(n, np.uint8)  # (n,) one flag per label
+    keep[kept] = 1
     return np.take(keep, labels)
 
 

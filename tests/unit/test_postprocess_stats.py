@@ -36,11 +36,22 @@ def test_diagonal_neighbours_form_one_region():
     assert not remove_small_regions(mask, 6).any()
 
 
+def speckle(rng, h: int, w: int) -> np.ndarray:
+    """Blurred noise above a high quantile: many small clusters and a few large ones, a random
+    network's kind of mask (the large ones' boxes cover little of the image)."""
+    noise = cv2.GaussianBlur(rng.normal(size=(h, w)).astype(np.float32), (0, 0), rng.uniform(1.0, 3.0))
+    return (noise > np.quantile(noise, rng.uniform(0.85, 0.97))).astype(np.uint8)
+
+
 def test_remove_small_regions_matches_scipy_on_random_masks():
-    """8-connected labelling by scipy, areas by bincount: the independent reference."""
-    for seed in range(20):
+    """8-connected labelling by scipy, areas by bincount: the independent reference. Dense noise
+    (one region spans the image: the per-pixel lookup) and speckle (the kept regions' boxes)."""
+    for seed in range(40):
         rng = np.random.default_rng(seed)
-        mask = (rng.random((61, 47)) < rng.uniform(0.2, 0.6)).astype(np.uint8) * np.uint8(rng.choice([1, 255]))
+        if seed % 2:
+            mask = speckle(rng, 160, 130) * np.uint8(rng.choice([1, 255]))
+        else:
+            mask = (rng.random((61, 47)) < rng.uniform(0.2, 0.6)).astype(np.uint8) * np.uint8(rng.choice([1, 255]))
         labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
         areas = np.bincount(labels.ravel())
         for min_area in (1, 2, 7, 40, 10_000):
