@@ -115,6 +115,11 @@ class Pipeline:
     (``time.thread_time``), over everything this pipeline has run: where the
     worker's cores go, measured in the run itself (the benchmark prints it).
     The threads a step starts (PyTorch's and OpenCV's own) are not in it.
+    ``wall_seconds`` adds up wall-clock time on the calling thread: "forward"
+    (the network ran), "waiting" (it waited for decoding, or for finishing to
+    catch up) and "draining" (the last images finishing after the network's
+    last batch), so forward over a chunk's time says how well the network was
+    fed (the worker logs it per chunk).
     """
 
     STEPS = ("read", "decode", "prepare", "forward", "restore+postprocess", "statistics", "mask PNG", "overlay",
@@ -141,6 +146,7 @@ class Pipeline:
         self.max_pending = max_pending or max(2 * batch, 2 * threads)
         self._local = threading.local()  # each pool thread's CUDA stream (_device_stream)
         self.cpu_seconds: Counter[str] = Counter()
+        self.wall_seconds: Counter[str] = Counter()
         self._cpu_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bonedetect-io")
 
@@ -274,13 +280,17 @@ class Pipeline:
             # Keep prefetch_batches batches decoding ahead of the network.
             while len(decoding) < self.prefetch_batches and k + len(decoding) < len(batches):
                 decoding.append([self.pool.submit(self._decode, i, r) for i, r in batches[k + len(decoding)]])
+            t0 = time.perf_counter()
             ready = [f.result() for f in decoding.popleft()]
             good = [d for d in ready if d.image is not None]
             # Backpressure: finishing is the slower side on a GPU; bound what waits for it.
             while pending and (len(pending) + len(good) > self.max_pending or pending[0].done()):
                 pending.popleft().result()
+            t1 = time.perf_counter()
             with self._step("forward"):
                 planes = self.segmenter.forward([d.frame for d in good]) if good else []
+            self.wall_seconds["waiting"] += t1 - t0
+            self.wall_seconds["forward"] += time.perf_counter() - t1
             planes_of = iter(planes)
             for d in ready:
                 if d.image is None:
@@ -291,7 +301,10 @@ class Pipeline:
                     pending.append(future)
                     finished.append(future)
             del ready, good, planes, planes_of
-        return [f.result() if isinstance(f, Future) else f for f in finished]
+        t0 = time.perf_counter()
+        results = [f.result() if isinstance(f, Future) else f for f in finished]
+        self.wall_seconds["draining"] += time.perf_counter() - t0
+        return results
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

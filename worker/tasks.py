@@ -28,7 +28,7 @@ import logging
 import random
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -352,6 +352,7 @@ def fail(ctx: WorkerContext, claimed: list[Claimed], reason: str) -> None:
 )
 def segment_chunk(self, image_ids: list[str]) -> dict:
     ctx = worker_context()
+    started, walls = time.perf_counter(), Counter(ctx.pipeline.wall_seconds)
     patience = ctx.settings.db_retry_s
     try:
         claimed = retry_database(lambda: claim(ctx, image_ids), "claim", patience)
@@ -390,5 +391,16 @@ def segment_chunk(self, image_ids: list[str]) -> dict:
             len(results) - written,
             len(results),
         )
-    log.info("chunk done: %d done, %d failed", done, len(results) - done)
+    seconds = time.perf_counter() - started
+    spent = Counter(ctx.pipeline.wall_seconds)
+    spent.subtract(walls)
+    # Whether the network was fed: the share of the chunk's wall time it ran, and where the rest went.
+    network_share = spent["forward"] / seconds if seconds > 0 else 0.0
+    log.info(
+        "chunk done: %d done, %d failed in %.2f s; the network ran %.0f%% of it",
+        done, len(results) - done, seconds, 100.0 * network_share,
+        extra={"images": len(results), "done": done, "seconds": round(seconds, 3),
+               "network_share": round(network_share, 3), "input_wait_s": round(spent["waiting"], 3),
+               "draining_s": round(spent["draining"], 3)},
+    )  # fmt: skip
     return {"processed": len(results), "done": done, "written": written}

@@ -250,6 +250,12 @@ def test_json_logs_follow_each_image_from_the_api_to_the_worker(finished):
     chunk_lines = [r for r in finished.worker_log if r.get("msg", "").startswith("chunk done")]
     assert chunk_lines and chunk_lines[0]["job_id"] == job_id, "the task's own lines carry the chunk's job id"
     assert len(chunk_lines[0]["image_ids"]) == 4
+    # how well the network was fed, for ops: its share of the chunk's time and where the rest went
+    chunk = chunk_lines[0]
+    assert chunk["images"] == 4 and chunk["done"] == 3 and chunk["seconds"] > 0
+    assert 0 < chunk["network_share"] <= 1
+    assert chunk["input_wait_s"] >= 0 and chunk["draining_s"] >= 0
+    assert chunk["network_share"] * chunk["seconds"] + chunk["input_wait_s"] + chunk["draining_s"] <= chunk["seconds"] + 0.01
     assert {by_image[i]["task_id"] for i in chunk_lines[0]["image_ids"]} == {chunk_lines[0]["task_id"]}
     assert "Traceback" not in finished.worker_log_text
 

@@ -101,3 +101,26 @@ def test_cpu_time_is_accounted_per_step_and_within_what_the_process_spent(pipeli
     finally:
         lazy.close()
     assert lazy.cpu_seconds["overlay"] < 0.002 and lazy.cpu_seconds["mask PNG"] > 0
+
+
+def test_wall_time_says_how_long_the_network_ran_and_waited(pipeline):
+    """Pipeline.wall_seconds (the worker's per-chunk log line): forward, waiting and draining are
+    parts of the run's own wall time, and a slow reader shows up as waiting, not as forward."""
+    import time
+
+    def slow(data: bytes) -> bytes:
+        time.sleep(0.15)
+        return data
+
+    items = [(f"img{i}", (lambda d=jpeg(500, 400): slow(d))) for i in range(4)]
+    pipeline.wall_seconds.clear()
+    start = time.perf_counter()
+    results = pipeline.run(items)
+    elapsed = time.perf_counter() - start
+    assert all(r.ok for r in results)
+    walls = dict(pipeline.wall_seconds)
+    assert set(walls) == {"forward", "waiting", "draining"}, walls
+    assert walls["forward"] > 0 and walls["draining"] >= 0
+    assert sum(walls.values()) <= elapsed + 1e-3, (walls, elapsed)
+    # reads of 0.15 s on the pool's threads: the network waited for at least the first of them
+    assert walls["waiting"] >= 0.14, walls
