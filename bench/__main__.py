@@ -55,7 +55,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from bonedetect.settings import OVERLAY_MODES, Settings
+    from bonedetect.settings import ALLOCATOR_MODES, OVERLAY_MODES, Settings
 
     s = Settings.from_env()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (model and pipeline stages)")
     p.add_argument("--gpu-decode", choices=("auto", "on", "off"), default=os.environ.get("GPU_DECODE") or "auto")
+    p.add_argument("--allocator", choices=ALLOCATOR_MODES, default=s.allocator,
+                   help=f"ALLOCATOR for the workers and, so that the stages compare like with like, this process "
+                        f"(now {s.allocator}; bonedetect/allocator.py)")
     p.add_argument("--overlays", choices=OVERLAY_MODES, default=s.overlays,
                    help=f"OVERLAYS for the pipeline and the workers (now {s.overlays}); lazy: the API renders on request")
     p.add_argument("--stages", default="model,pipeline,system", help="comma-separated subset of model,pipeline,system")
@@ -122,9 +125,10 @@ def run_memory(args, ckpt: Path, out: dict) -> int:
     n = args.images or 5000
     h, w = args.size or (1000, 800)
     paths = tp.bench_images(args.cache, n, h, w, unique=100, log=log)
-    log(f"worker memory: {n} images of {h}x{w}, one worker, {args.threads} torch thread(s)")
+    log(f"worker memory: {n} images of {h}x{w}, one worker, {args.threads} torch thread(s), allocator {args.allocator}")
     with tp.running_system(ckpt, workers=1, threads=args.threads, batch=args.batch, chunk=args.chunk,
-                           io_threads=args.io_threads, broker=args.broker) as system:
+                           io_threads=args.io_threads, broker=args.broker,
+                           extra_env={"ALLOCATOR": args.allocator}) as system:
         worker = tp.worker_memory(system, paths, log=log)
     out["worker_memory"] = worker
     files = [int(v) for v in args.api_files.split(",") if v]
@@ -202,6 +206,9 @@ def run(args, argv, tmp: Path) -> int:
         raise SystemExit("--workers, --batch, --chunk and --io-threads must be at least 1")
     import torch
 
+    from bonedetect import allocator
+
+    allocator.apply(args.allocator)  # as each worker does (worker.tasks.build_context)
     if args.threads is None:
         args.threads = 1 if args.workers > 1 or args.pin_workers else torch.get_num_threads()
     ckpt, model_text = checkpoint_for(args, tmp)
@@ -243,7 +250,8 @@ def run(args, argv, tmp: Path) -> int:
             "the last chunk runs alone and the scaling looks worse than it is")
     if "system" in stages:
         kw = dict(threads=args.threads, batch=worker_batch, chunk=args.chunk, io_threads=args.io_threads,
-                  broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays},
+                  broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays,
+                                                             "ALLOCATOR": args.allocator},
                   pin_workers=args.pin_workers)
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
@@ -266,7 +274,8 @@ def run(args, argv, tmp: Path) -> int:
     print(f"config:   {n} images of {h}x{w} JPEG; forward batch {args.batch}; chunk {args.chunk} ({chunks} chunks); torch threads {args.threads}"
           f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}"
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
-          f"channels_last {segmenter.channels_last}; compile {args.compile}; overlays {args.overlays}")
+          f"channels_last {segmenter.channels_last}; compile {args.compile}; overlays {args.overlays}; "
+          f"allocator {args.allocator}")
     print()
     print(f"{'stage':<22}{'images':>7}{'seconds':>9}{'img/s':>9}{'/ model':>9}{'CPU ms/img':>11}{'model/this':>11}{'cores':>6}  notes")
     for key, r in results.items():

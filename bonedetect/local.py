@@ -32,6 +32,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         TORCH_THREADS=str(settings.torch_threads),
         IO_THREADS=str(settings.io_threads),
         OVERLAYS=settings.overlays,
+        ALLOCATOR=settings.allocator,
         TORCH_COMPILE=settings.torch_compile,
         INFER_TTA=settings.infer_tta,
         LOG_LEVEL=settings.log_level,

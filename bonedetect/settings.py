@@ -34,6 +34,7 @@ def _batch(env: dict, name: str) -> int | None:
     return value
 
 
+ALLOCATOR_MODES = ("keep", "system")  # ALLOCATOR; the first is the default (bonedetect/allocator.py)
 OVERLAY_MODES = ("lazy", "eager")  # OVERLAYS; the first is the default (worker/overlay.py)
 
 
@@ -66,6 +67,7 @@ class Settings:
     io_threads: int = 4  # decode/encode threads that overlap the network
     infer_tta: str = "off"  # flip: average with the mirrored image's pass (twice the network's work; docs/training.md)
     torch_compile: str = "auto"  # auto: torch.compile the network on CUDA workers; on; off
+    allocator: str = "keep"  # keep: workers keep freed memory for the next image (no page faults); system: glibc's defaults
     overlays: str = "lazy"  # lazy: the API renders an overlay on its first request; eager: the worker writes each (worker/overlay.py)
     log_level: str = "INFO"
     log_format: str = "json"  # json: one object per line with job/image ids (bonedetect/logs.py); text: for a terminal
@@ -114,6 +116,7 @@ class Settings:
             torch_threads=_int(env, "TORCH_THREADS", 0),
             io_threads=_int(env, "IO_THREADS", 4),
             overlays=_choice(env, "OVERLAYS", OVERLAY_MODES),
+            allocator=_choice(env, "ALLOCATOR", ALLOCATOR_MODES),
             torch_compile=_choice(env, "TORCH_COMPILE", ("auto", "on", "off")),
             infer_tta=_choice(env, "INFER_TTA", ("off", "flip")),
             callback_max_retries=_int(env, "CALLBACK_MAX_RETRIES", 8),

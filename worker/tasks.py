@@ -39,6 +39,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from bonedetect import allocator
 from bonedetect.queue import SEGMENT_TASK
 from bonedetect.settings import Settings
 from db.blobstore import BlobStore, image_prefix, open_blob_store
@@ -81,6 +82,7 @@ def build_context(settings: Settings) -> WorkerContext:
 
     if not torch.cuda.is_available() and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    allocator.apply(settings.allocator)  # before the model's first allocations
     loaded = load_checkpoint(settings.model_checkpoint or DEFAULT_CHECKPOINT)
     segmenter = warm_segmenter(loaded, settings, cuda=torch.cuda.is_available())
     log.info("model %s loaded on %s (%s)", loaded.version, segmenter.device, loaded.label)
