@@ -635,9 +635,11 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
     parent = load_checkpoint(cfg.init_from) if cfg.init_from and resume is None else None
     if parent is not None:
         same_shape = dataclasses.replace(parent.network.config, dropout=net_config.dropout) == net_config
-        if not same_shape or parent.preprocessor.size != cfg.size:
-            raise ValueError(f"--init-from {cfg.init_from}: its network {parent.network.config} at "
-                             f"{parent.preprocessor.size} px differs from this run's {net_config} at {cfg.size} px")
+        if not same_shape:  # the frame size may differ (convolutions do not care): a fine-tune at a new scale
+            raise ValueError(f"--init-from {cfg.init_from}: its network {parent.network.config} "
+                             f"differs from this run's {net_config}")
+        if parent.preprocessor.size != cfg.size:
+            print(f"--init-from: the parent ran at {parent.preprocessor.size} px, this run at {cfg.size} px", flush=True)
     out = Path(cfg.out)
     metrics_path = Path(cfg.metrics_file) if cfg.metrics_file else out.with_name(out.stem + ".metrics.jsonl")
     last_path = state_path(out)
@@ -673,7 +675,8 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
         init_record = resume.get("init_from") if resume is not None else None
         if parent is not None:
             mean, std = parent.preprocessor.mean, parent.preprocessor.std
-            init_record = {"path": cfg.init_from, "version": parent.version, "history": parent.info.get("history"),
+            init_record = {"path": cfg.init_from, "version": parent.version, "size": parent.preprocessor.size,
+                           "history": parent.info.get("history"),
                            "init_from": parent.info.get("init_from")}  # the parent's own parent, and so on
         if resume is not None and resume.get("zscore") is not None:
             mean, std = resume["zscore"]

@@ -296,6 +296,13 @@ def test_init_from_starts_at_the_parents_weights_and_normalisation(tmp_path):
     assert resumed.info["init_from"]["version"] == "parent"
     with pytest.raises(ValueError, match="differs from this run's"):
         train(dataclasses.replace(child_cfg, out=str(tmp_path / "wide.pt"), filters=(4, 8, 16), init_from=str(cut)))
+    # the same network at another frame size (a fine-tune at a new scale): the weights carry over, the size is recorded
+    larger = load_checkpoint(train(dataclasses.replace(child_cfg, out=str(tmp_path / "larger.pt"), size=48,
+                                                       init_from=str(cut))))
+    assert larger.preprocessor.size == 48 and larger.info["init_from"]["size"] == 32
+    larger_params = dict(larger.network.named_parameters())
+    for name, tensor in resumed.network.named_parameters():
+        assert torch.equal(tensor, larger_params[name]), name
 
 
 def test_cpu_bf16_is_called_native_only_with_the_instructions_for_it():
