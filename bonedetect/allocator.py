@@ -16,8 +16,9 @@ per forward; with freed memory kept, no page faults and 569-575 ms.
 large blocks (they come from the heap and go back to it), and the heap is
 trimmed only when more than 1 GiB at its top is free. The process's resident
 memory then stays at its high-water mark rather than breathing with every
-image, which for a long-running worker is the memory it needs anyway
-(``python -m bench --memory`` measures it). It changes allocations made after
+image; a worker gives what is free back after each chunk
+(``release_free_memory``), so its memory between chunks does not keep the
+largest image's peak (``python -m bench --memory`` measures it). It changes allocations made after
 the call; the numbers computed do not change.
 
 PyTorch's CPU performance guide suggests jemalloc or tcmalloc via
@@ -65,3 +66,28 @@ def apply(mode: str) -> bool:
     if mode not in ALLOCATOR_MODES:
         raise ValueError(f"allocator must be one of {ALLOCATOR_MODES}, got {mode!r}")
     return keep_freed_memory() if mode == "keep" else False
+
+
+def apply_from_env() -> bool:
+    """``apply`` with the ``ALLOCATOR`` environment variable (default keep): for the training commands."""
+    from bonedetect.settings import Settings
+
+    return apply(Settings.from_env().allocator)
+
+
+def release_free_memory() -> bool:
+    """Give the free memory kept so far back to the kernel (glibc's ``malloc_trim(0)``).
+
+    A worker calls it after each chunk: its resident memory then returns to
+    what it holds between chunks, instead of staying at the largest image's
+    high-water mark, and only each chunk's first images pay page faults
+    again. False where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    trim(0)
+    return True

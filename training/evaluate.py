@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bonedetect import allocator
 
-    allocator.keep_freed_memory()  # as the workers do: no page faults for each image's blocks
+    allocator.apply_from_env()  # ALLOCATOR, keep by default, as the workers: no page faults for each image's blocks
     torch.set_num_threads(os.cpu_count() or 1)
     evaluate_checkpoint(args.checkpoint, args.data, args.split_file, args.split, args.out_dir, args.tta, args.examples,
                         args.device, args.batch_size, args.max_images)

@@ -116,10 +116,11 @@ class Pipeline:
     worker's cores go, measured in the run itself (the benchmark prints it).
     The threads a step starts (PyTorch's and OpenCV's own) are not in it.
     ``wall_seconds`` adds up wall-clock time on the calling thread: "forward"
-    (the network ran), "waiting" (it waited for decoding, or for finishing to
-    catch up) and "draining" (the last images finishing after the network's
-    last batch), so forward over a chunk's time says how well the network was
-    fed (the worker logs it per chunk).
+    (the network ran), "input" (it waited for decoded images), "finishing"
+    (it waited for finishing to catch up: backpressure) and "draining" (the
+    last images finishing after the network's last batch), so forward over
+    the run's time says how well the network was fed (the worker logs it per
+    chunk).
     """
 
     STEPS = ("read", "decode", "prepare", "forward", "restore+postprocess", "statistics", "mask PNG", "overlay",
@@ -283,14 +284,16 @@ class Pipeline:
             t0 = time.perf_counter()
             ready = [f.result() for f in decoding.popleft()]
             good = [d for d in ready if d.image is not None]
+            t1 = time.perf_counter()
             # Backpressure: finishing is the slower side on a GPU; bound what waits for it.
             while pending and (len(pending) + len(good) > self.max_pending or pending[0].done()):
                 pending.popleft().result()
-            t1 = time.perf_counter()
+            t2 = time.perf_counter()
             with self._step("forward"):
                 planes = self.segmenter.forward([d.frame for d in good]) if good else []
-            self.wall_seconds["waiting"] += t1 - t0
-            self.wall_seconds["forward"] += time.perf_counter() - t1
+            self.wall_seconds["input"] += t1 - t0
+            self.wall_seconds["finishing"] += t2 - t1
+            self.wall_seconds["forward"] += time.perf_counter() - t2
             planes_of = iter(planes)
             for d in ready:
                 if d.image is None:

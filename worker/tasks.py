@@ -82,7 +82,10 @@ def build_context(settings: Settings) -> WorkerContext:
 
     if not torch.cuda.is_available() and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    allocator.apply(settings.allocator)  # before the model's first allocations
+    kept = allocator.apply(settings.allocator)  # before the model's first allocations
+    log.info("allocator %s: %s", settings.allocator,
+             "freed memory kept for reuse, given back after each chunk" if kept
+             else "glibc's defaults" if settings.allocator == "system" else "not available here (not glibc); defaults")
     loaded = load_checkpoint(settings.model_checkpoint or DEFAULT_CHECKPOINT)
     segmenter = warm_segmenter(loaded, settings, cuda=torch.cuda.is_available())
     log.info("model %s loaded on %s (%s)", loaded.version, segmenter.device, loaded.label)
@@ -368,7 +371,9 @@ def segment_chunk(self, image_ids: list[str]) -> dict:
     try:
         with LeaseKeeper(ctx, claimed):
             items = [(c.image_id, (lambda key=c.blob_key: ctx.blobs.get_bytes(key))) for c in claimed]
+            run_started = time.perf_counter()
             results = ctx.pipeline.run(items)
+            pipeline_s = time.perf_counter() - run_started
             # The work is done: keep it through a database restart rather than redo it.
             written = retry_database(lambda: write_results(ctx, claimed, results), "write results", patience)
     except Retry:
@@ -396,13 +401,16 @@ def segment_chunk(self, image_ids: list[str]) -> dict:
     seconds = time.perf_counter() - started
     spent = Counter(ctx.pipeline.wall_seconds)
     spent.subtract(walls)
-    # Whether the network was fed: the share of the chunk's wall time it ran, and where the rest went.
-    network_share = spent["forward"] / seconds if seconds > 0 else 0.0
+    # Whether the network was fed: its share of the pipeline's time, and where the rest went.
+    network_share = spent["forward"] / pipeline_s if pipeline_s > 0 else 0.0
     log.info(
-        "chunk done: %d done, %d failed in %.2f s; the network ran %.0f%% of it",
-        done, len(results) - done, seconds, 100.0 * network_share,
-        extra={"images": len(results), "done": done, "seconds": round(seconds, 3),
-               "network_share": round(network_share, 3), "input_wait_s": round(spent["waiting"], 3),
-               "draining_s": round(spent["draining"], 3)},
+        "chunk done: %d done, %d failed in %.2f s; the network ran %.0f%% of the pipeline's %.2f s",
+        done, len(results) - done, seconds, 100.0 * network_share, pipeline_s,
+        extra={"images": len(results), "done": done, "seconds": round(seconds, 3), "pipeline_s": round(pipeline_s, 3),
+               "network_share": round(network_share, 3), "input_wait_s": round(spent["input"], 3),
+               "finish_wait_s": round(spent["finishing"] + spent["draining"], 3),
+               "database_s": round(max(0.0, seconds - pipeline_s), 3)},
     )  # fmt: skip
+    if ctx.settings.allocator == "keep":
+        allocator.release_free_memory()  # what this chunk freed goes back: memory between chunks stays flat
     return {"processed": len(results), "done": done, "written": written}
