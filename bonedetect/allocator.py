@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 
 from bonedetect.settings import ALLOCATOR_MODES
@@ -43,18 +44,36 @@ M_MMAP_MAX = -4
 TRIM_THRESHOLD = 1 << 30  # bytes free at the heap's top before glibc gives them back
 
 
+def is_glibc() -> bool:
+    """Whether this process's C library is glibc (not macOS's, not musl)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):  # a C library without that name (musl)
+        return False
+
+
+def _glibc(name: str, argtypes: tuple):
+    """glibc's function ``name`` (returning a C int), or None where the C library is not glibc."""
+    if not is_glibc():
+        return None
+    try:
+        function = getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError, ValueError):
+        return None
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse (module docstring).
 
     Returns True when it took effect; False where the C library is not glibc
     (macOS, musl), which is left as it is."""
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc("mallopt", (ctypes.c_int, ctypes.c_int))
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     ok = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     if not ok:
         log.warning("mallopt refused the allocator settings; freed memory goes back to the kernel")
@@ -82,12 +101,8 @@ def release_free_memory() -> bool:
     what it holds between chunks, instead of staying at the largest image's
     high-water mark, and only each chunk's first images pay page faults
     again. False where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
+    trim = _glibc("malloc_trim", (ctypes.c_size_t,))
+    if trim is None:
         return False
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
     trim(0)
     return True

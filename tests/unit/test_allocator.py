@@ -1,7 +1,6 @@
 """bonedetect.allocator: freed memory stays in the process, so the next image's
 blocks of the same size cost no page faults (what the worker does per image)."""
 
-import os
 import subprocess
 import sys
 
@@ -37,7 +36,7 @@ def faults(mode: str) -> tuple[bool, int]:
     return out[0] == "True", int(out[1])
 
 
-GLIBC = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+GLIBC = allocator.is_glibc()
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
