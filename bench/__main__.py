@@ -30,6 +30,7 @@ The last line reads
 
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import json
 import os
@@ -206,9 +207,11 @@ def run(args, argv, tmp: Path) -> int:
         raise SystemExit("--workers, --batch, --chunk and --io-threads must be at least 1")
     import torch
 
-    from bonedetect import allocator
+    from bonedetect.settings import Settings
+    from worker.tasks import configure_process
 
-    allocator.apply(args.allocator)  # as each worker does (worker.tasks.build_context)
+    # this process runs the model and pipeline stages as each worker runs (worker.tasks.build_context)
+    configure_process(dataclasses.replace(Settings.from_env(), allocator=args.allocator))
     if args.threads is None:
         args.threads = 1 if args.workers > 1 or args.pin_workers else torch.get_num_threads()
     ckpt, model_text = checkpoint_for(args, tmp)

@@ -65,6 +65,7 @@ class Settings:
     lease_s: int = 120  # a live worker renews its chunk's leases every lease_s/3; one that lapses means the worker died
     torch_threads: int = 0  # CPU inference threads per worker; 0: PyTorch's default
     io_threads: int = 4  # decode/encode threads that overlap the network
+    opencv_threads: int = 1  # OpenCV's own threads per worker; 1: the I/O threads are the parallelism; 0: OpenCV's default
     infer_tta: str = "off"  # flip: average with the mirrored image's pass (twice the network's work; docs/training.md)
     torch_compile: str = "auto"  # auto: torch.compile the network on CUDA workers; on; off
     allocator: str = "keep"  # keep: workers keep freed memory for the next image (no page faults); system: glibc's defaults
@@ -115,6 +116,7 @@ class Settings:
             lease_s=_int(env, "LEASE_S", 120),
             torch_threads=_int(env, "TORCH_THREADS", 0),
             io_threads=_int(env, "IO_THREADS", 4),
+            opencv_threads=_int(env, "OPENCV_THREADS", 1),
             overlays=_choice(env, "OVERLAYS", OVERLAY_MODES),
             allocator=_choice(env, "ALLOCATOR", ALLOCATOR_MODES),
             torch_compile=_choice(env, "TORCH_COMPILE", ("auto", "on", "off")),

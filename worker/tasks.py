@@ -82,10 +82,7 @@ def build_context(settings: Settings) -> WorkerContext:
 
     if not torch.cuda.is_available() and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    kept = allocator.apply(settings.allocator)  # before the model's first allocations
-    log.info("allocator %s: %s", settings.allocator,
-             "freed memory kept for reuse, given back after each chunk" if kept
-             else "glibc's defaults" if settings.allocator == "system" else "not available here (not glibc); defaults")
+    configure_process(settings)
     loaded = load_checkpoint(settings.model_checkpoint or DEFAULT_CHECKPOINT)
     segmenter = warm_segmenter(loaded, settings, cuda=torch.cuda.is_available())
     log.info("model %s loaded on %s (%s)", loaded.version, segmenter.device, loaded.label)
@@ -98,6 +95,24 @@ def build_context(settings: Settings) -> WorkerContext:
                           overlays=settings.overlays == "eager"),
         model_version=segmenter.version,  # "+flip-tta" when INFER_TTA=flip: the rows say what made them
     )
+
+
+def configure_process(settings: Settings) -> None:
+    """The worker process's allocator (before the model's first allocations) and OpenCV's threads.
+
+    OPENCV_THREADS=1 (the default): the pipeline's I/O threads are the
+    parallelism; OpenCV's own pool would only add threads that compete with
+    the network's for the same cores (on the 2-core CPU, pipeline/model 0.845
+    and 0.877 with one OpenCV thread against 0.821 with OpenCV's default of
+    two, docs/benchmarks.md)."""
+    import cv2
+
+    kept = allocator.apply(settings.allocator)
+    log.info("allocator %s: %s", settings.allocator,
+             "freed memory kept for reuse, given back after each chunk" if kept
+             else "glibc's defaults" if settings.allocator == "system" else "not available here (not glibc); defaults")
+    if settings.opencv_threads:
+        cv2.setNumThreads(settings.opencv_threads)
 
 
 def warm_segmenter(loaded, settings: Settings, cuda: bool):
