@@ -30,8 +30,8 @@ The last line reads
 
 from __future__ import annotations
 
-import dataclasses
 import argparse
+import dataclasses
 import json
 import os
 import platform

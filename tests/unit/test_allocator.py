@@ -86,22 +86,3 @@ print(kept, rss_mib())
     kept, released = float(out[0]), float(out[1])
     assert kept - released > 200, (kept, released)
 
-
-def test_a_worker_process_runs_opencv_on_one_thread_unless_told_otherwise():
-    """worker.tasks.configure_process: the pipeline's I/O threads are the parallelism, so OpenCV's own
-    pool stays at one thread (OPENCV_THREADS; 0 keeps OpenCV's default)."""
-    import cv2
-
-    from bonedetect.settings import Settings
-    from worker.tasks import configure_process
-
-    before = cv2.getNumThreads()
-    try:
-        cv2.setNumThreads(2)
-        configure_process(Settings.from_env({"ALLOCATOR": "system"}))
-        assert cv2.getNumThreads() == 1
-        cv2.setNumThreads(2)
-        configure_process(Settings.from_env({"ALLOCATOR": "system", "OPENCV_THREADS": "0"}))
-        assert cv2.getNumThreads() == 2
-    finally:
-        cv2.setNumThreads(before)

@@ -289,3 +289,23 @@ def test_worker_serves_uncompiled_when_compiling_fails_under_auto_only(saved, mo
     with pytest.raises(RuntimeError, match="C compiler"):
         warm_segmenter(loaded, Settings.from_env({"TORCH_COMPILE": "on"}), cuda=True)
     assert not warm_segmenter(loaded, Settings.from_env({}), cuda=False).compiled, "auto: no compiling on the CPU"
+
+
+def test_a_worker_process_runs_opencv_on_one_thread_unless_told_otherwise():
+    """worker.tasks.configure_process: the pipeline's I/O threads are the parallelism, so OpenCV's own
+    pool stays at one thread (OPENCV_THREADS; 0 keeps OpenCV's default)."""
+    import cv2
+
+    from bonedetect.settings import Settings
+    from worker.tasks import configure_process
+
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        configure_process(Settings.from_env({"ALLOCATOR": "system"}))
+        assert cv2.getNumThreads() == 1
+        cv2.setNumThreads(2)
+        configure_process(Settings.from_env({"ALLOCATOR": "system", "OPENCV_THREADS": "0"}))
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)
