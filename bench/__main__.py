@@ -56,7 +56,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from bonedetect.settings import ALLOCATOR_MODES, OVERLAY_MODES, Settings
+    from bonedetect.settings import ALLOCATOR_MODES, JPEG_DECODE_MODES, OVERLAY_MODES, Settings
 
     s = Settings.from_env()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
                         f"(now {s.allocator}; bonedetect/allocator.py)")
     p.add_argument("--overlays", choices=OVERLAY_MODES, default=s.overlays,
                    help=f"OVERLAYS for the pipeline and the workers (now {s.overlays}); lazy: the API renders on request")
+    p.add_argument("--jpeg-decode", choices=JPEG_DECODE_MODES, default=s.jpeg_decode,
+                   help=f"JPEG_DECODE for the pipeline and the workers (now {s.jpeg_decode}); reduced: with lazy overlays, "
+                        "JPEGs are decoded at 1/2-1/8 of their size when the network's frame is that small")
     p.add_argument("--stages", default="model,pipeline,system", help="comma-separated subset of model,pipeline,system")
     p.add_argument("--quick", action="store_true", help="16 images, the shipped model: under a minute on the 2-core CPU")
     p.add_argument("--sweep-batches", metavar="B,B,...",
@@ -244,9 +247,10 @@ def run(args, argv, tmp: Path) -> int:
         results["model"] = tp.measure_model(segmenter, tp.frames_of(segmenter, paths, 8), n_model)
     if "pipeline" in stages:
         log(f"pipeline: {n} images in chunks of {args.chunk}, {args.io_threads} decode/encode threads")
+        reduced = args.jpeg_decode == "reduced"
         results["pipeline"] = tp.measure_pipeline(segmenter, paths, args.chunk, args.io_threads, args.gpu_decode,
-                                                  overlays=args.overlays == "eager")
-        costs = tp.step_costs(segmenter, paths)
+                                                  overlays=args.overlays == "eager", reduced_jpeg=reduced)
+        costs = tp.step_costs(segmenter, paths, reduced_jpeg=reduced and args.overlays == "lazy")
         out["step_ms"] = {k: round(v, 1) for k, v in costs.items()}
     if "system" in stages and args.workers > 1 and (n % args.chunk or (n // args.chunk) % args.workers):
         log(f"note: {n} images in chunks of {args.chunk} do not split evenly over {args.workers} workers: "
@@ -254,7 +258,7 @@ def run(args, argv, tmp: Path) -> int:
     if "system" in stages:
         kw = dict(threads=args.threads, batch=worker_batch, chunk=args.chunk, io_threads=args.io_threads,
                   broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays,
-                                                             "ALLOCATOR": args.allocator},
+                                                             "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode},
                   pin_workers=args.pin_workers)
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
@@ -278,7 +282,7 @@ def run(args, argv, tmp: Path) -> int:
           f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}"
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
           f"channels_last {segmenter.channels_last}; compile {args.compile}; overlays {args.overlays}; "
-          f"allocator {args.allocator}")
+          f"JPEG decode {args.jpeg_decode}; allocator {args.allocator}")
     print()
     print(f"{'stage':<22}{'images':>7}{'seconds':>9}{'img/s':>9}{'/ model':>9}{'CPU ms/img':>11}{'model/this':>11}{'cores':>6}  notes")
     for key, r in results.items():

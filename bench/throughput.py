@@ -20,6 +20,7 @@ has the numbers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import io
 import json
@@ -222,13 +223,15 @@ def measure_model(segmenter, frames: list[np.ndarray], n: int) -> StageResult:
 
 
 def measure_pipeline(
-    segmenter, paths: Sequence[Path], chunk: int, threads: int, gpu_decode: str | None = None, overlays: bool = True
+    segmenter, paths: Sequence[Path], chunk: int, threads: int, gpu_decode: str | None = None, overlays: bool = True,
+    reduced_jpeg: bool = True,
 ) -> StageResult:
     """``Pipeline.run`` on chunks of ``chunk`` files, as the worker calls it per task
-    (``overlays``: render overlay PNGs too, as OVERLAYS=eager workers do)."""
+    (``overlays``: render overlay PNGs too, as OVERLAYS=eager workers do;
+    ``reduced_jpeg``: JPEG_DECODE=reduced)."""
     from worker.pipeline import Pipeline
 
-    pipeline = Pipeline(segmenter, threads=threads, gpu_decode=gpu_decode, overlays=overlays)
+    pipeline = Pipeline(segmenter, threads=threads, gpu_decode=gpu_decode, overlays=overlays, reduced_jpeg=reduced_jpeg)
     try:
         pipeline.run([("warm-up", paths[0].read_bytes)])
         pipeline.cpu_seconds.clear()
@@ -242,7 +245,10 @@ def measure_pipeline(
     finally:
         pipeline.close()
     decoder = pipeline.decode
-    notes = {"tumor_detected": tumors, "decoder": getattr(decoder, "__name__", type(decoder).__name__), "load": load_average(),
+    name = getattr(getattr(decoder, "func", decoder), "__name__", type(decoder).__name__)
+    if isinstance(decoder, functools.partial):
+        name += f"(long_side={decoder.keywords.get('long_side')})"
+    notes = {"tumor_detected": tumors, "decoder": name, "load": load_average(),
              # core-ms per image of each step in this run (Pipeline.cpu_seconds); run() prints it under the table
              "cpu_ms_by_step": {k: 1000.0 * v / len(paths) for k, v in pipeline.cpu_seconds.items() if v > 0}}
     return StageResult("pipeline", len(paths), seconds, failed, notes, cpu_seconds=cpu)
@@ -251,14 +257,17 @@ def measure_pipeline(
 # -- cost breakdown --------------------------------------------------------------------------
 
 
-def step_costs(segmenter, paths: Sequence[Path], k: int = 6) -> dict[str, float]:
+def step_costs(segmenter, paths: Sequence[Path], k: int = 6, reduced_jpeg: bool = False) -> dict[str, float]:
     """Milliseconds per image of each CPU-side step, one after another in one
-    thread, averaged over k images (the network excluded: see the model stage)."""
+    thread, averaged over k images (the network excluded: see the model stage).
+    ``reduced_jpeg``: decode and preprocess as a JPEG_DECODE=reduced worker
+    does (the overlay, drawn in the API, still gets the full-size pixels)."""
     import torch
 
     from model.postprocess import render_overlay
     from model.stats import tumor_statistics
     from worker.decode import decode_image
+    from worker.pipeline import REDUCED_DECODE_MARGIN
     from worker.png import encode_png
 
     # postprocess: what the worker does after the network (Segmenter.finish_windowed): restore the
@@ -281,9 +290,9 @@ def step_costs(segmenter, paths: Sequence[Path], k: int = 6) -> dict[str, float]
 
             data = path.read_bytes()
             lap("read")
-            image = decode_image(data)
+            image = decode_image(data, long_side=REDUCED_DECODE_MARGIN * segmenter.preprocessor.size if reduced_jpeg else None)
             lap("decode")
-            frame, geometry = segmenter.prepare(image.pixels)
+            frame, geometry = segmenter.prepare(image.pixels, image.full_shape)
             lap("preprocess")
             plane = segmenter.forward([frame])[0]
             clock = time.perf_counter()
@@ -292,7 +301,9 @@ def step_costs(segmenter, paths: Sequence[Path], k: int = 6) -> dict[str, float]
             lap("postprocess")
             tumor_statistics(mask, prob, image.pixel_spacing_mm)
             lap("statistics")
-            overlay = render_overlay(image.pixels, mask)
+            full = image.pixels if image.full_shape is None else decode_image(data).pixels  # the API's decode
+            clock = time.perf_counter()
+            overlay = render_overlay(full, mask)
             lap("overlay")
             encode_png(mask * np.uint8(255))
             lap("mask PNG")

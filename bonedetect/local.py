@@ -33,6 +33,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         IO_THREADS=str(settings.io_threads),
         OPENCV_THREADS=str(settings.opencv_threads),
         OVERLAYS=settings.overlays,
+        JPEG_DECODE=settings.jpeg_decode,
         ALLOCATOR=settings.allocator,
         TORCH_COMPILE=settings.torch_compile,
         INFER_TTA=settings.infer_tta,

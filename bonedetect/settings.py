@@ -35,6 +35,7 @@ def _batch(env: dict, name: str) -> int | None:
 
 
 ALLOCATOR_MODES = ("keep", "system")  # ALLOCATOR; the first is the default (bonedetect/allocator.py)
+JPEG_DECODE_MODES = ("reduced", "full")  # JPEG_DECODE; the first is the default (worker/decode.py)
 OVERLAY_MODES = ("lazy", "eager")  # OVERLAYS; the first is the default (worker/overlay.py)
 
 
@@ -69,6 +70,7 @@ class Settings:
     infer_tta: str = "off"  # flip: average with the mirrored image's pass (twice the network's work; docs/training.md)
     torch_compile: str = "auto"  # auto: torch.compile the network on CUDA workers; on; off
     allocator: str = "keep"  # keep: workers keep freed memory for the next image (no page faults); system: glibc's defaults
+    jpeg_decode: str = "reduced"  # reduced: with lazy overlays, CPU workers decode JPEGs at 1/2-1/8 size when the frame is that small; full
     overlays: str = "lazy"  # lazy: the API renders an overlay on its first request; eager: the worker writes each (worker/overlay.py)
     log_level: str = "INFO"
     log_format: str = "json"  # json: one object per line with job/image ids (bonedetect/logs.py); text: for a terminal
@@ -118,6 +120,7 @@ class Settings:
             io_threads=_int(env, "IO_THREADS", 4),
             opencv_threads=_int(env, "OPENCV_THREADS", 1),
             overlays=_choice(env, "OVERLAYS", OVERLAY_MODES),
+            jpeg_decode=_choice(env, "JPEG_DECODE", JPEG_DECODE_MODES),
             allocator=_choice(env, "ALLOCATOR", ALLOCATOR_MODES),
             torch_compile=_choice(env, "TORCH_COMPILE", ("auto", "on", "off")),
             infer_tta=_choice(env, "INFER_TTA", ("off", "flip")),

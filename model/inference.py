@@ -240,13 +240,17 @@ class Segmenter:
 
     # -- the three steps of predict -------------------------------------------
 
-    def prepare(self, image) -> tuple:
+    def prepare(self, image, shape: tuple[int, int] | None = None) -> tuple:
         """Gray (H, W) image -> ((S, S) float32 frame, Geometry); thread-safe.
         A numpy image gives a numpy frame; an (H, W) uint8 torch tensor (pixels
-        decoded on the GPU) a frame tensor on its device (``prepare_tensor``)."""
+        decoded on the GPU) a frame tensor on its device (``prepare_tensor``).
+        ``shape``: the full (H, W) when a numpy image is a reduced decode of it
+        (``Preprocessor.__call__``)."""
         if isinstance(image, torch.Tensor):
+            if shape is not None and tuple(shape) != tuple(image.shape):
+                raise ValueError("a tensor image is prepared at its own size")
             return self.preprocessor.prepare_tensor(image)
-        return self.preprocessor(image)
+        return self.preprocessor(image, shape)
 
     def forward(self, frames: list) -> np.ndarray:
         """Up to any number of (S, S) frames (numpy, or tensors from ``prepare``)

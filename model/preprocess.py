@@ -155,10 +155,19 @@ class Preprocessor:
         top, left = (self.size - scaled_h) // 2, (self.size - scaled_w) // 2
         return Geometry(int(h), int(w), scaled_h, scaled_w, self.size, top, left)
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, Geometry]:
-        """Gray (H, W) image of any dtype -> ((size, size) float32 frame, Geometry)."""
+    def __call__(self, pixels: np.ndarray, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, Geometry]:
+        """Gray (H, W) image of any dtype -> ((size, size) float32 frame, Geometry).
+
+        ``shape``: the (H, W) of the radiograph when ``pixels`` are a reduced
+        decode of it (worker.decode.decode_image's long_side). The Geometry is
+        then the full image's, so ``Geometry.restore`` returns to full size,
+        and the frame is the pixels shrunk (INTER_AREA) to the full image's
+        place in it; pixels smaller than that place either way are refused."""
         unit = to_unit_float(pixels)
-        g = self.geometry(*unit.shape)
+        g = self.geometry(*(shape or unit.shape))
+        if shape is not None and (unit.shape[0] < g.scaled_h or unit.shape[1] < g.scaled_w):
+            raise ValueError(f"pixels of shape {unit.shape} are smaller than the frame's {g.scaled_h}x{g.scaled_w} "
+                             f"for an image of {shape[0]}x{shape[1]}")
         frame = np.zeros((self.size, self.size), np.float32)
         frame[g.top : g.top + g.scaled_h, g.left : g.left + g.scaled_w] = self._resize(unit, g)
         frame -= np.float32(self.mean)

@@ -7,11 +7,21 @@ the pixel limit is refused before any pixel is decoded (decompression bombs).
 JPEG EXIF orientation is honoured, so masks and statistics are in the frame
 the radiologist sees. Every failure is a DecodeError whose message is the
 reason the user reads.
+
+A caller that only needs the image at a smaller size (the worker, which
+shrinks every radiograph to the network's frame) passes ``long_side``: a JPEG
+whose long side is at least twice that is then decoded at 1/2, 1/4 or 1/8 of
+its size by libjpeg's scaled inverse DCT (Pillow's ``draft``; each decoded
+pixel is, to JPEG rounding, the mean of the block it stands for), the largest
+reduction that still leaves at least ``long_side`` pixels on the long side,
+without the full-size pixels ever existing. ``DecodedImage.shape`` stays the
+size of the file, so masks and statistics are still at full resolution.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import struct
 from dataclasses import dataclass
 
@@ -41,9 +51,28 @@ class DecodedImage:
     # UIDs, SOP Class UID, Modality, PhotometricInterpretation) and the spacing
     # attributes used. Never patient name/ID/birth date or any date.
     dicom: dict | None = None
+    # (H, W) of the image in the file, in display orientation, when ``pixels``
+    # were decoded smaller (decode_image's long_side); None: pixels are full size.
+    full_shape: tuple[int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of the radiograph as uploaded: what masks and statistics are measured at."""
+        return self.full_shape or (int(self.pixels.shape[0]), int(self.pixels.shape[1]))
 
 
-def decode_image(data: bytes, max_pixels: int = 100_000_000) -> DecodedImage:
+# EXIF orientations that swap width and height (Pillow's ImageOps.exif_transpose applies them).
+_TRANSPOSING = {5, 6, 7, 8}
+
+
+def decode_image(data: bytes, max_pixels: int = 100_000_000, long_side: int | None = None) -> DecodedImage:
+    """The file's pixels, gray, in display orientation (module docstring).
+
+    Args:
+        max_pixels: larger images are refused before any pixel is decoded.
+        long_side: a JPEG may be decoded smaller, down to this many pixels on
+            its long side (module docstring); None: always full size.
+    """
     if not data:
         raise DecodeError("empty file")
     kind = sniff_format(data[:HEAD_BYTES])
@@ -67,13 +96,35 @@ def decode_image(data: bytes, max_pixels: int = 100_000_000) -> DecodedImage:
         raise DecodeError(f"image is {w}x{h} pixels, above the limit of {max_pixels} pixels")
     if min(w, h) < MIN_SIDE:
         raise DecodeError(f"image is {w}x{h} pixels, smaller than the minimum of {MIN_SIDE} pixels per side")
+    full_shape = None
     try:
+        if long_side and fmt == "JPEG" and _draft(im, long_side) > 1:
+            transposed = im.getexif().get(0x0112, 1) in _TRANSPOSING
+            full_shape = (w, h) if transposed else (h, w)
         # The pixel count was checked above, against our own limit.
         im.load()
         im = ImageOps.exif_transpose(im)
     except (OSError, SyntaxError, ValueError) as err:
         raise DecodeError(f"not a decodable image: {_reason(err)}") from None
-    return DecodedImage(pixels=_to_gray(im), format=fmt)
+    return DecodedImage(pixels=_to_gray(im), format=fmt, full_shape=full_shape)
+
+
+def _draft(im: Image.Image, long_side: int) -> int:
+    """Set ``im`` (a JPEG not yet loaded) to decode at 1/2, 1/4 or 1/8 of its
+    size, the largest of those that keeps at least ``long_side`` pixels on
+    the long side and, on the short one, at least its share of them (so a
+    frame of ``long_side`` or less is always a shrink of the decoded pixels); returns
+    the factor, 1 when the image is too small to reduce."""
+    w, h = im.size
+    longest = max(w, h)
+    if longest < 2 * long_side:
+        return 1
+    # Pillow picks the largest factor f in (8, 4, 2) with w // f >= want_w and h // f >= want_h.
+    want = (math.ceil(w * long_side / longest), math.ceil(h * long_side / longest))
+    drafted = im.draft(im.mode, want)
+    if drafted is None:  # e.g. a multi-tile JPEG: Pillow decodes it at full size
+        return 1
+    return max(1, round(w / drafted[1][2]))
 
 
 def _reason(err: Exception) -> str:

@@ -11,6 +11,9 @@ images wait to be finished, so memory does not grow with the chunk (a
 decoded 3000x2500 radiograph is 7.5 MB, its full-size probability map 30 MB).
 One bad image never fails its chunk: it gets an ImageResult with its reason.
 JPEGs can be decoded on the GPU (worker/gpu_decode.py, GPU_DECODE=auto|on|off).
+On the CPU, with lazy overlays, a JPEG is decoded at 1/2, 1/4 or 1/8 of its
+size, as long as that keeps twice the network's frame (worker/decode.py,
+JPEG_DECODE=reduced|full): the worker never needs its full-size pixels.
 The benchmark (python -m bench) runs this same class, so what is measured is
 what runs.
 """
@@ -18,6 +21,7 @@ what runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -32,12 +36,17 @@ import numpy as np
 from model.inference import Segmenter
 from model.preprocess import Geometry
 from model.stats import TumorStats, tumor_statistics
-from worker.decode import DecodedImage, DecodeError
+from worker.decode import DecodedImage, DecodeError, decode_image
 from worker.gpu_decode import GpuJpegDecoder, select_decoder
 from worker.overlay import overlay_png
 from worker.png import encode_png
 
 log = logging.getLogger("bonedetect.worker")
+
+# JPEG_DECODE=reduced keeps this many decoded pixels per frame pixel on the long side, at least: with 1
+# (a 3000x2500 JPEG at 1/8 for a 256 frame) frames differ from a full decode's by up to 55 gray levels at
+# sharp edges, with 2 by up to 5, for about the same decoding time (docs/benchmarks.md).
+REDUCED_DECODE_MARGIN = 2
 
 
 @dataclass
@@ -110,6 +119,13 @@ class Pipeline:
         overlays: render and encode each image's overlay PNG here (OVERLAYS=eager);
             False leaves ``overlay_png`` None for the API to render on request
             (OVERLAYS=lazy, worker/overlay.py).
+        reduced_jpeg: decode JPEGs on the CPU at the smallest of 1/2, 1/4, 1/8
+            of their size that keeps twice the network's frame on the long
+            side (JPEG_DECODE=reduced): every frame pixel still averages at
+            least 2x2 decoded ones, and frames agree with a full decode's to
+            a few gray levels (docs/benchmarks.md). Only with ``overlays``
+            False, since an overlay is drawn on the full-size pixels. Masks
+            and statistics stay at full size (``DecodedImage.shape``).
 
     ``cpu_seconds`` adds up, per step, the CPU time of the thread that ran it
     (``time.thread_time``), over everything this pipeline has run: where the
@@ -135,6 +151,7 @@ class Pipeline:
         prefetch_batches: int = 2,
         max_pending: int | None = None,
         overlays: bool = True,
+        reduced_jpeg: bool = True,
     ):
         if threads < 1 or prefetch_batches < 1:
             raise ValueError(f"threads and prefetch_batches must be at least 1, got {threads} and {prefetch_batches}")
@@ -143,6 +160,8 @@ class Pipeline:
         self.decode = select_decoder(gpu_decode or os.environ.get("GPU_DECODE") or "auto", segmenter.device)
         self.prefetch_batches = prefetch_batches
         self.overlays = bool(overlays)
+        if reduced_jpeg and not self.overlays and self.decode is decode_image:
+            self.decode = functools.partial(decode_image, long_side=REDUCED_DECODE_MARGIN * segmenter.preprocessor.size)
         batch = max(1, segmenter.batch_size)
         self.max_pending = max_pending or max(2 * batch, 2 * threads)
         self._local = threading.local()  # each pool thread's CUDA stream (_device_stream)
@@ -185,7 +204,7 @@ class Pipeline:
             try:
                 with self._step("prepare"):
                     try:
-                        item.frame, item.geometry = self.segmenter.prepare(pixels)
+                        item.frame, item.geometry = self.segmenter.prepare(pixels, item.image.full_shape)
                     except Exception:
                         if not _on_device(pixels):
                             raise
@@ -197,10 +216,11 @@ class Pipeline:
                 item.error = f"preprocessing failed: {err}"
                 item.image = None
                 return item
-            item.shape = tuple(int(v) for v in pixels.shape)
-            if _on_device(pixels):
-                # keep the GPU's copy only as long as needed: an eager overlay wants the pixels on the host
-                item.image.pixels = _host(pixels) if self.overlays else None
+            item.shape = item.image.shape
+            if not self.overlays:
+                item.image.pixels = None  # only an eager overlay reads them again
+            elif _on_device(pixels):
+                item.image.pixels = _host(pixels)  # the GPU's copy is freed; the overlay is drawn on the host
         return item
 
     def _device_stream(self):

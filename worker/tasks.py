@@ -92,7 +92,7 @@ def build_context(settings: Settings) -> WorkerContext:
         sessions=make_sessionmaker(make_engine(settings.database_url, **engine_args)),
         blobs=open_blob_store(settings.blob_url),
         pipeline=Pipeline(segmenter, max_pixels=settings.max_image_pixels, threads=settings.io_threads,
-                          overlays=settings.overlays == "eager"),
+                          overlays=settings.overlays == "eager", reduced_jpeg=settings.jpeg_decode == "reduced"),
         model_version=segmenter.version,  # "+flip-tta" when INFER_TTA=flip: the rows say what made them
     )
 

@@ -103,3 +103,61 @@ def test_decompression_bomb_refused_before_decoding():
 def test_tiny_image_refused():
     with pytest.raises(DecodeError, match="1x1 pixels, smaller than the minimum"):
         decode_image(encode(np.zeros((1, 1), np.uint8), "PNG"))
+
+
+# -- reduced decoding (the worker's JPEG_DECODE=reduced) ---------------------------------------
+
+
+def radiograph_like(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth structures with sharp edges and grain: what a JPEG of a radiograph holds."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 60 + 40 * np.sin(xx / 37.0) + 30 * np.cos(yy / 23.0)
+    img[(yy - h / 2) ** 2 / (h / 3) ** 2 + (xx - w / 3) ** 2 / (w / 6) ** 2 < 1] += 90  # a bright "bone"
+    img += rng.normal(0, 6, (h, w))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def block_means(pixels: np.ndarray, k: int) -> np.ndarray:
+    h, w = (pixels.shape[0] // k) * k, (pixels.shape[1] // k) * k
+    return pixels[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize("long_side, factor", [(600, 2), (300, 4), (150, 8), (100, 8), (601, 1)])
+def test_a_large_jpeg_is_decoded_smaller_on_request_and_keeps_its_full_size(long_side, factor):
+    data = encode(radiograph_like(1000, 1200), "JPEG", quality=92)
+    full = decode_image(data)
+    out = decode_image(data, long_side=long_side)
+    assert full.full_shape is None and full.shape == (1000, 1200)
+    assert out.shape == (1000, 1200), "masks and statistics are measured at the file's size"
+    assert out.pixels.shape == (-(-1000 // factor), -(-1200 // factor))
+    assert max(out.pixels.shape) >= min(long_side, 1200)
+    if factor == 1:
+        assert out.full_shape is None
+        np.testing.assert_array_equal(out.pixels, full.pixels)
+    else:
+        assert out.full_shape == (1000, 1200)
+        # each decoded pixel is the mean of the block of the full decode it stands for, to JPEG rounding
+        means = block_means(full.pixels.astype(np.float64), factor)
+        diff = np.abs(out.pixels[: means.shape[0], : means.shape[1]] - means)
+        assert diff.mean() < 1.0 and diff.max() < 4, (diff.mean(), diff.max())
+
+
+def test_a_reduced_decode_honours_exif_orientation():
+    img = radiograph_like(400, 800)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the displayed image is 800 high, 400 wide
+    data = encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+    full = decode_image(data)
+    out = decode_image(data, long_side=200)
+    assert full.pixels.shape == (800, 400)
+    assert out.shape == out.full_shape == (800, 400) and out.pixels.shape == (200, 100)
+    diff = np.abs(out.pixels - block_means(full.pixels.astype(np.float64), 4))
+    assert diff.mean() < 1.0, diff.mean()
+
+
+def test_only_jpegs_are_decoded_smaller():
+    img = radiograph_like(1000, 1200)
+    out = decode_image(encode(img, "PNG"), long_side=100)
+    assert out.full_shape is None
+    np.testing.assert_array_equal(out.pixels, img)

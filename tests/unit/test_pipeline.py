@@ -124,3 +124,44 @@ def test_wall_time_says_how_long_the_network_ran_and_waited(pipeline):
     # reads of 0.15 s on the pool's threads: the network waited for at least the first of them
     assert walls["input"] >= 0.14, walls
     assert walls["forward"] < elapsed - 0.14, (walls, elapsed)
+
+
+def test_lazy_workers_decode_large_jpegs_smaller_and_answer_at_full_size():
+    """JPEG_DECODE=reduced: a worker with lazy overlays decodes a large JPEG at a fraction of its
+    size (twice the frame or more); the mask, its size and the statistics are those of a full
+    decode, to the network's sensitivity to a gray level here and there."""
+    from model.checkpoint import SYNTHETIC_CHECKPOINT
+    from training.synthetic import synthetic_jpegs
+    from worker.decode import decode_image
+
+    segmenter = Segmenter(load_checkpoint(SYNTHETIC_CHECKPOINT), batch_size=2)
+    files, truth = synthetic_jpegs(3, seed=11, sides=(800, 1100))
+    items = [(name, (lambda d=data: d)) for name, data in files]
+    reduced = Pipeline(segmenter, threads=2, overlays=False)
+    full = Pipeline(segmenter, threads=2, overlays=False, reduced_jpeg=False)
+    eager = Pipeline(segmenter, threads=2)
+    try:
+        assert reduced.decode.keywords == {"long_side": 2 * segmenter.preprocessor.size}
+        assert full.decode is decode_image and eager.decode is decode_image, "an eager overlay needs the full pixels"
+        small, large = reduced.run(items), full.run(items)
+    finally:
+        reduced.close(), full.close(), eager.close()
+    for (name, _), r, f in zip(files, small, large):
+        assert r.ok and f.ok, (r.error, f.error)
+        assert (r.width, r.height) == (f.width, f.height) == truth[name].shape[::-1]
+        a = np.asarray(Image.open(io.BytesIO(r.mask_png))) > 0
+        b = np.asarray(Image.open(io.BytesIO(f.mask_png))) > 0
+        assert a.shape == truth[name].shape
+        assert b.any() and 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.97, name
+        assert abs(r.stats.area_px - f.stats.area_px) < 0.05 * f.stats.area_px
+
+
+def test_jpeg_decode_setting_reaches_the_worker_processes():
+    from bonedetect.local import settings_env
+    from bonedetect.settings import Settings
+
+    assert Settings.from_env({}).jpeg_decode == "reduced"
+    full = Settings.from_env({"JPEG_DECODE": " Full "})
+    assert full.jpeg_decode == "full" and Settings.from_env(settings_env(full)).jpeg_decode == "full"
+    with pytest.raises(ValueError, match="JPEG_DECODE must be one of reduced, full"):
+        Settings.from_env({"JPEG_DECODE": "half"})

@@ -177,3 +177,21 @@ def test_as_dict_round_trips():
     assert pre.as_dict() == {"size": 256, "mean": 0.4, "std": 0.2}
     assert Preprocessor(**pre.as_dict()).as_dict() == pre.as_dict()
     assert isinstance(pre.geometry(3, 4), Geometry)
+
+
+def test_a_reduced_decode_gets_the_full_images_geometry_and_nearly_its_frame():
+    """worker.decode's long_side: pixels decoded at 1/4 of the file's size, with the file's shape,
+    give the geometry of the full image (masks come back at full size) and a frame within a
+    fraction of a gray level of the full image's."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:1000, 0:1200]
+    img = np.clip(100 + 60 * np.sin(xx / 41.0) * np.cos(yy / 29.0) + rng.normal(0, 5, (1000, 1200)), 0, 255).astype(np.uint8)
+    reduced = np.round(img.reshape(250, 4, 300, 4).mean(axis=(1, 3))).astype(np.uint8)
+    pre = Preprocessor(128, 0.5, 0.25)
+    frame_full, g_full = pre(img)
+    frame, g = pre(reduced, shape=img.shape)
+    assert g == g_full and (g.orig_h, g.orig_w) == (1000, 1200)
+    levels = np.abs(frame - frame_full) * 0.25 * 255  # z-scored back to 8-bit gray levels
+    assert levels.mean() < 0.5 and levels.max() < 3, (levels.mean(), levels.max())
+    with pytest.raises(ValueError, match="smaller than the frame"):
+        pre(reduced[:50, :60], shape=img.shape)
