@@ -59,19 +59,31 @@ def tumor_statistics(
     # Everything below looks only inside the bounding box of the tumor pixels:
     # on a 3000 x 2500 radiograph the whole-image passes (nonzero, labelling,
     # a float64 copy of the probability map) cost 30-70 ms, the box a few.
-    inside = mask != 0
-    x0, y0, bw, bh = cv2.boundingRect(inside.view(np.uint8))
+    # Area and centroid come from the tumor pixels per row and per column
+    # (integer sums, so the same numbers as counting the pixels and averaging
+    # their coordinates), and the probabilities are read through the mask:
+    # no list of tumor pixels is ever made, which on a mask speckled over the
+    # whole image (an untrained network) costs 24 ms instead of 160 (one AVX2 core).
+    inside = (mask != 0).view(np.uint8)
+    x0, y0, bw, bh = cv2.boundingRect(inside)
     area_mm2_of = (lambda area: None) if row_mm is None else (lambda area: area * row_mm * col_mm)
     if bw == 0:
         return TumorStats(False, 0, 0.0, area_mm2_of(0), None, None, None, None, None, None, 0, None, None)
     box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
     inside_box = inside[box]
-    ys, xs = np.nonzero(inside_box)
-    ys += y0  # image coordinates (the same integers, in the same order, as a whole-image np.nonzero)
-    xs += x0
-    area = int(ys.size)
-    n_labels, _ = cv2.connectedComponents(inside_box.view(np.uint8), connectivity=8)
-    prob_in = None if prob is None else np.asarray(np.asarray(prob)[box][inside_box], np.float64)
+    per_col = cv2.reduce(inside_box, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel().astype(np.int64)
+    per_row = cv2.reduce(inside_box, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel().astype(np.int64)
+    area = int(per_col.sum())
+    sum_x = int(per_col @ np.arange(x0, x0 + bw, dtype=np.int64))
+    sum_y = int(per_row @ np.arange(y0, y0 + bh, dtype=np.int64))
+    n_labels, _ = cv2.connectedComponentsWithAlgorithm(inside_box, 8, cv2.CV_32S, cv2.CCL_BBDT)  # as remove_small_regions
+    prob_max = prob_mean = None
+    if prob is not None:
+        prob_box = np.asarray(prob)[box]
+        if prob_box.dtype not in (np.float32, np.float64):
+            prob_box = prob_box.astype(np.float32)
+        prob_max = float(cv2.minMaxLoc(prob_box, inside_box)[1])
+        prob_mean = float(cv2.mean(prob_box, inside_box)[0])
     return TumorStats(
         tumor_detected=True,
         area_px=area,
@@ -81,9 +93,9 @@ def tumor_statistics(
         bbox_y=y0,
         bbox_w=bw,
         bbox_h=bh,
-        centroid_x=float(xs.mean()),
-        centroid_y=float(ys.mean()),
+        centroid_x=sum_x / area,  # exact sums, one correctly rounded division: as numpy's mean of the coordinates
+        centroid_y=sum_y / area,
         n_regions=int(n_labels) - 1,
-        prob_max=None if prob_in is None else float(prob_in.max()),
-        prob_mean=None if prob_in is None else float(prob_in.mean()),
+        prob_max=prob_max,
+        prob_mean=prob_mean,
     )
