@@ -159,15 +159,21 @@ class Preprocessor:
         """Gray (H, W) image of any dtype -> ((size, size) float32 frame, Geometry).
 
         ``shape``: the (H, W) of the radiograph when ``pixels`` are a reduced
-        decode of it (worker.decode.decode_image's long_side). The Geometry is
-        then the full image's, so ``Geometry.restore`` returns to full size,
-        and the frame is the pixels shrunk (INTER_AREA) to the full image's
-        place in it; pixels smaller than that place either way are refused."""
+        decode of it by a whole factor (worker.decode.decode_image's
+        long_side): H and W that factor times the pixels' sides. The Geometry
+        is then the full image's, so ``Geometry.restore`` returns to full
+        size, and the frame is the pixels shrunk (INTER_AREA) to the full
+        image's place in it. Other shapes, and pixels smaller than that
+        place either way, are refused."""
         unit = to_unit_float(pixels)
         g = self.geometry(*(shape or unit.shape))
-        if shape is not None and (unit.shape[0] < g.scaled_h or unit.shape[1] < g.scaled_w):
-            raise ValueError(f"pixels of shape {unit.shape} are smaller than the frame's {g.scaled_h}x{g.scaled_w} "
-                             f"for an image of {shape[0]}x{shape[1]}")
+        if shape is not None:
+            (H, W), (h, w) = shape, unit.shape
+            if H % h or W % w or H // h != W // w:
+                raise ValueError(f"pixels of shape {unit.shape} are not the image of {H}x{W} reduced by a whole factor")
+            if h < g.scaled_h or w < g.scaled_w:
+                raise ValueError(f"pixels of shape {unit.shape} are smaller than the frame's {g.scaled_h}x{g.scaled_w} "
+                                 f"for an image of {H}x{W}")
         frame = np.zeros((self.size, self.size), np.float32)
         frame[g.top : g.top + g.scaled_h, g.left : g.left + g.scaled_w] = self._resize(unit, g)
         frame -= np.float32(self.mean)

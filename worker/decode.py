@@ -13,8 +13,8 @@ shrinks every radiograph to the network's frame) passes ``long_side``: a JPEG
 whose long side is at least twice that is then decoded at 1/2, 1/4 or 1/8 of
 its size by libjpeg's scaled inverse DCT (Pillow's ``draft``; each decoded
 pixel is, to JPEG rounding, the mean of the block it stands for), the largest
-reduction that still leaves at least ``long_side`` pixels on the long side,
-without the full-size pixels ever existing. ``DecodedImage.shape`` stays the
+reduction that divides both sides and still leaves at least ``long_side``
+pixels on the long side, without the full-size pixels ever existing. ``DecodedImage.shape`` stays the
 size of the file, so masks and statistics are still at full resolution.
 """
 
@@ -110,21 +110,21 @@ def decode_image(data: bytes, max_pixels: int = 100_000_000, long_side: int | No
 
 
 def _draft(im: Image.Image, long_side: int) -> int:
-    """Set ``im`` (a JPEG not yet loaded) to decode at 1/2, 1/4 or 1/8 of its
-    size, the largest of those that keeps at least ``long_side`` pixels on
-    the long side and, on the short one, at least its share of them (so a
-    frame of ``long_side`` or less is always a shrink of the decoded pixels); returns
-    the factor, 1 when the image is too small to reduce."""
+    """Set ``im`` (a JPEG not yet loaded) to decode at 1/8, 1/4 or 1/2 of its
+    size: the largest of those that divides both sides and keeps at least
+    ``long_side`` pixels on the long side (so the short side keeps its share
+    too); returns the factor, 1 when none does. Only whole divisors: libjpeg
+    decodes a side that is not a multiple of the factor into one more pixel
+    that stands for a part-block, which a resize would stretch over a whole
+    one, shifting the far edge by up to factor - 1 pixels."""
     w, h = im.size
-    longest = max(w, h)
-    if longest < 2 * long_side:
-        return 1
-    # Pillow picks the largest factor f in (8, 4, 2) with w // f >= want_w and h // f >= want_h.
-    want = (math.ceil(w * long_side / longest), math.ceil(h * long_side / longest))
-    drafted = im.draft(im.mode, want)
-    if drafted is None:  # e.g. a multi-tile JPEG: Pillow decodes it at full size
-        return 1
-    return max(1, round(w / drafted[1][2]))
+    for factor in (8, 4, 2):
+        if w % factor == 0 and h % factor == 0 and max(w, h) // factor >= long_side:
+            # Pillow picks the largest of 8, 4, 2 with w // size[0] and h // size[1] at least that: exactly factor
+            if im.draft(im.mode, (w // factor, h // factor)) is None:
+                return 1  # e.g. a multi-tile JPEG: Pillow decodes it at full size
+            return factor
+    return 1
 
 
 def _reason(err: Exception) -> str:

@@ -13,10 +13,14 @@ outside the network on this project's CPU, and more CPU than a GPU worker
 host has at the rates the network reaches (1,000 images/s would need ~50
 cores for overlays alone). Most overlays of an overnight batch are never
 looked at; the masks (40 KB) and statistics are what downstream systems read.
-Both modes give the same pixels for the same image when the worker decodes
-on the CPU (tests/unit/test_overlay.py checks the bytes); a worker decoding
-JPEGs with nvJPEG (GPU_DECODE) sees gray levels that may differ by one or two
-from Pillow's, and so would its eager overlays.
+Both modes draw the same mask on the same pixels when the worker decodes at
+full size (tests/unit/test_overlay.py checks the bytes). A lazy worker
+decodes a large JPEG smaller (JPEG_DECODE=reduced, worker/decode.py; its rows
+say "+jpeg-reduced"), which moves the mask a little (Dice 0.985 between
+the two on upscaled BTXRD, docs/benchmarks.md); the overlay always shows the
+stored mask on the full-size image. A worker decoding JPEGs with nvJPEG
+(GPU_DECODE) sees gray levels that may differ by one or two from Pillow's,
+and so would its eager overlays.
 
 Light on purpose (no PyTorch): the API process imports it.
 """

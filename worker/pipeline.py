@@ -44,8 +44,8 @@ from worker.png import encode_png
 log = logging.getLogger("bonedetect.worker")
 
 # JPEG_DECODE=reduced keeps this many decoded pixels per frame pixel on the long side, at least: with 1
-# (a 3000x2500 JPEG at 1/8 for a 256 frame) frames differ from a full decode's by up to 55 gray levels at
-# sharp edges, with 2 by up to 5, for about the same decoding time (docs/benchmarks.md).
+# frames differ from a full decode's by up to 18 gray levels at sharp edges, with 2 by up to 5, for about
+# the same decoding time (docs/benchmarks.md).
 REDUCED_DECODE_MARGIN = 2
 
 
@@ -78,7 +78,7 @@ class _Decoded:
     error: str | None = None
     frame: np.ndarray | None = None  # (S, S) float32, the network's input (a tensor when prepared on the GPU)
     geometry: Geometry | None = None
-    shape: tuple[int, int] | None = None  # (H, W) of the decoded image
+    shape: tuple[int, int] | None = None  # (H, W) of the image as uploaded (DecodedImage.shape), read before pixels go
 
 
 def _on_device(pixels) -> bool:
@@ -160,7 +160,8 @@ class Pipeline:
         self.decode = select_decoder(gpu_decode or os.environ.get("GPU_DECODE") or "auto", segmenter.device)
         self.prefetch_batches = prefetch_batches
         self.overlays = bool(overlays)
-        if reduced_jpeg and not self.overlays and self.decode is decode_image:
+        self.reduces_jpeg = bool(reduced_jpeg and not self.overlays and self.decode is decode_image)
+        if self.reduces_jpeg:
             self.decode = functools.partial(decode_image, long_side=REDUCED_DECODE_MARGIN * segmenter.preprocessor.size)
         batch = max(1, segmenter.batch_size)
         self.max_pending = max_pending or max(2 * batch, 2 * threads)

@@ -87,13 +87,16 @@ def build_context(settings: Settings) -> WorkerContext:
     segmenter = warm_segmenter(loaded, settings, cuda=torch.cuda.is_available())
     log.info("model %s loaded on %s (%s)", loaded.version, segmenter.device, loaded.label)
     engine_args = {"connect_args": {"connect_timeout": 10}} if settings.database_url.startswith("postgres") else {}
+    pipeline = Pipeline(segmenter, max_pixels=settings.max_image_pixels, threads=settings.io_threads,
+                        overlays=settings.overlays == "eager", reduced_jpeg=settings.jpeg_decode == "reduced")
     return WorkerContext(
         settings=settings,
         sessions=make_sessionmaker(make_engine(settings.database_url, **engine_args)),
         blobs=open_blob_store(settings.blob_url),
-        pipeline=Pipeline(segmenter, max_pixels=settings.max_image_pixels, threads=settings.io_threads,
-                          overlays=settings.overlays == "eager", reduced_jpeg=settings.jpeg_decode == "reduced"),
-        model_version=segmenter.version,  # "+flip-tta" when INFER_TTA=flip: the rows say what made them
+        pipeline=pipeline,
+        # the rows say what made them: "+flip-tta" with INFER_TTA=flip, "+jpeg-reduced" when large JPEGs are
+        # decoded smaller (JPEG_DECODE=reduced with lazy overlays on the CPU), which moves masks slightly
+        model_version=segmenter.version + ("+jpeg-reduced" if pipeline.reduces_jpeg else ""),
     )
 
 

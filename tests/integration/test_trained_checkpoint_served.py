@@ -70,7 +70,8 @@ def test_the_exported_checkpoint_is_served_by_a_worker_through_the_api(learned, 
     job = client.submit(files, label="trained checkpoint")
     final = client.wait(job["job_id"], timeout=300)
     assert final["status"] == "done" and final["counts"]["done"] == len(files)
-    assert final["model_versions"] == [loaded.version]  # the worker loaded the exported file
+    # the worker loaded the exported file; a CPU worker with lazy overlays says it decodes large JPEGs smaller
+    assert final["model_versions"] == [loaded.version + "+jpeg-reduced"]
     dices = []
     for im in client.images(job["job_id"]):
         mask = np.array(Image.open(io.BytesIO(client.mask_png(im["image_id"])))) > 0

@@ -143,17 +143,33 @@ def test_a_large_jpeg_is_decoded_smaller_on_request_and_keeps_its_full_size(long
         assert diff.mean() < 1.0 and diff.max() < 4, (diff.mean(), diff.max())
 
 
-def test_a_reduced_decode_honours_exif_orientation():
+@pytest.mark.parametrize("orientation, shown", [(3, (400, 800)), (6, (800, 400))])
+def test_a_reduced_decode_honours_exif_orientation(orientation, shown):
     img = radiograph_like(400, 800)
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display": the displayed image is 800 high, 400 wide
+    exif[0x0112] = orientation  # 3: rotated 180 degrees; 6: "rotate 90 CW to display", 800 high and 400 wide
     data = encode(img, "JPEG", exif=exif.tobytes(), quality=95)
     full = decode_image(data)
     out = decode_image(data, long_side=200)
-    assert full.pixels.shape == (800, 400)
-    assert out.shape == out.full_shape == (800, 400) and out.pixels.shape == (200, 100)
+    assert full.pixels.shape == shown
+    assert out.shape == out.full_shape == shown and out.pixels.shape == (shown[0] // 4, shown[1] // 4)
     diff = np.abs(out.pixels - block_means(full.pixels.astype(np.float64), 4))
     assert diff.mean() < 1.0, diff.mean()
+
+
+@pytest.mark.parametrize("h, w, factor", [(1003, 1207, 1), (1002, 1206, 2), (1004, 1204, 4)])
+def test_only_whole_factors_reduce(h, w, factor):
+    """A side that the factor does not divide would decode into a last pixel standing for part of a
+    block, which a resize stretches over a whole one (the far edge moves by up to factor - 1 pixels):
+    the largest factor that divides both sides is used, or none."""
+    img = radiograph_like(h, w)
+    img[:, int(0.9 * w) :] = 255  # a sharp edge near the far side
+    data = encode(img, "JPEG", quality=92)
+    out = decode_image(data, long_side=150)
+    assert out.shape == (h, w) and out.pixels.shape == (h // factor, w // factor)
+    assert out.full_shape == (None if factor == 1 else (h, w))
+    edge = np.flatnonzero(out.pixels[h // factor // 2].astype(int) > 230)[0] * factor
+    assert abs(edge - int(0.9 * w)) <= factor, (edge, int(0.9 * w))
 
 
 def test_only_jpegs_are_decoded_smaller():

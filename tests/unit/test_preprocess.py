@@ -194,4 +194,8 @@ def test_a_reduced_decode_gets_the_full_images_geometry_and_nearly_its_frame():
     levels = np.abs(frame - frame_full) * 0.25 * 255  # z-scored back to 8-bit gray levels
     assert levels.mean() < 0.5 and levels.max() < 3, (levels.mean(), levels.max())
     with pytest.raises(ValueError, match="smaller than the frame"):
-        pre(reduced[:50, :60], shape=img.shape)
+        pre(reduced[:25, :30], shape=(250, 300))
+    with pytest.raises(ValueError, match="whole factor"):
+        pre(reduced, shape=(1200, 1000))  # a transposed shape, say
+    with pytest.raises(ValueError, match="whole factor"):
+        pre(reduced, shape=(1001, 1200))
