@@ -14,14 +14,14 @@ whose long side is at least twice that is then decoded at 1/2, 1/4 or 1/8 of
 its size by libjpeg's scaled inverse DCT (Pillow's ``draft``; each decoded
 pixel is, to JPEG rounding, the mean of the block it stands for), the largest
 reduction that divides both sides and still leaves at least ``long_side``
-pixels on the long side, without the full-size pixels ever existing. ``DecodedImage.shape`` stays the
-size of the file, so masks and statistics are still at full resolution.
+pixels on the long side, without the full-size pixels ever existing.
+``DecodedImage.shape`` stays the size of the file, so masks and statistics
+are still at full resolution.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import struct
 from dataclasses import dataclass
 
