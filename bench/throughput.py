@@ -20,7 +20,6 @@ has the numbers.
 from __future__ import annotations
 
 import contextlib
-import functools
 import http.client
 import io
 import json
@@ -246,8 +245,8 @@ def measure_pipeline(
         pipeline.close()
     decoder = pipeline.decode
     name = getattr(getattr(decoder, "func", decoder), "__name__", type(decoder).__name__)
-    if isinstance(decoder, functools.partial):
-        name += f"(long_side={decoder.keywords.get('long_side')})"
+    if pipeline.reduces_jpeg:
+        name += f"(long_side={decoder.keywords['long_side']})"
     notes = {"tumor_detected": tumors, "decoder": name, "load": load_average(),
              # core-ms per image of each step in this run (Pipeline.cpu_seconds); run() prints it under the table
              "cpu_ms_by_step": {k: 1000.0 * v / len(paths) for k, v in pipeline.cpu_seconds.items() if v > 0}}
@@ -267,7 +266,7 @@ def step_costs(segmenter, paths: Sequence[Path], k: int = 6, reduced_jpeg: bool 
     from model.postprocess import render_overlay
     from model.stats import tumor_statistics
     from worker.decode import decode_image
-    from worker.pipeline import REDUCED_DECODE_MARGIN
+    from worker.pipeline import reduced_decoder
     from worker.png import encode_png
 
     # postprocess: what the worker does after the network (Segmenter.finish_windowed): restore the
@@ -290,7 +289,7 @@ def step_costs(segmenter, paths: Sequence[Path], k: int = 6, reduced_jpeg: bool 
 
             data = path.read_bytes()
             lap("read")
-            image = decode_image(data, long_side=REDUCED_DECODE_MARGIN * segmenter.preprocessor.size if reduced_jpeg else None)
+            image = (reduced_decoder(segmenter) if reduced_jpeg else decode_image)(data)
             lap("decode")
             frame, geometry = segmenter.prepare(image.pixels, image.full_shape)
             lap("preprocess")

@@ -49,6 +49,11 @@ log = logging.getLogger("bonedetect.worker")
 REDUCED_DECODE_MARGIN = 2
 
 
+def reduced_decoder(segmenter: Segmenter) -> Callable[[bytes, int], DecodedImage]:
+    """``decode_image`` as a JPEG_DECODE=reduced worker calls it for this network's frame."""
+    return functools.partial(decode_image, long_side=REDUCED_DECODE_MARGIN * segmenter.preprocessor.size)
+
+
 @dataclass
 class ImageResult:
     image_id: str
@@ -162,7 +167,7 @@ class Pipeline:
         self.overlays = bool(overlays)
         self.reduces_jpeg = bool(reduced_jpeg and not self.overlays and self.decode is decode_image)
         if self.reduces_jpeg:
-            self.decode = functools.partial(decode_image, long_side=REDUCED_DECODE_MARGIN * segmenter.preprocessor.size)
+            self.decode = reduced_decoder(segmenter)
         batch = max(1, segmenter.batch_size)
         self.max_pending = max_pending or max(2 * batch, 2 * threads)
         self._local = threading.local()  # each pool thread's CUDA stream (_device_stream)
