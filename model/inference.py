@@ -24,11 +24,12 @@ import contextlib
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 
 from model.checkpoint import LoadedModel
-from model.postprocess import Postprocessor, fill_holes, remove_small_regions
+from model.postprocess import Postprocessor, clean_regions
 from model.preprocess import Geometry
 
 
@@ -63,19 +64,16 @@ def _clean_in_box(postprocessor: Postprocessor, above: np.ndarray, image_pixels:
     """Steps 2 and 3 of ``postprocessor`` on the thresholded pixels ``above``,
     inside their bounding box (postprocess_cropped says why that is exact);
     small regions are measured against ``image_pixels``."""
-    rows = np.flatnonzero(above.any(axis=1))
-    if rows.size == 0:
+    above = np.ascontiguousarray(above).view(np.uint8)
+    x0, y0, w, h = cv2.boundingRect(above)
+    if w == 0:
         return np.zeros(above.shape, np.uint8)
-    cols = np.flatnonzero(above.any(axis=0))
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    crop = above[y0:y1, x0:x1].astype(np.uint8)
     min_area = max(1, math.ceil(postprocessor.min_region_fraction * image_pixels))  # of the whole image
-    if min_area > 1:
-        crop = remove_small_regions(crop, min_area)
-    if postprocessor.fill_holes:
-        crop = fill_holes(crop)
+    crop = clean_regions(above[y0 : y0 + h, x0 : x0 + w], min_area, postprocessor.fill_holes)
+    if crop.shape == above.shape:
+        return crop
     mask = np.zeros(above.shape, np.uint8)
-    mask[y0:y1, x0:x1] = crop
+    mask[y0 : y0 + h, x0 : x0 + w] = crop
     return mask
 
 

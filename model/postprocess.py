@@ -47,13 +47,8 @@ class Postprocessor:
         prob = np.asarray(prob)
         if prob.ndim != 2 or prob.size == 0:
             raise ValueError(f"expected a non-empty (H, W) probability map, got shape {prob.shape}")
-        mask = (prob > self.threshold).astype(np.uint8)
-        min_area = max(1, math.ceil(self.min_region_fraction * mask.size))
-        if min_area > 1:
-            mask = remove_small_regions(mask, min_area)
-        if self.fill_holes:
-            mask = fill_holes(mask)
-        return mask
+        above = (prob > self.threshold).view(np.uint8)
+        return clean_regions(above, max(1, math.ceil(self.min_region_fraction * above.size)), self.fill_holes)
 
     def as_dict(self) -> dict:
         return {"threshold": self.threshold, "min_region_fraction": self.min_region_fraction, "fill_holes": self.fill_holes}
@@ -62,31 +57,56 @@ class Postprocessor:
         return f"Postprocessor(threshold={self.threshold}, min_region_fraction={self.min_region_fraction}, fill_holes={self.fill_holes})"
 
 
-def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
-    """Keep the 8-connected regions of ``mask`` with at least ``min_area`` pixels.
+# A kept region handled in its own box costs ~20-40 us of Python (slicing, a
+# comparison, a flood fill of a few small arrays); a whole-image pass costs a
+# few ns per pixel. So a region counts as this many pixels when choosing.
+REGION_OVERHEAD_PX = 4096
+
+
+def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndarray:
+    """``remove_small_regions(mask, min_area)``, then ``fill_holes`` when
+    ``fill``: the same {0, 1} mask, from one labelling.
 
     OpenCV's BBDT labelling with statistics (about 22 ms on a 3000x2500 mask
     with 2,000 regions on the 2-core EPYC, against 59 ms for the default
-    algorithm there). When no region is small the mask is returned as it is
-    (as 0/1). When the kept regions' bounding boxes cover at most half the
-    image, only those boxes are read (a speckled mask with a few large
-    regions: 23 ms instead of 44 there); otherwise one table lookup per pixel.
+    algorithm there). Unless the kept regions' bounding boxes add up to more
+    than the image (with ``REGION_OVERHEAD_PX`` for each), each kept region
+    is copied and its holes filled inside its own box: every hole of a mask
+    is enclosed by one 8-connected region (the one its outer border touches:
+    (8, 4) digital topology), so the holes of the whole mask are the union of
+    each region's own, and a region nested in another's hole is covered by
+    that fill as it is by the whole-image one. A pixel of a box costs a
+    comparison and its part of the box's flood fill; the whole-image path
+    costs a table lookup per pixel (none when no region is small) and a flood
+    fill of the image: 117 ms against 82 ms in boxes for a 3000x2500 mask with
+    91 kept regions whose boxes cover 78% of it; 31-44 ms in boxes where they
+    cover 1-9% (one Xeon core, labelling included).
     """
     m = np.ascontiguousarray(np.asarray(mask) != 0).view(np.uint8)  # any nonzero value is foreground
+    if min_area <= 1:
+        return fill_holes(m) if fill else m
     n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(m, 8, cv2.CV_32S, cv2.CCL_BBDT)
     kept = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area) + 1  # label 0 is the background
-    if kept.size == n - 1:
-        return m
     boxes = stats[kept, cv2.CC_STAT_WIDTH].astype(np.int64) * stats[kept, cv2.CC_STAT_HEIGHT]
-    if 2 * int(boxes.sum()) <= m.size:
+    if int(boxes.sum()) + REGION_OVERHEAD_PX * kept.size <= m.size:
         out = np.zeros_like(m)
         for label in kept:
             x, y, w, h = stats[label, :4]
-            out[y : y + h, x : x + w] |= (labels[y : y + h, x : x + w] == label).view(np.uint8)
+            box = (slice(y, y + h), slice(x, x + w))
+            region = (labels[box] == label).view(np.uint8)
+            out[box] |= fill_holes(region) if fill else region
         return out
-    keep = np.zeros(n, np.uint8)  # (n,) one flag per label
-    keep[kept] = 1
-    return np.take(keep, labels)
+    if kept.size < n - 1:
+        keep = np.zeros(n, np.uint8)  # (n,) one flag per label
+        keep[kept] = 1
+        m = np.take(keep, labels)
+    return fill_holes(m) if fill else m
+
+
+def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """Keep the 8-connected regions of ``mask`` with at least ``min_area``
+    pixels, as a {0, 1} uint8 mask (``clean_regions`` without the fill)."""
+    return clean_regions(mask, min_area, fill=False)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -95,10 +115,8 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     h, w = mask.shape
     padded = np.zeros((h + 2, w + 2), np.uint8)  # a background ring joins every border pixel
     padded[1:-1, 1:-1] = mask != 0
-    outside = padded.copy()
-    flood_mask = np.zeros((h + 4, w + 4), np.uint8)  # cv2.floodFill wants 2 more than the image
-    cv2.floodFill(outside, flood_mask, (0, 0), 2, flags=4)
-    return (outside[1:-1, 1:-1] != 2).astype(np.uint8)
+    cv2.floodFill(padded, None, (0, 0), 2, flags=4)  # the background reached from the border -> 2
+    return np.not_equal(padded[1:-1, 1:-1], 2).view(np.uint8)
 
 
 def render_overlay(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -1,11 +1,14 @@
 """Postprocessing, the overlay, and tumor statistics on hand-drawn masks."""
 
+from collections import Counter
+
 import cv2
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from model.postprocess import Postprocessor, fill_holes, remove_small_regions, render_overlay
+import model.postprocess as postprocess
+from model.postprocess import Postprocessor, clean_regions, fill_holes, remove_small_regions, render_overlay
 from model.stats import TumorStats, tumor_statistics
 
 # --- postprocessing ----------------------------------------------------------
@@ -60,6 +63,48 @@ def test_remove_small_regions_matches_scipy_on_random_masks():
             assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
             np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, min_area {min_area}")
     assert not remove_small_regions(np.zeros((9, 9), np.uint8), 3).any()
+
+
+def nested(rng, h: int, w: int) -> np.ndarray:
+    """Rings with holes, islands inside the holes (some of them small), rings inside rings and
+    regions on the border, over a sparse speckle: every case where per-region hole filling could
+    differ from the whole image's."""
+    mask = (rng.random((h, w)) < 0.02).astype(np.uint8)
+    for _ in range(int(rng.integers(1, 6))):
+        cy, cx, r = int(rng.integers(0, h)), int(rng.integers(0, w)), int(rng.integers(4, max(5, min(h, w) // 3)))
+        cv2.circle(mask, (cx, cy), r, 1, thickness=int(rng.integers(1, 3)))
+        if rng.random() < 0.7:
+            cv2.circle(mask, (cx, cy), max(1, r // 2), 1, thickness=int(rng.choice([1, -1])))
+        if rng.random() < 0.5:
+            mask[cy, cx] = 1  # a one-pixel island inside the inner ring's hole
+    return mask
+
+
+@pytest.mark.parametrize("per_region", [True, False], ids=["each region in its box", "whole image"])
+def test_clean_regions_equals_removing_small_regions_then_filling_holes(per_region, monkeypatch):
+    """scipy's 8-connected labelling and hole filling are the reference; both of clean_regions'
+    paths (forced by the per-region overhead it assumes) give the same masks."""
+    monkeypatch.setattr(postprocess, "REGION_OVERHEAD_PX", 0 if per_region else 10**9)
+    paths, shape = Counter(), [None]
+    real_fill = postprocess.fill_holes
+    monkeypatch.setattr(postprocess, "fill_holes",
+                        lambda m: paths.update(["whole" if m.shape == shape[0] else "box"]) or real_fill(m))
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        h, w = int(rng.integers(30, 200)), int(rng.integers(30, 200))
+        mask = (nested, speckle)[seed % 2](rng, h, w) * np.uint8(rng.choice([1, 255]))
+        shape[0] = mask.shape
+        labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+        areas = np.bincount(labels.ravel())
+        for min_area in (1, 2, 5, 30, 10**6):
+            kept = (areas[labels] >= min_area) & (labels > 0)
+            want = ndimage.binary_fill_holes(kept).astype(np.uint8)
+            for fill in (True, False):
+                got = clean_regions(mask, min_area, fill)
+                assert got.dtype == np.uint8 and got.shape == mask.shape
+                np.testing.assert_array_equal(got, want if fill else kept.astype(np.uint8),
+                                              err_msg=f"seed {seed}, min_area {min_area}, fill {fill}")
+    assert paths["box"] > 100 if per_region else paths["box"] == 0 < paths["whole"], paths
 
 
 def test_default_keeps_single_pixels_on_tiny_images():
@@ -168,6 +213,19 @@ def test_two_separate_squares_are_two_regions_and_diagonal_touch_is_one():
     assert s.centroid_x == pytest.approx((25 * 7 + 100 * 24.5) / 125)
     mask[10, 10] = 1  # touches the first square at a corner only
     assert tumor_statistics(mask, None).n_regions == 2
+
+
+def test_probabilities_are_read_inside_the_mask_only():
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:15, 10:30] = 1
+    prob = np.full((40, 60), 0.9, np.float32)  # higher everywhere outside the mask
+    prob[5:15, 10:30] = np.linspace(0.2, 0.6, 200, dtype=np.float32).reshape(10, 20)
+    s = tumor_statistics(mask, prob)
+    assert s.prob_max == pytest.approx(0.6) and s.prob_mean == pytest.approx(0.4, rel=1e-6)
+    prob[5:15, 10:30] = -0.5  # not a probability, but the maximum inside the mask is still what is reported
+    prob[6, 12] = -0.25
+    s = tumor_statistics(mask, prob)
+    assert s.prob_max == -0.25 and s.prob_mean == pytest.approx((199 * -0.5 - 0.25) / 200, rel=1e-12)
 
 
 def test_empty_mask_gives_no_tumor():
