@@ -42,7 +42,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import throughput as tp
+from bonedetect.openmp import prefer_passive_wait
+
+prefer_passive_wait()  # as the workers do (worker/app.py), before this process imports torch
+
+from bench import throughput as tp  # noqa: E402
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -282,7 +286,7 @@ def run(args, argv, tmp: Path) -> int:
           f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}"
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
           f"channels_last {segmenter.channels_last}; compile {args.compile}; overlays {args.overlays}; "
-          f"JPEG decode {args.jpeg_decode}; allocator {args.allocator}")
+          f"JPEG decode {args.jpeg_decode}; allocator {args.allocator}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}")
     print()
     print(f"{'stage':<22}{'images':>7}{'seconds':>9}{'img/s':>9}{'/ model':>9}{'CPU ms/img':>11}{'model/this':>11}{'cores':>6}  notes")
     for key, r in results.items():
@@ -300,8 +304,11 @@ def run(args, argv, tmp: Path) -> int:
                                               "failed": r.failed, **r.notes}
     print("(CPU ms/img: core-milliseconds per image of the stage's processes; model/this: the model's over this stage's,\n"
           " the share of the CPU work that is the network. cores: CPU seconds over wall seconds, the cores the stage got.\n"
+          " steal_pct: the share of the machine's CPU time the hypervisor gave other guests during the stage (a VM's\n"
+          " CPUs are shared: its wall-clock time grew with it, its CPU ms did not).\n"
           " load: 1-minute load average after the stage. On a machine others use, both img/s and CPU ms move with\n"
-          " their load (OpenMP threads spin while a sibling waits for a core): compare stages only at a steady load.)")
+          " their load (OpenMP threads spin while a sibling waits for a core): compare stages only at a steady load\n"
+          " and with little steal.)")
     if scale > 1:
         print(f"(system / model compares {args.workers} workers with {args.workers} x the one-thread model figure)")
     if by_step:

@@ -178,6 +178,31 @@ def load_average() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
+def host_ticks() -> tuple[int, int] | None:
+    """(stolen, all) clock ticks of the machine's CPUs so far, from the first
+    line of /proc/stat; None where there is none (not Linux). Stolen ticks are
+    those in which the hypervisor ran another guest while one of this VM's
+    CPUs had work: on a shared cloud host they make a stage slower without
+    its processes using more CPU."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest time is in user)
+    return ticks[7], sum(ticks)
+
+
+def steal_percent(since: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time stolen by the hypervisor since ``host_ticks()`` gave ``since``."""
+    now = host_ticks()
+    if since is None or now is None or now[1] <= since[1]:
+        return None
+    return round(100.0 * (now[0] - since[0]) / (now[1] - since[1]), 1)
+
+
 def cpu_time(pids: Sequence[int] = ()) -> float:
     """CPU seconds used so far by this process and the processes ``pids``
     (user + system, their waited-for children included)."""
@@ -214,11 +239,12 @@ def measure_model(segmenter, frames: list[np.ndarray], n: int) -> StageResult:
         import torch
 
         torch.cuda.synchronize(segmenter.device)
-    start, cpu = time.perf_counter(), cpu_time()
+    start, cpu, ticks = time.perf_counter(), cpu_time(), host_ticks()
     for b in batches:
         segmenter.forward(b)  # ends with .cpu(): synchronous
     seconds, cpu = time.perf_counter() - start, cpu_time() - cpu
-    return StageResult("model", n, seconds, notes={"load": load_average()}, cpu_seconds=cpu)
+    return StageResult("model", n, seconds, notes={"steal_pct": steal_percent(ticks), "load": load_average()},
+                       cpu_seconds=cpu)
 
 
 def measure_pipeline(
@@ -234,20 +260,20 @@ def measure_pipeline(
     try:
         pipeline.run([("warm-up", paths[0].read_bytes)])
         pipeline.cpu_seconds.clear()
-        failed, tumors, start, cpu = 0, 0, time.perf_counter(), cpu_time()
+        failed, tumors, start, cpu, ticks = 0, 0, time.perf_counter(), cpu_time(), host_ticks()
         for i in range(0, len(paths), chunk):
             items = [(f"img-{i + j}", p.read_bytes) for j, p in enumerate(paths[i : i + chunk])]
             for r in pipeline.run(items):
                 failed += not r.ok
                 tumors += bool(r.ok and r.stats.tumor_detected)
-        seconds, cpu = time.perf_counter() - start, cpu_time() - cpu
+        seconds, cpu, steal = time.perf_counter() - start, cpu_time() - cpu, steal_percent(ticks)
     finally:
         pipeline.close()
     decoder = pipeline.decode
     name = getattr(getattr(decoder, "func", decoder), "__name__", type(decoder).__name__)
     if pipeline.reduces_jpeg:
         name += f"(long_side={decoder.keywords['long_side']})"
-    notes = {"tumor_detected": tumors, "decoder": name, "load": load_average(),
+    notes = {"tumor_detected": tumors, "decoder": name, "steal_pct": steal, "load": load_average(),
              # core-ms per image of each step in this run (Pipeline.cpu_seconds); run() prints it under the table
              "cpu_ms_by_step": {k: 1000.0 * v / len(paths) for k, v in pipeline.cpu_seconds.items() if v > 0}}
     return StageResult("pipeline", len(paths), seconds, failed, notes, cpu_seconds=cpu)
@@ -542,16 +568,17 @@ def measure_system(system: System, paths: Sequence[Path], name: str = "system") 
     client = system.client()
     pids = [w.pid for w in system.workers]
     started_at = datetime.now(timezone.utc)
-    start, cpu = time.perf_counter(), cpu_time(pids)  # this process: the API's threads, the uploader, the poller
+    start, cpu, ticks = time.perf_counter(), cpu_time(pids), host_ticks()  # this process: the API's threads, uploader, poller
     per_worker = [cpu_time([pid]) - cpu_time() for pid in pids]
     job = upload_streaming(system.api.url, system.key, paths)
     uploaded = time.perf_counter() - start
     final, end = wait_done(client, job["job_id"])
-    cpu = cpu_time(pids) - cpu
+    cpu, steal = cpu_time(pids) - cpu, steal_percent(ticks)
     per_worker = [round(cpu_time([pid]) - cpu_time() - before, 1) for pid, before in zip(pids, per_worker)]
     counts = final["counts"]
     notes = {"upload_s": round(uploaded, 2), "status": final["status"], "worker_cpu_s": per_worker,
-             **queue_timeline(system, job["job_id"], started_at, end - start), "load": load_average()}
+             **queue_timeline(system, job["job_id"], started_at, end - start), "steal_pct": steal,
+             "load": load_average()}
     failed = counts.get("failed", 0) + counts.get("queued", 0)
     return StageResult(name, len(paths), end - start, failed, notes, cpu_seconds=cpu)
 

@@ -42,11 +42,18 @@ def test_model_and_pipeline_stages_and_step_costs(tmp_path):
     segmenter = tp.load_segmenter(SYNTHETIC_CHECKPOINT, batch=2, threads=1, device="cpu")
     model = tp.measure_model(segmenter, tp.frames_of(segmenter, paths, 3), 5)
     assert model.name == "model" and model.images == 5 and model.rate > 0
+    assert 0.0 <= model.notes["steal_pct"] <= 100.0  # Linux: /proc/stat has the hypervisor's share
     pipeline = tp.measure_pipeline(segmenter, paths, chunk=3, threads=2, gpu_decode="auto")
     assert pipeline.images == 5 and pipeline.failed == 0 and pipeline.rate > 0
     assert pipeline.notes["decoder"] == "decode_image"  # no GPU here: the CPU decoder
     costs = tp.step_costs(segmenter, paths, k=2)
     assert set(costs) >= {"decode", "preprocess", "postprocess", "overlay PNG"} and all(v >= 0 for v in costs.values())
+
+
+def test_steal_is_the_hypervisors_share_of_all_cpu_ticks_in_between(monkeypatch):
+    monkeypatch.setattr(tp, "host_ticks", lambda: (60, 2000))
+    assert tp.steal_percent((10, 1000)) == 5.0  # 50 of 1,000 ticks in between were stolen
+    assert tp.steal_percent(None) is None and tp.steal_percent((60, 2000)) is None  # no reading, no time passed
 
 
 def test_full_size_checkpoint_is_the_thesis_network_marking_a_tumor_sized_area(tmp_path):
@@ -76,6 +83,7 @@ def test_quick_command_prints_the_table_and_the_summary_line(tmp_path, capsys):
     assert ratio == pytest.approx(system / model, rel=0.02)
     system_row = next(line for line in lines if line.startswith("system, 1 worker"))
     assert "status=done" in system_row and "FAILED" not in system_row  # every image went through the real worker
+    assert re.search(r"steal_pct=\d+\.\d", system_row)
     assert "device:   CPU" in out and "forward batch 2; chunk 2 (2 chunks); torch threads 1" in out
 
 
