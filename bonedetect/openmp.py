@@ -9,12 +9,12 @@ thread then waits at the next barrier. With ``PASSIVE`` the waiting thread
 gives its core up at once.
 
 Measured on the 2-core CPU machine (docs/benchmarks.md, 2026-11-27): the
-network alone is a few per cent slower (a sleeping thread takes longer to
-wake), but the work beside it costs it less: each CPU-second of
-post-processing on a third thread cost the network 0.40-0.46 s of wall
+network alone was between 4% slower and 5% faster from pair to pair (a
+sleeping thread takes longer to wake), but the work beside it costs less: each CPU-second of
+post-processing on a third thread cost the network 0.41-0.45 s of wall
 time instead of 0.55-0.63, and the whole system (`python -m bench --full
---images 200`) did 0.97 and 1.01 images/s against 0.86 and 0.96 with
-libgomp's default, run by run.
+--images 200`) was faster in all four alternating pairs of runs: 0.97-1.09
+images/s against 0.86-0.96 with libgomp's default.
 
 libgomp reads the variable once, when it is loaded (when torch is first
 imported), so ``prefer_passive_wait()`` must run before that: the worker's
