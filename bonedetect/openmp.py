@@ -9,17 +9,18 @@ thread then waits at the next barrier. With ``PASSIVE`` the waiting thread
 gives its core up at once.
 
 Measured on the 2-core CPU machine (docs/benchmarks.md, 2026-11-27): the
-network alone was between 4% slower and 5% faster from pair to pair (a
-sleeping thread takes longer to wake), but the work beside it costs less: each CPU-second of
-post-processing on a third thread cost the network 0.41-0.45 s of wall
-time instead of 0.55-0.63, and the whole system (`python -m bench --full
---images 200`) was faster in all four alternating pairs of runs: 0.97-1.09
-images/s against 0.86-0.96 with libgomp's default.
+network alone 4.5-5% slower in a one-off loop (a sleeping thread takes
+longer to wake), but each CPU-second of post-processing on a third thread
+cost it 0.41-0.45 s of wall time instead of 0.55-0.63 (decoding: no
+change), and the whole system (`python -m bench --full --images 200`) was
+faster in each of three alternating pairs of runs: 1.01, 0.97, 1.09
+images/s against 0.96, 0.96, 0.95 with libgomp's default.
 
 libgomp reads the variable once, when it is loaded (when torch is first
 imported), so ``prefer_passive_wait()`` must run before that: the worker's
 Celery app module and the benchmark call it first thing. A value already in
-the environment (``OMP_WAIT_POLICY=ACTIVE``, say) is kept.
+the environment is kept: empty gives libgomp's own default back (with a
+warning about the value), ``ACTIVE`` a far longer spin than that default.
 """
 
 from __future__ import annotations

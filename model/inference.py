@@ -64,7 +64,7 @@ def _clean_in_box(postprocessor: Postprocessor, above: np.ndarray, image_pixels:
     """Steps 2 and 3 of ``postprocessor`` on the thresholded pixels ``above``,
     inside their bounding box (postprocess_cropped says why that is exact);
     small regions are measured against ``image_pixels``."""
-    above = np.ascontiguousarray(above).view(np.uint8)
+    above = np.ascontiguousarray(above, dtype=bool).view(np.uint8)  # no copy for the callers' boolean maps
     x0, y0, w, h = cv2.boundingRect(above)
     if w == 0:
         return np.zeros(above.shape, np.uint8)

@@ -22,13 +22,18 @@ def libgomp_settings(code: str, **env: str) -> dict[str, str]:
     environ.update(OMP_DISPLAY_ENV="VERBOSE", PYTHONPATH=str(ROOT), **env)
     out = subprocess.run([sys.executable, "-c", code], env=environ, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    return dict(re.findall(r"^\s*(\w+) = '([^']*)'", out.stderr, re.MULTILINE))
+    # "  GOMP_SPINCOUNT = '0'"; newer libgomp prefixes a device: "  [host] GOMP_SPINCOUNT = '0'"
+    return dict(re.findall(r"^\s*(?:\[\w+\]\s*)?(\w+) = '([^']*)'", out.stderr, re.MULTILINE))
 
 
 @pytest.fixture(scope="module")
 def default():
+    import torch
+
     settings = libgomp_settings("import torch; torch.ones(64, 64) @ torch.ones(64, 64)")
     if "GOMP_SPINCOUNT" not in settings:
+        if list((Path(torch.__file__).parent / "lib").glob("libgomp*")):
+            pytest.fail(f"torch ships libgomp, but its settings were not read back: {settings}")
         pytest.skip("torch does not use GNU OpenMP here")
     return settings
 
@@ -40,9 +45,12 @@ def test_libgomp_spins_by_default(default):
 @pytest.mark.parametrize("entry", ["worker.app", "bench.__main__"])
 def test_worker_and_bench_start_openmp_passive(default, entry):
     settings = libgomp_settings(f"import {entry}, torch; torch.ones(64, 64) @ torch.ones(64, 64)")
-    assert settings["OMP_WAIT_POLICY"] == "PASSIVE" and settings["GOMP_SPINCOUNT"] == "0"
+    # libgomp prints OMP_WAIT_POLICY = 'PASSIVE' when it is unset too: the spin count is the evidence
+    assert settings["GOMP_SPINCOUNT"] == "0"
 
 
 def test_a_policy_in_the_environment_is_kept(default):
     settings = libgomp_settings("import worker.app, torch", OMP_WAIT_POLICY="ACTIVE")
     assert settings["OMP_WAIT_POLICY"] == "ACTIVE" and int(settings["GOMP_SPINCOUNT"]) > 0
+    # an empty value: libgomp warns and keeps its own default (how docs/operations.md says to get it back)
+    assert libgomp_settings("import worker.app, torch", OMP_WAIT_POLICY="")["GOMP_SPINCOUNT"] == default["GOMP_SPINCOUNT"]

@@ -216,16 +216,19 @@ def test_two_separate_squares_are_two_regions_and_diagonal_touch_is_one():
 
 
 def test_probabilities_are_read_inside_the_mask_only():
+    """An L-shaped mask: its bounding box holds pixels outside it, with higher values than inside."""
     mask = np.zeros((40, 60), np.uint8)
-    mask[5:15, 10:30] = 1
-    prob = np.full((40, 60), 0.9, np.float32)  # higher everywhere outside the mask
-    prob[5:15, 10:30] = np.linspace(0.2, 0.6, 200, dtype=np.float32).reshape(10, 20)
+    mask[5:15, 10:14] = 1
+    mask[11:15, 14:30] = 1  # 40 + 64 = 104 pixels; the box's other 56 are not the tumor's
+    prob = np.full((40, 60), 0.9, np.float32)
+    inside = mask.astype(bool)
+    prob[inside] = np.linspace(0.2, 0.6, 104, dtype=np.float32)
     s = tumor_statistics(mask, prob)
     assert s.prob_max == pytest.approx(0.6) and s.prob_mean == pytest.approx(0.4, rel=1e-6)
-    prob[5:15, 10:30] = -0.5  # not a probability, but the maximum inside the mask is still what is reported
+    prob[inside] = -0.5  # not a probability, but the maximum inside the mask is still what is reported
     prob[6, 12] = -0.25
     s = tumor_statistics(mask, prob)
-    assert s.prob_max == -0.25 and s.prob_mean == pytest.approx((199 * -0.5 - 0.25) / 200, rel=1e-12)
+    assert s.prob_max == -0.25 and s.prob_mean == pytest.approx((103 * -0.5 - 0.25) / 104, rel=1e-12)
 
 
 def test_empty_mask_gives_no_tumor():
