@@ -151,6 +151,7 @@ class TrainConfig:
     focal_weight: float = 1.0
     focal_gamma: float = 2.0
     focal_alpha: float | None = None
+    dice_per_image: bool = False  # the Dice term per image, averaged, instead of pooled over the batch (training.losses)
     deep_supervision: float = 0.0  # > 0: auxiliary losses on the two coarser decoder levels, weights w and w / 2
     ema: float = 0.0  # > 0: keep (and validate, and ship) an exponential moving average of the weights, this decay per step
     # augmentation: "batch" (training.augment) | "legacy" (the demo's numpy flips/rotation/gain/gamma) | "none"
@@ -705,7 +706,8 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
                                                               patience=cfg.plateau_patience, min_lr=cfg.min_lr)
                    if cfg.schedule == "plateau" else None)
         forward = torch.compile(trainable) if cfg.compile else trainable
-        loss_fn = DiceFocalLoss(cfg.dice_weight, cfg.focal_weight, cfg.focal_gamma, cfg.focal_alpha)
+        loss_fn = DiceFocalLoss(cfg.dice_weight, cfg.focal_weight, cfg.focal_gamma, cfg.focal_alpha,
+                                per_image=cfg.dice_per_image)
         steps_per_epoch = math.ceil(len(train_records) / cfg.batch_size)
         total_steps = cfg.epochs * steps_per_epoch
         budget_s = cfg.max_minutes * 60.0

@@ -55,6 +55,24 @@ def test_losses_stay_finite_without_any_tumor():
     assert soft_dice_loss(torch.full((1, 1, 4, 4), -20.0), torch.zeros(1, 1, 4, 4)) < 1e-6
 
 
+def test_per_image_dice_weighs_a_missed_small_lesion_like_a_large_one():
+    # image 0: an 8x8 lesion found exactly; image 1: a 2x2 lesion missed (logits +-20: P is 0 or 1 to 1e-8)
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, 0, 4:12, 4:12] = 1
+    target[1, 0, 2:4, 2:4] = 1
+    logits = torch.full_like(target, -20.0)
+    logits[0, 0, 4:12, 4:12] = 20.0
+    # pooled: 1 - (2*64 + 1) / (64 + 68 + 1); per image: (1 - 129/129 + 1 - 1/5) / 2
+    assert soft_dice_loss(logits, target) == pytest.approx(4 / 133, abs=1e-6)
+    assert soft_dice_loss(logits, target, per_image=True) == pytest.approx(0.4, abs=1e-6)
+    assert DiceFocalLoss(1.0, 0.0, per_image=True)(logits, target) == pytest.approx(0.4, abs=1e-6)
+    # one image: the two forms agree
+    one = (logits[1:], target[1:])
+    assert soft_dice_loss(*one, per_image=True) == pytest.approx(float(soft_dice_loss(*one)), abs=1e-7)
+    assert parse_args(["--dice-per-image"])[0].dice_per_image is True
+    assert parse_args([])[0].dice_per_image is False
+
+
 def test_focal_with_gamma_zero_is_plain_bce():
     logits, target = torch.randn(1, 1, 8, 8), (torch.rand(1, 1, 8, 8) > 0.5).float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
