@@ -22,6 +22,10 @@ Written to ``--out-dir``:
   and averaged per image, then breakdowns per tumor type, centre, view and
   lesion size (fixed bins of the lesion's share of the image: about the
   terciles of BTXRD-256), and which split, checkpoint and threshold were used.
+  A section "Found at all" counts, per image, whether any predicted pixel
+  lies on the tumor (found), only beside it (wrong place) or nothing was
+  predicted (missed), per lesion size, and what share of the missed tumor
+  pixels lie in images whose tumor was not found.
 - ``metrics.json``: the same numbers, machine-readable.
 - ``per_image.csv``: image id, group keys, confusion counts and scores.
 - ``examples.png``: rows of (image, ground truth, probability, prediction)
@@ -164,6 +168,39 @@ def breakdown(results: list[ImageResult], key) -> list[dict]:
     return sorted(rows, key=lambda row: (-row["n"], row["group"]))
 
 
+DETECTION_OUTCOMES = ("found", "wrong place", "missed")  # images with a tumor
+NORMAL_OUTCOMES = ("clean", "false alarm")  # images without one
+
+
+def detection_outcome(counts) -> str:
+    """Per image, from its pixel confusion: with a tumor, "found" (some predicted pixel on it), "wrong place"
+    (predicted pixels, none on it) or "missed" (nothing predicted); without one, "clean" or "false alarm"."""
+    tp, fp, fn = (int(c) for c in counts[:3])
+    if tp + fn == 0:
+        return "false alarm" if fp else "clean"
+    return "found" if tp else ("wrong place" if fp else "missed")
+
+
+def detection(results: list[ImageResult]) -> dict:
+    """Whether each image's tumor was found at all, the question before its outline: counts of
+    ``detection_outcome`` overall and per lesion size, and the share of all missed tumor pixels (fn) that lie
+    in images whose tumor was not found (no predicted pixel on it), which no better outline can recover."""
+    outcomes = [detection_outcome(r.counts) for r in results]
+    overall = {name: outcomes.count(name) for name in DETECTION_OUTCOMES + NORMAL_OUTCOMES}
+    positive = sum(overall[name] for name in DETECTION_OUTCOMES)
+    fn_total = sum(r.counts[2] for r in results)
+    fn_unfound = sum(r.counts[2] for r, o in zip(results, outcomes) if o in ("wrong place", "missed"))
+    by_size: dict[str, dict[str, int]] = {}
+    for r, o in zip(results, outcomes):
+        if o in DETECTION_OUTCOMES:
+            by_size.setdefault(r.size_bin, dict.fromkeys(DETECTION_OUTCOMES, 0))[o] += 1
+    order = [name for _, name in SIZE_BINS]
+    return {"overall": overall, "n_positive": positive,
+            "found_rate": overall["found"] / positive if positive else None,
+            "fn_share_not_found": fn_unfound / fn_total if fn_total else None,
+            "by_size": {k: by_size[k] for k in order if k in by_size}}
+
+
 BREAKDOWNS = {
     "tumor type": lambda r: r.tumor_type,
     "centre": lambda r: r.center,
@@ -219,7 +256,30 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def report_markdown(meta: dict, table: dict, breakdowns: dict[str, list[dict]]) -> str:
+def detection_markdown(found: dict) -> list[str]:
+    """The report's section on whether tumors were found at all (``detection``)."""
+    overall, n = found["overall"], found["n_positive"]
+    if not n and not overall["clean"] + overall["false alarm"]:
+        return []
+    lines = ["## Found at all", "",
+             "Per image, before the outline: *found* = at least one predicted pixel on the tumor; *wrong place* = "
+             "predicted pixels, none on the tumor; *missed* = nothing predicted.", ""]
+    if n:
+        lines += ["| lesion size | images | found | wrong place | missed |", "|---|---|---|---|---|"]
+        for name, row in [("all", {k: overall[k] for k in DETECTION_OUTCOMES}), *found["by_size"].items()]:
+            total = sum(row.values())
+            lines.append(f"| {name} | {total} | " + " | ".join(f"{row[k]} ({row[k] / total:.0%})"
+                                                               for k in DETECTION_OUTCOMES) + " |")
+        lines.append("")
+        if found["fn_share_not_found"] is not None:
+            lines += [f"Of all tumor pixels the model missed, {found['fn_share_not_found']:.0%} lie in images whose "
+                      "tumor it did not find (wrong place or missed): a better outline cannot recover those.", ""]
+    if overall["clean"] + overall["false alarm"]:
+        lines += [f"Images without a tumor: {overall['clean']} clean, {overall['false alarm']} with a false alarm.", ""]
+    return lines
+
+
+def report_markdown(meta: dict, table: dict, breakdowns: dict[str, list[dict]], found: dict | None = None) -> str:
     """The Markdown report (module docstring)."""
     split = meta["split"]
     lines = [f"# Evaluation of `{meta['version']}` on {split['name']}", ""]
@@ -266,6 +326,8 @@ def report_markdown(meta: dict, table: dict, breakdowns: dict[str, list[dict]]) 
         "- The thesis did not report its loss or mean IoU (n/a).",
         "",
     ]
+    if found:
+        lines += detection_markdown(found)
     for title, rows in breakdowns.items():
         lines += [f"## By {title}", "", "| " + title + " | images | Dice (pooled) | tumor IoU | precision | recall | "
                   "mean Dice per image |", "|---|---|---|---|---|---|---|"]
@@ -409,6 +471,7 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
     loss = LossSpec.from_training_config(info.get("training_config"))
     table = table_metrics(results, loss)
     breakdowns = {title: breakdown(results, key) for title, key in BREAKDOWNS.items()}
+    found = detection(results)
 
     example_name = None
     chosen = pick_examples(results, examples)
@@ -434,9 +497,9 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
         "size": loaded.preprocessor.size, "tta": tta, "overlap": overlap, "warnings": warnings,
         "license": info.get("data_license"), "examples": example_name, "seconds": round(seconds, 1),
     }
-    (out / "report.md").write_text(report_markdown(meta, table, breakdowns))
+    (out / "report.md").write_text(report_markdown(meta, table, breakdowns, found))
     write_per_image_csv(out / "per_image.csv", results)
-    metrics = {"meta": meta, "table": table, "breakdowns": breakdowns, "thesis": THESIS}
+    metrics = {"meta": meta, "table": table, "breakdowns": breakdowns, "detection": found, "thesis": THESIS}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for w in warnings:
         say(f"warning: {w}")
@@ -444,6 +507,9 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
     say(f"{split_meta['description']}: {len(results)} images in {seconds:.0f}s: Dice pooled {pooled['dice']:.4f} "
         f"(per image {per['dice']:.4f}), tumor IoU {pooled['tumor_iou']:.4f}, precision {pooled['precision']:.4f}, "
         f"recall {pooled['recall']:.4f}; thesis Dice {THESIS['dice']:.4f}")
+    if found["n_positive"]:
+        say(f"tumors found at all: {found['overall']['found']} of {found['n_positive']} images "
+            f"({found['overall']['wrong place']} wrong place, {found['overall']['missed']} nothing predicted)")
     say(f"report: {out / 'report.md'}")
     return metrics
 

@@ -19,6 +19,8 @@ from training.evaluate import (
     ImageResult,
     LossSpec,
     breakdown,
+    detection,
+    detection_markdown,
     evaluate_checkpoint,
     image_scores,
     main as evaluate_main,
@@ -150,6 +152,39 @@ def test_breakdowns_group_pooled_scores_and_lesion_sizes():
     assert image_scores(results[3].counts)["dice"] == 1.0
 
 
+def test_detection_tells_found_from_wrong_place_and_missed():
+    big = np.zeros((100, 100), np.uint8)
+    big[:30, :30] = 1  # large, 900 px
+    beside = np.zeros_like(big)
+    beside[60:70, 60:70] = 1  # 100 px, not on any tumor here
+    corner = np.zeros_like(big)
+    corner[:2, :2] = 1  # 4 px on big's corner
+    small = np.zeros_like(big)
+    small[90:93, 90:93] = 1  # small, 9 px
+    none = np.zeros_like(big)
+    results = [
+        _result(corner, big, "a"),  # found (4 px are enough): fn 896
+        _result(beside, big, "b"),  # wrong place: fn 900
+        _result(none, small, "c"),  # missed: fn 9
+        _result(none, none, "d", tumor_type="normal"),  # clean
+        _result(beside, none, "e", tumor_type="normal"),  # false alarm
+    ]
+    found = detection(results)
+    assert found["overall"] == {"found": 1, "wrong place": 1, "missed": 1, "clean": 1, "false alarm": 1}
+    assert found["n_positive"] == 3 and found["found_rate"] == pytest.approx(1 / 3)
+    assert found["fn_share_not_found"] == pytest.approx((900 + 9) / (896 + 900 + 9))
+    assert found["by_size"] == {"small (< 0.4 %)": {"found": 0, "wrong place": 0, "missed": 1},
+                                "large (>= 2 %)": {"found": 1, "wrong place": 1, "missed": 0}}
+    text = "\n".join(detection_markdown(found))
+    assert "| all | 3 | 1 (33%) | 1 (33%) | 1 (33%) |" in text
+    assert "| large (>= 2 %) | 2 | 1 (50%) | 1 (50%) | 0 (0%) |" in text
+    assert "50% lie in images whose tumor it did not find" in text
+    assert "1 clean, 1 with a false alarm" in text
+    perfect = detection([_result(big, big, "f")])  # nothing missed: no share to give
+    assert perfect["fn_share_not_found"] is None and perfect["found_rate"] == 1.0
+    assert "did not find" not in "\n".join(detection_markdown(perfect))
+
+
 # ---------------------------------------------------------------- the command, end to end on a tiny model
 
 
@@ -177,8 +212,11 @@ def test_evaluate_command_writes_report_json_csv_and_sheet(tiny, capsys):
     sf = read_split_csv(split_file)
     assert f"`val` of {sf.name}" in report and sf.sha256[:12] in report
     assert f"{THESIS['dice']:.4f}" in report and "pixel accuracy" in report
-    for title in ("By tumor type", "By centre", "By view", "By lesion size"):
+    for title in ("By tumor type", "By centre", "By view", "By lesion size", "Found at all"):
         assert title in report
+    found = metrics["detection"]
+    assert found["n_positive"] == metrics["table"]["n_positive"]
+    assert sum(found["overall"].values()) == metrics["table"]["n_images"]
     assert metrics["meta"]["threshold"] == loaded.postprocessor.threshold  # the checkpoint's, chosen on validation
     assert metrics["meta"]["overlap"] == 0
     assert metrics["table"]["n_images"] == len(sf.ids("val"))
