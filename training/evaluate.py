@@ -14,7 +14,7 @@ with the polygon mask from ``training.btxrd``. The decision threshold is the
 one stored in the checkpoint, chosen on the validation split when it was
 trained: this command never picks a threshold, so a test score is never tuned
 on the test split. ``--tta`` adds a left-right flip and averages the two
-probability maps (an evaluation-only lever: the workers do not run it).
+probability maps (what workers started with ``INFER_TTA=flip`` serve).
 
 Written to ``--out-dir``:
 
@@ -22,10 +22,10 @@ Written to ``--out-dir``:
   and averaged per image, then breakdowns per tumor type, centre, view and
   lesion size (fixed bins of the lesion's share of the image: about the
   terciles of BTXRD-256), and which split, checkpoint and threshold were used.
-  A section "Found at all" counts, per image, whether any predicted pixel
+  After the table, a section "Found at all" counts, per image, whether any predicted pixel
   lies on the tumor (found), only beside it (wrong place) or nothing was
-  predicted (missed), per lesion size, and what share of the missed tumor
-  pixels lie in images whose tumor was not found.
+  predicted (nothing predicted), per lesion size, and what share of the
+  false-negative tumor pixels lie in images whose tumor was not found.
 - ``metrics.json``: the same numbers, machine-readable.
 - ``per_image.csv``: image id, group keys, confusion counts and scores.
 - ``examples.png``: rows of (image, ground truth, probability, prediction)
@@ -40,7 +40,9 @@ IoU and the background IoU tn / (tn + fp + fn) (two-class mean IoU, as
 Keras's MeanIoU); Dice = F1 on pixels; pixel accuracy = (tp + tn) / all.
 Loss = the checkpoint's training loss (Dice weight x soft Dice + focal weight
 x focal) on the probability maps at the original resolution: pooled over all
-pixels of the split, or averaged per image.
+pixels of the split, or averaged per image. A checkpoint trained with
+``--dice-per-image`` was trained on the per-image form; the report says which
+column's loss is the one it was trained on.
 """
 
 from __future__ import annotations
@@ -85,12 +87,14 @@ class LossSpec:
     gamma: float = 2.0
     alpha: float | None = None
     smooth: float = 1.0
+    per_image: bool = False  # trained with the Dice term per image (--dice-per-image): the per-image column's form
 
     @classmethod
     def from_training_config(cls, cfg: dict | None) -> "LossSpec":
         cfg = cfg or {}
         return cls(float(cfg.get("dice_weight", 1.0)), float(cfg.get("focal_weight", 1.0)),
-                   float(cfg.get("focal_gamma", 2.0)), cfg.get("focal_alpha"))
+                   float(cfg.get("focal_gamma", 2.0)), cfg.get("focal_alpha"),
+                   per_image=bool(cfg.get("dice_per_image", False)))
 
     def terms(self, prob: np.ndarray, mask: np.ndarray) -> tuple[float, float, float, float, int]:
         """(sum p*t, sum p, sum t, sum focal, pixels) of one image, float64."""
@@ -168,28 +172,28 @@ def breakdown(results: list[ImageResult], key) -> list[dict]:
     return sorted(rows, key=lambda row: (-row["n"], row["group"]))
 
 
-DETECTION_OUTCOMES = ("found", "wrong place", "missed")  # images with a tumor
+DETECTION_OUTCOMES = ("found", "wrong place", "nothing predicted")  # images with a tumor
 NORMAL_OUTCOMES = ("clean", "false alarm")  # images without one
 
 
 def detection_outcome(counts) -> str:
     """Per image, from its pixel confusion: with a tumor, "found" (some predicted pixel on it), "wrong place"
-    (predicted pixels, none on it) or "missed" (nothing predicted); without one, "clean" or "false alarm"."""
+    (predicted pixels, none on it) or "nothing predicted"; without one, "clean" or "false alarm"."""
     tp, fp, fn = (int(c) for c in counts[:3])
     if tp + fn == 0:
         return "false alarm" if fp else "clean"
-    return "found" if tp else ("wrong place" if fp else "missed")
+    return "found" if tp else ("wrong place" if fp else "nothing predicted")
 
 
 def detection(results: list[ImageResult]) -> dict:
     """Whether each image's tumor was found at all, the question before its outline: counts of
-    ``detection_outcome`` overall and per lesion size, and the share of all missed tumor pixels (fn) that lie
+    ``detection_outcome`` overall and per lesion size, and the share of all false-negative tumor pixels that lie
     in images whose tumor was not found (no predicted pixel on it), which no better outline can recover."""
     outcomes = [detection_outcome(r.counts) for r in results]
     overall = {name: outcomes.count(name) for name in DETECTION_OUTCOMES + NORMAL_OUTCOMES}
     positive = sum(overall[name] for name in DETECTION_OUTCOMES)
     fn_total = sum(r.counts[2] for r in results)
-    fn_unfound = sum(r.counts[2] for r, o in zip(results, outcomes) if o in ("wrong place", "missed"))
+    fn_unfound = sum(r.counts[2] for r, o in zip(results, outcomes) if o in ("wrong place", "nothing predicted"))
     by_size: dict[str, dict[str, int]] = {}
     for r, o in zip(results, outcomes):
         if o in DETECTION_OUTCOMES:
@@ -263,17 +267,17 @@ def detection_markdown(found: dict) -> list[str]:
         return []
     lines = ["## Found at all", "",
              "Per image, before the outline: *found* = at least one predicted pixel on the tumor; *wrong place* = "
-             "predicted pixels, none on the tumor; *missed* = nothing predicted.", ""]
+             "predicted pixels, none on the tumor; *nothing predicted* = no tumor pixel predicted anywhere.", ""]
     if n:
-        lines += ["| lesion size | images | found | wrong place | missed |", "|---|---|---|---|---|"]
+        lines += ["| lesion size | images | found | wrong place | nothing predicted |", "|---|---|---|---|---|"]
         for name, row in [("all", {k: overall[k] for k in DETECTION_OUTCOMES}), *found["by_size"].items()]:
             total = sum(row.values())
             lines.append(f"| {name} | {total} | " + " | ".join(f"{row[k]} ({row[k] / total:.0%})"
                                                                for k in DETECTION_OUTCOMES) + " |")
         lines.append("")
         if found["fn_share_not_found"] is not None:
-            lines += [f"Of all tumor pixels the model missed, {found['fn_share_not_found']:.0%} lie in images whose "
-                      "tumor it did not find (wrong place or missed): a better outline cannot recover those.", ""]
+            lines += [f"Of all false-negative tumor pixels, {found['fn_share_not_found']:.0%} lie in images whose "
+                      "tumor was not found (wrong place or nothing predicted): a better outline cannot recover those.", ""]
     if overall["clean"] + overall["false alarm"]:
         lines += [f"Images without a tumor: {overall['clean']} clean, {overall['false alarm']} with a false alarm.", ""]
     return lines
@@ -284,7 +288,7 @@ def report_markdown(meta: dict, table: dict, breakdowns: dict[str, list[dict]], 
     split = meta["split"]
     lines = [f"# Evaluation of `{meta['version']}` on {split['name']}", ""]
     if meta.get("tta"):
-        lines += ["**With left-right flip test-time augmentation** (evaluation only: the workers serve without it).", ""]
+        lines += ["**With left-right flip test-time augmentation** (as workers started with `INFER_TTA=flip` serve).", ""]
     lines += [
         f"- checkpoint: `{meta['checkpoint']}` ({meta['label']}); trained with config `{meta['training_config_name']}`"
         f" on split {meta['trained_on_split']}",
@@ -324,6 +328,9 @@ def report_markdown(meta: dict, table: dict, breakdowns: dict[str, list[dict]], 
         "- The thesis scored an image-level split: views of one patient can sit in both its training and test "
         "sets. On a grouped split no likely-patient group straddles two splits, so expect lower numbers there.",
         "- The thesis did not report its loss or mean IoU (n/a).",
+        "- Loss: the checkpoint's training loss; it was trained on the form of the "
+        + ("per-image column (Dice term per image, averaged)." if meta.get("loss_per_image") else
+           "pooled column (Dice term pooled over each batch)."),
         "",
     ]
     if found:
@@ -393,14 +400,15 @@ def pick_examples(results: list[ImageResult], n: int) -> list[ImageResult]:
 
 
 def write_per_image_csv(path: Path, results: list[ImageResult]) -> None:
-    fields = ["image_id", "tumor_type", "center", "view", "lesion_fraction", "size_bin", "tp", "fp", "fn", "tn",
-              "dice", "tumor_iou", "precision", "recall"]
+    fields = ["image_id", "tumor_type", "center", "view", "lesion_fraction", "size_bin", "outcome", "tp", "fp", "fn",
+              "tn", "dice", "tumor_iou", "precision", "recall"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(fields)
         for r in results:
             s = image_scores(r.counts)
             writer.writerow([r.image_id, r.tumor_type, r.center, r.view, f"{r.lesion_fraction:.6f}", r.size_bin,
+                             detection_outcome(r.counts),
                              *r.counts, *(f"{s[k]:.6f}" for k in ("dice", "tumor_iou", "precision", "recall"))])
 
 
@@ -494,7 +502,7 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
         "training_config_name": training_config.get("config", "unknown"),
         "trained_on_split": trained_split.get("description", "unknown"),
         "data": str(data), "split": split_meta, "threshold": loaded.postprocessor.threshold,
-        "size": loaded.preprocessor.size, "tta": tta, "overlap": overlap, "warnings": warnings,
+        "size": loaded.preprocessor.size, "tta": tta, "loss_per_image": loss.per_image, "overlap": overlap, "warnings": warnings,
         "license": info.get("data_license"), "examples": example_name, "seconds": round(seconds, 1),
     }
     (out / "report.md").write_text(report_markdown(meta, table, breakdowns, found))
@@ -509,7 +517,7 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
         f"recall {pooled['recall']:.4f}; thesis Dice {THESIS['dice']:.4f}")
     if found["n_positive"]:
         say(f"tumors found at all: {found['overall']['found']} of {found['n_positive']} images "
-            f"({found['overall']['wrong place']} wrong place, {found['overall']['missed']} nothing predicted)")
+            f"({found['overall']['wrong place']} wrong place, {found['overall']['nothing predicted']} nothing predicted)")
     say(f"report: {out / 'report.md'}")
     return metrics
 

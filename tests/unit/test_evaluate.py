@@ -152,7 +152,7 @@ def test_breakdowns_group_pooled_scores_and_lesion_sizes():
     assert image_scores(results[3].counts)["dice"] == 1.0
 
 
-def test_detection_tells_found_from_wrong_place_and_missed():
+def test_detection_tells_found_from_wrong_place_and_nothing_predicted():
     big = np.zeros((100, 100), np.uint8)
     big[:30, :30] = 1  # large, 900 px
     beside = np.zeros_like(big)
@@ -165,24 +165,26 @@ def test_detection_tells_found_from_wrong_place_and_missed():
     results = [
         _result(corner, big, "a"),  # found (4 px are enough): fn 896
         _result(beside, big, "b"),  # wrong place: fn 900
-        _result(none, small, "c"),  # missed: fn 9
+        _result(none, small, "c"),  # nothing predicted: fn 9
         _result(none, none, "d", tumor_type="normal"),  # clean
         _result(beside, none, "e", tumor_type="normal"),  # false alarm
     ]
     found = detection(results)
-    assert found["overall"] == {"found": 1, "wrong place": 1, "missed": 1, "clean": 1, "false alarm": 1}
+    assert found["overall"] == {"found": 1, "wrong place": 1, "nothing predicted": 1, "clean": 1,
+                                "false alarm": 1}
     assert found["n_positive"] == 3 and found["found_rate"] == pytest.approx(1 / 3)
     assert found["fn_share_not_found"] == pytest.approx((900 + 9) / (896 + 900 + 9))
-    assert found["by_size"] == {"small (< 0.4 %)": {"found": 0, "wrong place": 0, "missed": 1},
-                                "large (>= 2 %)": {"found": 1, "wrong place": 1, "missed": 0}}
+    assert found["by_size"] == {"small (< 0.4 %)": {"found": 0, "wrong place": 0, "nothing predicted": 1},
+                                "large (>= 2 %)": {"found": 1, "wrong place": 1, "nothing predicted": 0}}
+    assert list(found["by_size"]) == ["small (< 0.4 %)", "large (>= 2 %)"]  # the bins' order, not the images
     text = "\n".join(detection_markdown(found))
     assert "| all | 3 | 1 (33%) | 1 (33%) | 1 (33%) |" in text
     assert "| large (>= 2 %) | 2 | 1 (50%) | 1 (50%) | 0 (0%) |" in text
-    assert "50% lie in images whose tumor it did not find" in text
+    assert "50% lie in images whose tumor was not found" in text
     assert "1 clean, 1 with a false alarm" in text
     perfect = detection([_result(big, big, "f")])  # nothing missed: no share to give
     assert perfect["fn_share_not_found"] is None and perfect["found_rate"] == 1.0
-    assert "did not find" not in "\n".join(detection_markdown(perfect))
+    assert "was not found" not in "\n".join(detection_markdown(perfect))
 
 
 # ---------------------------------------------------------------- the command, end to end on a tiny model
@@ -222,6 +224,10 @@ def test_evaluate_command_writes_report_json_csv_and_sheet(tiny, capsys):
     assert metrics["table"]["n_images"] == len(sf.ids("val"))
     lines = (out / "per_image.csv").read_text().splitlines()
     assert len(lines) == 1 + len(sf.ids("val"))
+    outcomes = [row.split(",")[lines[0].split(",").index("outcome")] for row in lines[1:]]
+    assert {k: outcomes.count(k) for k in found["overall"]} == found["overall"]
+    assert "trained on the form of the pooled column" in report  # the thesis recipe pools its Dice term
+    assert LossSpec.from_training_config({"dice_per_image": True}).per_image is True
     sheet = cv2.imread(str(out / "examples.png"))
     rows = min(3, len(sf.ids("val")))  # a title band, then per example a caption band and a row of 4 tiles
     assert sheet is not None and sheet.shape == (18 + rows * (18 + 192), 4 * 192, 3)

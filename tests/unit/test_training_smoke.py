@@ -235,14 +235,26 @@ def test_deep_supervision_adds_heads_without_changing_the_network():
     assert all(h.weight.grad is not None for h in wrapped.heads)
 
 
-def test_strong_config_with_deep_supervision_and_ema_saves_a_servable_checkpoint(tmp_path):
+def test_strong_config_with_deep_supervision_and_ema_saves_a_servable_checkpoint(tmp_path, monkeypatch):
+    import training.train as train_module
+
     data = generate_dataset(tmp_path / "data", 12, seed=1, min_side=48, max_side=64)
     out = tmp_path / "strong.pt"
+    built = []  # the losses training builds: --dice-per-image must reach them
+
+    class Recorded(DiceFocalLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(train_module, "DiceFocalLoss", Recorded)
     # bf16 autocast on the CPU, as the shipped BTXRD checkpoint was trained (model/checkpoints/README.md)
     train(preset("strong", data=str(data), out=str(out), size=32, filters=(4, 8, 16, 32), epochs=2, batch_size=4,
-                 progress=False, tensorboard=False, cpu_bf16=True))
+                 progress=False, tensorboard=False, cpu_bf16=True, dice_per_image=True))
+    assert built and all(loss.per_image for loss in built)
     loaded = load_checkpoint(out)
     cfg = loaded.info["training_config"]
+    assert cfg["dice_per_image"] is True
     assert cfg["config"] == "strong" and cfg["deep_supervision"] > 0 and cfg["ema"] > 0 and cfg["tta"] is True
     assert cfg["cpu_bf16"] is True and parse_args(["--cpu-bf16"])[0].cpu_bf16 is True
     assert all(v.dtype == torch.float32 for v in loaded.network.state_dict().values() if v.is_floating_point())
