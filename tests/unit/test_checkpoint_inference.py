@@ -117,14 +117,17 @@ def test_the_shipped_default_is_the_btxrd_model_with_its_terms_and_it_serves():
     import hashlib
 
     loaded = load_checkpoint(DEFAULT_CHECKPOINT)
-    assert loaded.version == "btxrd-256-warm-20261127-58db83b7"
+    assert loaded.version == "btxrd-256-pi-20261128-bae53ab2"
     assert "non-commercial" in loaded.label and "not for clinical use" in loaded.label
     assert "CC BY-NC-ND 4.0" in loaded.info["data_license"]
-    assert loaded.preprocessor.size == 256 and loaded.postprocessor.threshold == pytest.approx(0.15)
+    assert loaded.preprocessor.size == 256 and loaded.postprocessor.threshold == pytest.approx(0.25)
     assert loaded.info["training_config"]["split_file"].endswith("btxrd-256-grouped-v1.csv")
-    assert loaded.info["init_from"]["version"] == "btxrd-256-strong16-r3-20261127-980bc391"  # its parent
-    assert loaded.info["init_from"]["init_from"]["version"] == "btxrd-256-strong16-r2-20261127-5d662618"
-    assert loaded.info["init_from"]["init_from"]["init_from"]["version"] == "btxrd-256-strong16-20261127-0697d0f8"  # the first run
+    assert loaded.info["training_config"]["dice_per_image"] is True
+    assert loaded.info["init_from"]["version"] == "btxrd-256-warm-20261127-58db83b7"  # its parent
+    assert loaded.info["init_from"]["init_from"]["version"] == "btxrd-256-strong16-r3-20261127-980bc391"
+    assert loaded.info["init_from"]["init_from"]["init_from"]["version"] == "btxrd-256-strong16-r2-20261127-5d662618"
+    assert (loaded.info["init_from"]["init_from"]["init_from"]["init_from"]["version"]
+            == "btxrd-256-strong16-20261127-0697d0f8")  # the first run
     readme = (DEFAULT_CHECKPOINT.parent / "README.md").read_text()
     assert loaded.version in readme and hashlib.sha256(DEFAULT_CHECKPOINT.read_bytes()).hexdigest() in readme
     assert f"{sum(p.numel() for p in loaded.network.parameters()):,}" in readme
