@@ -92,6 +92,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jpeg-decode", choices=JPEG_DECODE_MODES, default=s.jpeg_decode,
                    help=f"JPEG_DECODE for the pipeline and the workers (now {s.jpeg_decode}); reduced: with lazy overlays, "
                         "JPEGs are decoded at 1/2-1/8 of their size when the network's frame is that small")
+    p.add_argument("--cpu-bf16", choices=("off", "on", "auto"), default=s.infer_cpu_bf16,
+                   help=f"INFER_CPU_BF16 for the model and pipeline stages and the workers (now {s.infer_cpu_bf16}); "
+                        "on: the network in bf16 autocast on a CPU; auto: where the CPU has AVX512-BF16 or AMX")
     p.add_argument("--stages", default="model,pipeline,system", help="comma-separated subset of model,pipeline,system")
     p.add_argument("--quick", action="store_true", help="16 images, the shipped model: under a minute on the 2-core CPU")
     p.add_argument("--sweep-batches", metavar="B,B,...",
@@ -164,7 +167,7 @@ def run_memory(args, ckpt: Path, out: dict) -> int:
 
 def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
     """The network alone at several forward batches, n images each (at least two batches)."""
-    from model.inference import default_batch_size
+    from model.inference import default_batch_size, wants_cpu_bf16
 
     try:
         batches = [int(b) for b in args.sweep_batches.split(",") if b.strip()]
@@ -179,7 +182,8 @@ def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
             import torch._dynamo
 
             torch._dynamo.reset()  # a fresh compilation per batch, not torch's recompile limit
-        segmenter = tp.load_segmenter(ckpt, batch, args.threads, args.device, compile_network=args.compile)
+        segmenter = tp.load_segmenter(ckpt, batch, args.threads, args.device, compile_network=args.compile,
+                                      cpu_bf16=wants_cpu_bf16(args.cpu_bf16))
         frames = frames if rows else tp.frames_of(segmenter, paths, 8)  # the same frames at every batch
         r = tp.measure_model(segmenter, frames, max(n, 2 * batch))
         rows.append({"batch": batch, "images": r.images, "img_s": round(r.rate, 3), "cpu_ms_per_image": round(r.cpu_ms_per_image, 1)})
@@ -241,7 +245,10 @@ def run(args, argv, tmp: Path) -> int:
         return run_sweep(args, ckpt, out, n, h, w)
     paths = tp.bench_images(args.cache, n, h, w, log=log)
     worker_batch = args.batch  # None: the workers choose (INFER_BATCH_SIZE=auto), on their own device
-    segmenter = tp.load_segmenter(ckpt, args.batch, args.threads, args.device, compile_network=args.compile)
+    from model.inference import wants_cpu_bf16
+
+    segmenter = tp.load_segmenter(ckpt, args.batch, args.threads, args.device, compile_network=args.compile,
+                                  cpu_bf16=wants_cpu_bf16(args.cpu_bf16))
     args.batch = segmenter.batch_size  # auto resolved here, for the model and pipeline stages and the table
     device = tp.device_name(segmenter)
     results: dict[str, tp.StageResult] = {}
@@ -262,7 +269,8 @@ def run(args, argv, tmp: Path) -> int:
     if "system" in stages:
         kw = dict(threads=args.threads, batch=worker_batch, chunk=args.chunk, io_threads=args.io_threads,
                   broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays,
-                                                             "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode},
+                                                             "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode,
+                                                             "INFER_CPU_BF16": args.cpu_bf16},
                   pin_workers=args.pin_workers)
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
@@ -286,7 +294,8 @@ def run(args, argv, tmp: Path) -> int:
           f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}"
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
           f"channels_last {segmenter.channels_last}; compile {args.compile}; overlays {args.overlays}; "
-          f"JPEG decode {args.jpeg_decode}; allocator {args.allocator}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}")
+          f"JPEG decode {args.jpeg_decode}; allocator {args.allocator}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}; "
+          f"CPU bf16 {segmenter.cpu_bf16}")
     print()
     print(f"{'stage':<22}{'images':>7}{'seconds':>9}{'img/s':>9}{'/ model':>9}{'CPU ms/img':>11}{'model/this':>11}{'cores':>6}  notes")
     for key, r in results.items():

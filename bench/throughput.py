@@ -130,7 +130,8 @@ def full_size_checkpoint(path: Path, size: int = 512, seed: int = 0) -> Path:
     )
 
 
-def load_segmenter(checkpoint: Path, batch: int | None, threads: int, device: str | None = None, compile_network: bool = False):
+def load_segmenter(checkpoint: Path, batch: int | None, threads: int, device: str | None = None, compile_network: bool = False,
+                   cpu_bf16: bool = False):
     import torch
 
     from model.checkpoint import load_checkpoint
@@ -138,7 +139,8 @@ def load_segmenter(checkpoint: Path, batch: int | None, threads: int, device: st
 
     if threads:
         torch.set_num_threads(threads)
-    return Segmenter(load_checkpoint(checkpoint), device=device, batch_size=batch, compile_network=compile_network)
+    return Segmenter(load_checkpoint(checkpoint), device=device, batch_size=batch, compile_network=compile_network,
+                     cpu_bf16=cpu_bf16)
 
 
 def device_name(segmenter) -> str:

@@ -37,6 +37,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         ALLOCATOR=settings.allocator,
         TORCH_COMPILE=settings.torch_compile,
         INFER_TTA=settings.infer_tta,
+        INFER_CPU_BF16=settings.infer_cpu_bf16,
         LOG_LEVEL=settings.log_level,
         LOG_FORMAT=settings.log_format,
     )

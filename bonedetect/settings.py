@@ -67,6 +67,7 @@ class Settings:
     torch_threads: int = 0  # CPU inference threads per worker; 0: PyTorch's default
     io_threads: int = 4  # decode/encode threads that overlap the network
     opencv_threads: int = 1  # OpenCV's own threads per worker; 1: the I/O threads are the parallelism; 0: OpenCV's default
+    infer_cpu_bf16: str = "off"  # on: bf16 autocast for the network on CPU workers; auto: on where the CPU has AVX512-BF16 or AMX
     infer_tta: str = "off"  # flip: average with the mirrored image's pass (twice the network's work; docs/training.md)
     torch_compile: str = "auto"  # auto: torch.compile the network on CUDA workers; on; off
     allocator: str = "keep"  # keep: workers keep freed memory for the next image (no page faults); system: glibc's defaults
@@ -124,6 +125,7 @@ class Settings:
             allocator=_choice(env, "ALLOCATOR", ALLOCATOR_MODES),
             torch_compile=_choice(env, "TORCH_COMPILE", ("auto", "on", "off")),
             infer_tta=_choice(env, "INFER_TTA", ("off", "flip")),
+            infer_cpu_bf16=_choice(env, "INFER_CPU_BF16", ("off", "on", "auto")),
             callback_max_retries=_int(env, "CALLBACK_MAX_RETRIES", 8),
             callback_backoff_s=_int(env, "CALLBACK_BACKOFF_S", 10),
             callback_backoff_max_s=_int(env, "CALLBACK_BACKOFF_MAX_S", 600),

@@ -6,7 +6,7 @@ what was measured is what runs. The network runs with channels_last weights
 on every device (on this project's 2-core CPU that alone makes the thesis
 network 2.2x and the demo network 2.7x faster, docs/benchmarks.md); on CUDA
 under bf16 autocast as well (about 4x the fp32 batch-1 throughput on an
-H100, see DESIGN.md), on CPU in fp32. Thread counts are the caller's business
+H100, see DESIGN.md), on CPU in fp32 unless asked for bf16 (``cpu_bf16``). Thread counts are the caller's business
 (``torch.set_num_threads``).
 
 ``predict`` is three steps that the worker's pipeline (worker/pipeline.py)
@@ -31,6 +31,30 @@ import torch
 from model.checkpoint import LoadedModel
 from model.postprocess import Postprocessor, clean_regions
 from model.preprocess import Geometry
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this x86 CPU computes bf16 natively (AVX512-BF16 or AMX); None where /proc/cpuinfo is unreadable
+    or is not an x86 one.
+
+    Without it, CPU autocast emulates bf16 and runs several times slower than fp32 (an AVX2-only EPYC: no
+    training epoch of the 256-px half-width network in 14 minutes, against 7–9 minutes in fp32).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.partition(":")[2].split()}
+    if not flags:  # not an x86 cpuinfo (ARM lists "Features"): no verdict
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def wants_cpu_bf16(mode: str) -> bool:
+    """INFER_CPU_BF16's value: "on", "off", or "auto" (on where the CPU computes bf16 natively)."""
+    return mode == "on" or (mode == "auto" and bool(cpu_has_native_bf16()))
 
 
 @dataclass
@@ -187,6 +211,10 @@ class Segmenter:
             mirrored frame (test-time augmentation, INFER_TTA=flip): twice
             the network's work; ``version`` then ends in "+flip-tta", so the
             rows record what made them.
+        cpu_bf16: on a CPU, run the network under bf16 autocast (INFER_CPU_BF16):
+            on a CPU with AMX 2.2x (the shipped network) to 3.7x (the thesis
+            network) the fp32 rate, docs/benchmarks.md; ``version`` then ends
+            in "+cpu-bf16". Ignored on CUDA, which always runs bf16.
     """
 
     def __init__(
@@ -197,6 +225,7 @@ class Segmenter:
         compile_network: bool = False,
         channels_last: bool = True,
         flip_tta: bool = False,
+        cpu_bf16: bool = False,
     ):
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None (automatic), got {batch_size!r}")
@@ -216,7 +245,8 @@ class Segmenter:
         self.preprocessor, self.postprocessor = loaded.preprocessor, loaded.postprocessor
         self.flip_tta = bool(flip_tta)
         self.batch_size = batch_size or default_batch_size(config, loaded.preprocessor.size, self.cuda, self.flip_tta)
-        self.version = loaded.version + ("+flip-tta" if self.flip_tta else "")
+        self.cpu_bf16 = bool(cpu_bf16) and not self.cuda
+        self.version = loaded.version + ("+flip-tta" if self.flip_tta else "") + ("+cpu-bf16" if self.cpu_bf16 else "")
         self.label = loaded.label
 
     def predict_batch_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +260,10 @@ class Segmenter:
             n = x.shape[0]
             if self.flip_tta:
                 x = torch.cat([x, x.flip(-1)])  # one pass over both: the batch the GPU sees doubles
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+            if self.cuda or self.cpu_bf16:
+                autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
+            else:
+                autocast = contextlib.nullcontext()
             with autocast:
                 logits = self.network(x)
             prob = torch.sigmoid(logits.float())

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 
 from bonedetect import allocator
 from model.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
-from model.inference import Segmenter
+from model.inference import Segmenter, cpu_has_native_bf16
 from model.metrics import MetricAccumulator
 from model.network import AttentionUNet, UNetConfig
 from model.postprocess import Postprocessor
@@ -376,24 +376,6 @@ def _autocast(device: torch.device, cpu_bf16: bool = False):
     if cpu_bf16 and device.type == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
-    """Whether this x86 CPU computes bf16 natively (AVX512-BF16 or AMX); None where /proc/cpuinfo is unreadable
-    or is not an x86 one.
-
-    Without it, CPU autocast emulates bf16 and trains several times slower than fp32 (an AVX2-only EPYC: no
-    epoch of the 256-px half-width network in 14 minutes, against 7–9 minutes in fp32).
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.partition(":")[2].split()}
-    if not flags:  # not an x86 cpuinfo (ARM lists "Features"): no verdict
-        return None
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def _batch(x: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -123,10 +123,11 @@ def warm_segmenter(loaded, settings: Settings, cuda: bool):
     pass (allocation, kernel selection and compilation happen before any task).
     With ``auto``, a compile that fails (a host without a C compiler or Triton)
     is logged and the network served uncompiled; with ``on`` the error stands."""
-    from model.inference import Segmenter
+    from model.inference import Segmenter, wants_cpu_bf16
 
     compile_network = settings.torch_compile == "on" or (settings.torch_compile == "auto" and cuda)
-    kwargs = dict(batch_size=settings.infer_batch_size, flip_tta=settings.infer_tta == "flip")
+    kwargs = dict(batch_size=settings.infer_batch_size, flip_tta=settings.infer_tta == "flip",
+                  cpu_bf16=wants_cpu_bf16(settings.infer_cpu_bf16))
     t0 = time.perf_counter()
     segmenter = Segmenter(loaded, compile_network=compile_network, **kwargs)
     try:

@@ -273,6 +273,34 @@ def test_flip_tta_averages_the_mirrored_pass_and_says_so_in_the_version(saved):
     assert np.abs(tta.predict([image])[0].prob - mirrored).max() < 0.02, "a mirrored image gets a mirrored map"
 
 
+def test_cpu_bf16_runs_the_network_under_autocast_and_says_so_in_the_version(saved, monkeypatch):
+    from bonedetect.settings import Settings
+    from model.inference import wants_cpu_bf16
+    from worker.tasks import warm_segmenter
+
+    plain = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=3)
+    bf16 = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=3, cpu_bf16=True)
+    assert bf16.version == plain.version + "+cpu-bf16" and not plain.cpu_bf16
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 1, 32, 32)).astype(np.float32))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # the reference: autocast by hand
+        want = torch.sigmoid(bf16.network(x.contiguous(memory_format=torch.channels_last)).float())
+    got, fp32 = bf16.predict_batch_tensor(x), plain.predict_batch_tensor(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert 0 < (got - fp32).abs().max() < 0.05, "bf16, not fp32, and close to it"
+    # INFER_CPU_BF16: off by default; auto follows the CPU's flags; the worker's Segmenter gets it
+    assert Settings.from_env({}).infer_cpu_bf16 == "off"
+    with pytest.raises(ValueError, match="INFER_CPU_BF16"):
+        Settings.from_env({"INFER_CPU_BF16": "yes"})
+    assert wants_cpu_bf16("on") and not wants_cpu_bf16("off")
+    monkeypatch.setattr("model.inference.cpu_has_native_bf16", lambda: False)
+    assert not wants_cpu_bf16("auto")
+    monkeypatch.setattr("model.inference.cpu_has_native_bf16", lambda: True)
+    assert wants_cpu_bf16("auto")
+    served = warm_segmenter(load_checkpoint(saved[0]), Settings.from_env({"INFER_CPU_BF16": "on", "TORCH_COMPILE": "off"}),
+                            cuda=False)
+    assert served.cpu_bf16 and served.version.endswith("+cpu-bf16")
+
+
 def test_worker_serves_uncompiled_when_compiling_fails_under_auto_only(saved, monkeypatch):
     """TORCH_COMPILE=auto on a GPU host without a C compiler: log and serve; =on: fail loudly."""
     from bonedetect.settings import Settings

@@ -336,7 +336,7 @@ def test_init_from_starts_at_the_parents_weights_and_normalisation(tmp_path):
 
 
 def test_cpu_bf16_is_called_native_only_with_the_instructions_for_it():
-    from training.train import cpu_has_native_bf16
+    from model.inference import cpu_has_native_bf16
 
     assert cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 vaes\n") is True
     assert cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n") is True
