@@ -245,7 +245,7 @@ class Segmenter:
         self.preprocessor, self.postprocessor = loaded.preprocessor, loaded.postprocessor
         self.flip_tta = bool(flip_tta)
         self.batch_size = batch_size or default_batch_size(config, loaded.preprocessor.size, self.cuda, self.flip_tta)
-        self.cpu_bf16 = bool(cpu_bf16) and not self.cuda
+        self.cpu_bf16 = bool(cpu_bf16) and self.device.type == "cpu"
         self.version = loaded.version + ("+flip-tta" if self.flip_tta else "") + ("+cpu-bf16" if self.cpu_bf16 else "")
         self.label = loaded.label
 

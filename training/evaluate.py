@@ -229,12 +229,13 @@ def predict(segmenter, images: list[np.ndarray], tta: bool = False) -> list[tupl
 
 
 def score_records(loaded, records, device: str | None = None, batch_size: int | None = None,
-                  tta: bool = False) -> list[ImageResult]:
+                  tta: bool = False, cpu_bf16: bool = False) -> list[ImageResult]:
     """Run the checkpoint over ``records`` and score each image (module docstring)."""
     from model.inference import Segmenter
     from training.btxrd import load_image, load_mask
 
-    segmenter = Segmenter(loaded, device=device, batch_size=batch_size, flip_tta=tta)  # auto batch counts the flip
+    segmenter = Segmenter(loaded, device=device, batch_size=batch_size, flip_tta=tta,  # auto batch counts the flip
+                          cpu_bf16=cpu_bf16)
     loss = LossSpec.from_training_config(loaded.info.get("training_config"))
     results = []
     chunk = max(segmenter.batch_size, 32)
@@ -289,6 +290,8 @@ def report_markdown(meta: dict, table: dict, breakdowns: dict[str, list[dict]], 
     lines = [f"# Evaluation of `{meta['version']}` on {split['name']}", ""]
     if meta.get("tta"):
         lines += ["**With left-right flip test-time augmentation** (as workers started with `INFER_TTA=flip` serve).", ""]
+    if meta.get("cpu_bf16"):
+        lines += ["**Network in bf16 autocast on the CPU** (as workers started with `INFER_CPU_BF16=on` serve).", ""]
     lines += [
         f"- checkpoint: `{meta['checkpoint']}` ({meta['label']}); trained with config `{meta['training_config_name']}`"
         f" on split {meta['trained_on_split']}",
@@ -417,7 +420,7 @@ def write_per_image_csv(path: Path, results: list[ImageResult]) -> None:
 
 def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = None, out_dir=None, tta: bool = False,
                         examples: int = 8, device: str | None = None, batch_size: int | None = None, max_images: int = 0,
-                        quiet: bool = False) -> dict:
+                        quiet: bool = False, cpu_bf16: bool = False) -> dict:
     """Everything ``main`` does; returns the metrics dict (also written to ``out_dir/metrics.json``).
 
     Raises:
@@ -474,7 +477,7 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
     say(f"scoring {len(records)} images ({split_meta['description']}) with {loaded.version}"
         f"{' and flip TTA' if tta else ''} ...")
     t0 = time.perf_counter()
-    results = score_records(loaded, records, device=device, batch_size=batch_size, tta=tta)
+    results = score_records(loaded, records, device=device, batch_size=batch_size, tta=tta, cpu_bf16=cpu_bf16)
     seconds = time.perf_counter() - t0
     loss = LossSpec.from_training_config(info.get("training_config"))
     table = table_metrics(results, loss)
@@ -487,7 +490,7 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
         from model.inference import Segmenter
 
         by_id = {r.image_id: r for r in records}
-        segmenter = Segmenter(loaded, device=device, batch_size=batch_size, flip_tta=tta)
+        segmenter = Segmenter(loaded, device=device, batch_size=batch_size, flip_tta=tta, cpu_bf16=cpu_bf16)
         images = [load_image(by_id[c.image_id]) for c in chosen]
         rows = []
         for c, image, (prob, pred) in zip(chosen, images, predict(segmenter, images, tta)):
@@ -502,7 +505,7 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
         "training_config_name": training_config.get("config", "unknown"),
         "trained_on_split": trained_split.get("description", "unknown"),
         "data": str(data), "split": split_meta, "threshold": loaded.postprocessor.threshold,
-        "size": loaded.preprocessor.size, "tta": tta, "loss_per_image": loss.per_image, "overlap": overlap, "warnings": warnings,
+        "size": loaded.preprocessor.size, "tta": tta, "cpu_bf16": cpu_bf16, "loss_per_image": loss.per_image, "overlap": overlap, "warnings": warnings,
         "license": info.get("data_license"), "examples": example_name, "seconds": round(seconds, 1),
     }
     (out / "report.md").write_text(report_markdown(meta, table, breakdowns, found))
@@ -530,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=("train", "val", "test", "all"), help="which split of --split-file")
     p.add_argument("--out-dir", help="where report.md etc. go (default runs/eval-<version>-<split>)")
     p.add_argument("--tta", action="store_true", help="average with a left-right flipped pass (what workers run with INFER_TTA=flip)")
+    p.add_argument("--cpu-bf16", action="store_true", help="on a CPU, the network in bf16 autocast (what workers run "
+                   "with INFER_CPU_BF16=on)")
     p.add_argument("--examples", type=int, default=8, help="rows in examples.png (0: none)")
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=None, help="forward batch (default: automatic, as the workers)")
@@ -544,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     allocator.apply_from_env()  # ALLOCATOR, keep by default, as the workers: no page faults for each image's blocks
     torch.set_num_threads(os.cpu_count() or 1)
     evaluate_checkpoint(args.checkpoint, args.data, args.split_file, args.split, args.out_dir, args.tta, args.examples,
-                        args.device, args.batch_size, args.max_images)
+                        args.device, args.batch_size, args.max_images, cpu_bf16=args.cpu_bf16)
     return 0
 
 

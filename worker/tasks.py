@@ -85,7 +85,7 @@ def build_context(settings: Settings) -> WorkerContext:
     configure_process(settings)
     loaded = load_checkpoint(settings.model_checkpoint or DEFAULT_CHECKPOINT)
     segmenter = warm_segmenter(loaded, settings, cuda=torch.cuda.is_available())
-    log.info("model %s loaded on %s (%s)", loaded.version, segmenter.device, loaded.label)
+    log.info("model %s served as %s on %s (%s)", loaded.version, segmenter.version, segmenter.device, loaded.label)
     engine_args = {"connect_args": {"connect_timeout": 10}} if settings.database_url.startswith("postgres") else {}
     pipeline = Pipeline(segmenter, max_pixels=settings.max_image_pixels, threads=settings.io_threads,
                         overlays=settings.overlays == "eager", reduced_jpeg=settings.jpeg_decode == "reduced")
@@ -123,8 +123,11 @@ def warm_segmenter(loaded, settings: Settings, cuda: bool):
     pass (allocation, kernel selection and compilation happen before any task).
     With ``auto``, a compile that fails (a host without a C compiler or Triton)
     is logged and the network served uncompiled; with ``on`` the error stands."""
-    from model.inference import Segmenter, wants_cpu_bf16
+    from model.inference import Segmenter, cpu_has_native_bf16, wants_cpu_bf16
 
+    if settings.infer_cpu_bf16 == "on" and not cuda and cpu_has_native_bf16() is False:
+        log.warning("INFER_CPU_BF16=on on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag): autocast "
+                    "emulates bf16 there and runs several times slower than fp32; use auto or off")
     compile_network = settings.torch_compile == "on" or (settings.torch_compile == "auto" and cuda)
     kwargs = dict(batch_size=settings.infer_batch_size, flip_tta=settings.infer_tta == "flip",
                   cpu_bf16=wants_cpu_bf16(settings.infer_cpu_bf16))

@@ -296,6 +296,7 @@ def test_cpu_bf16_runs_the_network_under_autocast_and_says_so_in_the_version(sav
     assert not wants_cpu_bf16("auto")
     monkeypatch.setattr("model.inference.cpu_has_native_bf16", lambda: True)
     assert wants_cpu_bf16("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the worker's Segmenter picks its device itself
     served = warm_segmenter(load_checkpoint(saved[0]), Settings.from_env({"INFER_CPU_BF16": "on", "TORCH_COMPILE": "off"}),
                             cuda=False)
     assert served.cpu_bf16 and served.version.endswith("+cpu-bf16")

@@ -252,6 +252,23 @@ def test_evaluate_warns_when_images_were_trained_on(tiny):
     assert "not held-out" in (root / "all" / "report.md").read_text()
 
 
+def test_evaluate_cpu_bf16_scores_with_the_workers_bf16_network(tiny, monkeypatch):
+    import model.inference
+
+    data, split_file, ckpt, root = tiny
+    made = []
+
+    class Recorded(Segmenter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(model.inference, "Segmenter", Recorded)
+    m = evaluate_checkpoint(ckpt, data, split_file, "val", root / "bf16", examples=1, quiet=True, cpu_bf16=True)
+    assert len(made) == 2 and all(s.cpu_bf16 and s.version.endswith("+cpu-bf16") for s in made)  # scoring, examples
+    assert m["meta"]["cpu_bf16"] is True and "bf16 autocast on the CPU" in (root / "bf16" / "report.md").read_text()
+
+
 def test_flip_tta_averages_the_plain_and_the_mirrored_pass(tiny):
     from training.evaluate import predict
 
