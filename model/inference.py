@@ -52,6 +52,14 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def bf16_autocast(device: torch.device, cpu_bf16: bool = False):
+    """The network's precision, for serving and training alike: bf16 autocast on CUDA always; on a CPU only when
+    asked (INFER_CPU_BF16, ``--cpu-bf16``); fp32 otherwise."""
+    if device.type == "cuda" or (cpu_bf16 and device.type == "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def wants_cpu_bf16(mode: str) -> bool:
     """INFER_CPU_BF16's value: "on", "off", or "auto" (on where the CPU computes bf16 natively)."""
     return mode == "on" or (mode == "auto" and bool(cpu_has_native_bf16()))
@@ -260,11 +268,7 @@ class Segmenter:
             n = x.shape[0]
             if self.flip_tta:
                 x = torch.cat([x, x.flip(-1)])  # one pass over both: the batch the GPU sees doubles
-            if self.cuda or self.cpu_bf16:
-                autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
-            else:
-                autocast = contextlib.nullcontext()
-            with autocast:
+            with bf16_autocast(self.device, self.cpu_bf16):
                 logits = self.network(x)
             prob = torch.sigmoid(logits.float())
             return (prob[:n] + prob[n:].flip(-1)) / 2 if self.flip_tta else prob

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 
 from bonedetect import allocator
 from model.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
-from model.inference import Segmenter, cpu_has_native_bf16
+from model.inference import Segmenter, bf16_autocast, cpu_has_native_bf16
 from model.metrics import MetricAccumulator
 from model.network import AttentionUNet, UNetConfig
 from model.postprocess import Postprocessor
@@ -369,15 +369,6 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _autocast(device: torch.device, cpu_bf16: bool = False):
-    """bf16 autocast on CUDA always; on CPU only when asked (``--cpu-bf16``)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if cpu_bf16 and device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _batch(x: np.ndarray, device: torch.device) -> torch.Tensor:
     """(n, S, S) numpy -> (n, 1, S, S) channels_last tensor on device."""
     t = torch.from_numpy(np.ascontiguousarray(x, np.float32))[:, None].to(device)
@@ -390,7 +381,7 @@ def predict_frames(network, images_z: np.ndarray, device: torch.device, batch_si
     network.eval()
     out = []
     for start in range(0, len(images_z), batch_size):
-        with _autocast(device):
+        with bf16_autocast(device):
             logits = network(_batch(images_z[start : start + batch_size], device))
         out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,) + images_z.shape[1:], np.float32)
@@ -758,7 +749,7 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
                 if cfg.schedule != "plateau":
                     for group in optimizer.param_groups:
                         group["lr"] = current_lr()
-                with _autocast(device, cfg.cpu_bf16):
+                with bf16_autocast(device, cfg.cpu_bf16):
                     output = forward(x)
                 if supervised is not None:
                     logits, aux = output
