@@ -60,7 +60,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from bonedetect.settings import ALLOCATOR_MODES, JPEG_DECODE_MODES, OVERLAY_MODES, Settings
+    from bonedetect.settings import ALLOCATOR_MODES, CPU_BF16_MODES, JPEG_DECODE_MODES, OVERLAY_MODES, Settings
 
     s = Settings.from_env()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jpeg-decode", choices=JPEG_DECODE_MODES, default=s.jpeg_decode,
                    help=f"JPEG_DECODE for the pipeline and the workers (now {s.jpeg_decode}); reduced: with lazy overlays, "
                         "JPEGs are decoded at 1/2-1/8 of their size when the network's frame is that small")
-    p.add_argument("--cpu-bf16", choices=("off", "on", "auto"), default=s.infer_cpu_bf16,
+    p.add_argument("--cpu-bf16", choices=CPU_BF16_MODES, default=s.infer_cpu_bf16,
                    help=f"INFER_CPU_BF16 for the model and pipeline stages and the workers (now {s.infer_cpu_bf16}); "
                         "on: the network in bf16 autocast on a CPU; auto: where the CPU has AVX512-BF16 or AMX")
     p.add_argument("--stages", default="model,pipeline,system", help="comma-separated subset of model,pipeline,system")

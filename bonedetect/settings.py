@@ -37,6 +37,7 @@ def _batch(env: dict, name: str) -> int | None:
 ALLOCATOR_MODES = ("keep", "system")  # ALLOCATOR; the first is the default (bonedetect/allocator.py)
 JPEG_DECODE_MODES = ("reduced", "full")  # JPEG_DECODE; the first is the default (worker/decode.py)
 OVERLAY_MODES = ("lazy", "eager")  # OVERLAYS; the first is the default (worker/overlay.py)
+CPU_BF16_MODES = ("off", "on", "auto")  # INFER_CPU_BF16; the first is the default (model.inference.wants_cpu_bf16)
 
 
 def _choice(env: dict, name: str, choices: tuple[str, ...]) -> str:
@@ -125,7 +126,7 @@ class Settings:
             allocator=_choice(env, "ALLOCATOR", ALLOCATOR_MODES),
             torch_compile=_choice(env, "TORCH_COMPILE", ("auto", "on", "off")),
             infer_tta=_choice(env, "INFER_TTA", ("off", "flip")),
-            infer_cpu_bf16=_choice(env, "INFER_CPU_BF16", ("off", "on", "auto")),
+            infer_cpu_bf16=_choice(env, "INFER_CPU_BF16", CPU_BF16_MODES),
             callback_max_retries=_int(env, "CALLBACK_MAX_RETRIES", 8),
             callback_backoff_s=_int(env, "CALLBACK_BACKOFF_S", 10),
             callback_backoff_max_s=_int(env, "CALLBACK_BACKOFF_MAX_S", 600),
