@@ -218,7 +218,9 @@ class Segmenter:
         flip_tta: average each probability map with that of the left-right
             mirrored frame (test-time augmentation, INFER_TTA=flip): twice
             the network's work; ``version`` then ends in "+flip-tta", so the
-            rows record what made them.
+            rows record what made them. The mask then comes from the
+            checkpoint's flip-TTA postprocessing (its own threshold, chosen
+            on validation) when it has one.
         cpu_bf16: on a CPU, run the network under bf16 autocast (INFER_CPU_BF16):
             on a CPU with AMX 2.2x (the shipped network) to 3.7x (the thesis
             network) the fp32 rate, docs/benchmarks.md; ``version`` then ends
@@ -250,7 +252,8 @@ class Segmenter:
             network = network.to(memory_format=torch.channels_last)
         self.compiled = bool(compile_network)
         self.network = torch.compile(network, dynamic=False) if self.compiled else network
-        self.preprocessor, self.postprocessor = loaded.preprocessor, loaded.postprocessor
+        self.preprocessor = loaded.preprocessor
+        self._postprocessor, self._postprocessor_tta = loaded.postprocessor, loaded.postprocessor_tta
         self.flip_tta = bool(flip_tta)
         self.batch_size = batch_size or default_batch_size(config, loaded.preprocessor.size, self.cuda, self.flip_tta)
         self.cpu_bf16 = bool(cpu_bf16) and self.device.type == "cpu"
@@ -272,6 +275,18 @@ class Segmenter:
                 logits = self.network(x)
             prob = torch.sigmoid(logits.float())
             return (prob[:n] + prob[n:].flip(-1)) / 2 if self.flip_tta else prob
+
+    @property
+    def postprocessor(self) -> Postprocessor:
+        """The postprocessing in use: the checkpoint's flip-TTA one while ``flip_tta`` is on and it has one."""
+        if self._postprocessor_tta is not None and self.flip_tta:
+            return self._postprocessor_tta
+        return self._postprocessor
+
+    @postprocessor.setter
+    def postprocessor(self, post: Postprocessor) -> None:
+        """Use ``post`` with and without flip TTA."""
+        self._postprocessor, self._postprocessor_tta = post, None
 
     # -- the three steps of predict -------------------------------------------
 

@@ -14,7 +14,8 @@ with the polygon mask from ``training.btxrd``. The decision threshold is the
 one stored in the checkpoint, chosen on the validation split when it was
 trained: this command never picks a threshold, so a test score is never tuned
 on the test split. ``--tta`` adds a left-right flip and averages the two
-probability maps (what workers started with ``INFER_TTA=flip`` serve).
+probability maps (what workers started with ``INFER_TTA=flip`` serve), with
+the checkpoint's flip-TTA threshold when it has one (``training.thresholds``).
 
 Written to ``--out-dir``:
 
@@ -297,7 +298,8 @@ def report_markdown(meta: dict, table: dict, breakdowns: dict[str, list[dict]], 
         f" on split {meta['trained_on_split']}",
         f"- data: `{meta['data']}`, {table['n_images']} images ({table['n_positive']} with a tumor)",
         f"- split: {split['description']}",
-        f"- threshold {meta['threshold']:.2f}: stored in the checkpoint, chosen on the validation split when it was "
+        f"- threshold {meta['threshold']:.2f}: stored in the checkpoint"
+        f"{' for flip TTA' if meta.get('threshold_for_tta') else ''}, chosen on the validation split when it was "
         "trained; never chosen on the split scored here",
         f"- resolution: each image's original size, through the serving path (`Segmenter`, preprocessing size "
         f"{meta['size']}, postprocessing included)",
@@ -504,7 +506,9 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
         "checkpoint": str(checkpoint), "version": loaded.version, "label": loaded.label,
         "training_config_name": training_config.get("config", "unknown"),
         "trained_on_split": trained_split.get("description", "unknown"),
-        "data": str(data), "split": split_meta, "threshold": loaded.postprocessor.threshold,
+        "data": str(data), "split": split_meta,
+        "threshold": (loaded.postprocessor_tta if tta and loaded.postprocessor_tta else loaded.postprocessor).threshold,
+        "threshold_for_tta": bool(tta and loaded.postprocessor_tta),
         "size": loaded.preprocessor.size, "tta": tta, "cpu_bf16": cpu_bf16, "loss_per_image": loss.per_image, "overlap": overlap, "warnings": warnings,
         "license": info.get("data_license"), "examples": example_name, "seconds": round(seconds, 1),
     }

@@ -90,6 +90,7 @@ from training.btxrd import BtxrdRecord, load_image, load_mask, read_btxrd
 from training.losses import DiceFocalLoss
 from training.split import SPLITS, THESIS_FRACTIONS, assign, csv_text, read_split_csv, split_rows, stratified_split
 from training.synthetic import generate_dataset, is_synthetic
+from training.thresholds import choose_threshold
 
 SYNTHETIC_LICENSE = "synthetic images from training.synthetic; no real patient data"
 BTXRD_LICENSE = ("trained on BTXRD (Yao et al., Scientific Data 12:88, 2025), which is CC BY-NC-ND 4.0: this "
@@ -164,7 +165,7 @@ class TrainConfig:
     contrast: float = 0.1
     # evaluation
     thresholds: tuple[float, ...] = WIDE_THRESHOLDS  # candidates, chosen on validation
-    tta: bool = False  # suggest flip test-time augmentation to training.evaluate (recorded; workers don't run it)
+    tta: bool = False  # also choose a flip-TTA threshold on validation (stored for INFER_TTA=flip workers, training.thresholds)
     # machinery
     seed: int = 0
     device: str | None = None  # None: cuda if available, else cpu
@@ -393,12 +394,13 @@ def frame_scores(probs: np.ndarray, masks: np.ndarray, threshold: float) -> dict
     return acc.summary()
 
 
-def evaluate(loaded: LoadedModel, records: list[BtxrdRecord], device: str | None = None, batch_size: int = 16) -> dict:
+def evaluate(loaded: LoadedModel, records: list[BtxrdRecord], device: str | None = None, batch_size: int = 16,
+             flip_tta: bool = False) -> dict:
     """Scores at the original resolution through ``Segmenter`` (the serving
-    path, postprocessing included): pooled and per-image (module
+    path, postprocessing included, flip TTA with ``flip_tta``): pooled and per-image (module
     ``model.metrics``), normal images counted (an empty prediction on a normal
     image scores 1), plus the share of normal images given any tumor pixel."""
-    segmenter = Segmenter(loaded, device=device, batch_size=batch_size)
+    segmenter = Segmenter(loaded, device=device, batch_size=batch_size, flip_tta=flip_tta)
     acc = MetricAccumulator()
     normal_fp = n_normal = 0
     for start in range(0, len(records), 64):
@@ -848,6 +850,20 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
         }
         print(f"best epoch {best['epoch']}, threshold {threshold:.2f}: validation dice {val_scores['dice']:.4f} "
               f"(original resolution, postprocessed)", flush=True)
+        postprocessor_tta = None
+        if cfg.tta:  # flip TTA averages two maps, which moves the best threshold: choose its own on validation
+            threshold_tta, by_threshold_tta = choose_threshold(loaded, val_set.records, cfg.thresholds, tta=True,
+                                                               device=str(device))
+            postprocessor_tta = loaded.postprocessor_tta = Postprocessor(threshold_tta)
+            val_tta = evaluate(loaded, val_set.records, device=str(device), flip_tta=True)
+            metrics.update({
+                "validation_tta": {"data": data_desc, "split": choice.info["description"], "resolution": "original",
+                                   **val_tta},
+                "threshold_tta": threshold_tta,
+                "val_dice_by_threshold_tta_serving": {f"{t:.2f}": d for t, d in by_threshold_tta.items()},
+            })
+            print(f"flip TTA: threshold {threshold_tta:.2f}, validation dice {val_tta['dice']:.4f} "
+                  f"(original resolution, postprocessed)", flush=True)
         test_root, test_desc = _resolve_test(cfg, stack)
         if test_root is not None:
             test_set = read_btxrd(test_root)
@@ -871,7 +887,7 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
         "command": command,
     }
     path = save_checkpoint(out, network, preprocessor=preprocessor, postprocessor=postprocessor, version=version,
-                           label=label, metrics=metrics, extra=extra, half=cfg.half)
+                           label=label, metrics=metrics, extra=extra, half=cfg.half, postprocessor_tta=postprocessor_tta)
     print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB), version {version}; metrics per epoch in {metrics_path}; "
           f"training state in {last_path}", flush=True)
     return path
