@@ -3,7 +3,7 @@
 A checkpoint is a ``torch.save`` of one dict of plain types and tensors::
 
     {
-        "format": "bonedetect-checkpoint/1",
+        "format": "bonedetect-checkpoint/1",  # /2 when "postprocessing_tta" is present
         "version": str,            # recorded in every result row
         "label": str,              # e.g. "synthetic, not for clinical use"
         "network_config": dict,    # UNetConfig as a dict (filters as a list)
@@ -37,13 +37,17 @@ from model.postprocess import Postprocessor
 from model.preprocess import Preprocessor
 
 FORMAT = "bonedetect-checkpoint/1"
+# A file with "postprocessing_tta" is written as /2, so that code from before it refuses the file loudly instead of
+# serving flip TTA at the plain threshold under the new file's version; this code reads both.
+FORMAT_TTA = "bonedetect-checkpoint/2"
+FORMATS = (FORMAT, FORMAT_TTA)
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 # Trained on real radiographs (BTXRD-256; CC BY-NC-ND 4.0, non-commercial): what the demo and workers load by default.
 BTXRD_CHECKPOINT = CHECKPOINTS / "btxrd-256.pt"
 # Trained on training.synthetic's images only: the tests' model (it finds the lesions the generator draws).
 SYNTHETIC_CHECKPOINT = CHECKPOINTS / "synthetic-demo.pt"
 DEFAULT_CHECKPOINT = BTXRD_CHECKPOINT
-_INFO_KEYS = ("format", "created_at", "network_config")  # copied into LoadedModel.info next to extra
+_INFO_KEYS = ("format", "created_at", "network_config")  # copied into LoadedModel.info next to extra (and stored_half)
 
 
 @dataclass
@@ -110,7 +114,7 @@ def save_checkpoint(
     if not isinstance(version, str) or not version:
         raise ValueError(f"version must be a non-empty string, got {version!r}")
     extra = _plain(extra or {}, "extra")
-    clash = [k for k in _INFO_KEYS if k in extra]
+    clash = [k for k in (*_INFO_KEYS, "stored_half") if k in extra]
     if clash:
         raise ValueError(f"extra must not use the reserved key {clash[0]!r}")
     network = getattr(network, "_orig_mod", network)
@@ -119,7 +123,7 @@ def save_checkpoint(
         tensor = tensor.detach().to("cpu").contiguous()
         state[name] = tensor.half() if half and tensor.is_floating_point() else tensor
     payload = {
-        "format": FORMAT,
+        "format": FORMAT_TTA if postprocessor_tta is not None else FORMAT,
         "version": version,
         "label": str(label),
         "network_config": _plain(dataclasses.asdict(network.config), "network_config"),
@@ -155,8 +159,8 @@ def load_checkpoint(path, map_location="cpu") -> LoadedModel:
     except Exception as exc:  # unpickling errors of all kinds: not ours
         raise ValueError(f"{path} is not a bonedetect checkpoint: {exc}") from exc
     found = data.get("format") if isinstance(data, dict) else type(data).__name__
-    if found != FORMAT:
-        raise ValueError(f"{path} is not a bonedetect checkpoint: format {found!r}, expected {FORMAT!r}")
+    if found not in FORMATS:
+        raise ValueError(f"{path} is not a bonedetect checkpoint: format {found!r}, expected one of {FORMATS}")
     try:
         config = UNetConfig(**data["network_config"])
         network = AttentionUNet(config)
@@ -169,6 +173,7 @@ def load_checkpoint(path, map_location="cpu") -> LoadedModel:
         raise ValueError(f"{path}: damaged bonedetect checkpoint: {exc}") from exc
     network.to(map_location).eval()
     info = {**data.get("extra", {}), **{k: data.get(k) for k in _INFO_KEYS}}
+    info["stored_half"] = any(v.dtype == torch.float16 for v in data["state_dict"].values())  # saved with half=True
     return LoadedModel(
         network=network,
         preprocessor=preprocessor,

@@ -299,8 +299,8 @@ def report_markdown(meta: dict, table: dict, breakdowns: dict[str, list[dict]], 
         f"- data: `{meta['data']}`, {table['n_images']} images ({table['n_positive']} with a tumor)",
         f"- split: {split['description']}",
         f"- threshold {meta['threshold']:.2f}: stored in the checkpoint"
-        f"{' for flip TTA' if meta.get('threshold_for_tta') else ''}, chosen on the validation split when it was "
-        "trained; never chosen on the split scored here",
+        f"{' for flip TTA' if meta.get('threshold_for_tta') else ''}, chosen on the validation split (when it was "
+        "trained, or by `training.thresholds`); never chosen on the split scored here",
         f"- resolution: each image's original size, through the serving path (`Segmenter`, preprocessing size "
         f"{meta['size']}, postprocessing included)",
     ]

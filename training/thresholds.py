@@ -16,13 +16,16 @@ How: every image of the validation split goes through the serving path
 (``Segmenter`` at its original resolution, with or without flip TTA) once;
 each candidate threshold is applied with the checkpoint's postprocessing
 (minimum region, hole filling) and scored by pooled Dice over the split.
-Ties go to the candidate nearest 0.5. Only the validation (or training)
-split can be used: a threshold chosen on the test split would make its
-score a tuned one.
+Ties go to the candidate nearest 0.5. Only the validation split is used, and
+only of the split file the checkpoint was trained with (``--other-split``
+overrides that): a threshold chosen on test images would make their score a
+tuned one.
 
 The written checkpoint has the same weights and preprocessing; its version
-gains a suffix naming what changed (``-tta35``: flip-TTA threshold 0.35;
-``-t25``: plain threshold 0.25), so result rows tell the two files apart.
+gains a suffix naming what changed (``-tta0.35``: flip-TTA threshold 0.35;
+``-t0.25``: plain threshold 0.25), so result rows tell the two files apart.
+Metrics scored at the old threshold move under ``before_threshold_choice``;
+``threshold_choices`` in the file's info lists every choice made.
 """
 
 from __future__ import annotations
@@ -37,8 +40,16 @@ from model.postprocess import Postprocessor
 DEFAULT_CANDIDATES = (0.05, 0.07, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40, 0.45, 0.50)
 
 
-def _with_threshold(post: Postprocessor, threshold: float) -> Postprocessor:
-    return Postprocessor(threshold=threshold, min_region_fraction=post.min_region_fraction, fill_holes=post.fill_holes)
+# what a threshold choice makes stale in a checkpoint's metrics: moved under "before_threshold_choice" in the copy
+STALE_METRICS = {
+    False: ("threshold", "validation", "test", "val_dice_by_threshold", "val_dice_by_threshold_serving"),
+    True: ("threshold_tta", "validation_tta", "val_dice_by_threshold_tta_serving"),
+}
+
+
+def with_threshold(post: Postprocessor, threshold: float) -> Postprocessor:
+    """``post`` with another threshold, everything else kept."""
+    return Postprocessor(**{**post.as_dict(), "threshold": float(threshold)})
 
 
 def choose_threshold(loaded: LoadedModel, records, candidates=DEFAULT_CANDIDATES, tta: bool = False,
@@ -62,7 +73,7 @@ def choose_threshold(loaded: LoadedModel, records, candidates=DEFAULT_CANDIDATES
         raise ValueError("no images to choose a threshold on")
     segmenter = Segmenter(loaded, device=device, batch_size=batch_size, flip_tta=tta, cpu_bf16=cpu_bf16)
     base = segmenter.postprocessor
-    posts = {t: _with_threshold(base, t) for t in candidates}
+    posts = {t: with_threshold(base, t) for t in candidates}
     counts = {t: np.zeros(3, np.int64) for t in candidates}  # tp, fp, fn
     chunk = max(segmenter.batch_size, 32)
     for start in range(0, len(records), chunk):
@@ -83,7 +94,27 @@ def choose_threshold(loaded: LoadedModel, records, candidates=DEFAULT_CANDIDATES
 
 
 def version_suffix(threshold: float, tta: bool) -> str:
-    return f"-{'tta' if tta else 't'}{round(threshold * 100):02d}"
+    """"-tta0.35" / "-t0.25": the threshold as written (%g), so two thresholds never share a suffix."""
+    return f"-{'tta' if tta else 't'}{threshold:g}"
+
+
+def check_held_out(loaded: LoadedModel, split_file_sha256: str, records, other_split: bool = False) -> None:
+    """Refuse a choice that could see the checkpoint's test split or training images.
+
+    Raises:
+        ValueError: the split file is not the one the checkpoint was trained with (its validation part may hold
+            the training split's test images) unless ``other_split``; or some records were trained on.
+    """
+    trained = ((loaded.info.get("data") or {}).get("split") or {}).get("sha256")
+    if trained and trained != split_file_sha256 and not other_split:
+        raise ValueError("the split file is not the one the checkpoint was trained with (SHA-256 "
+                         f"{split_file_sha256[:12]} against {trained[:12]}): its validation images may be the "
+                         "trained split's test images; pass --other-split only if you know they are not")
+    train_ids = set((loaded.info.get("data") or {}).get("train_ids") or [])
+    seen = [r.image_id for r in records if r.image_id in train_ids]
+    if seen:
+        raise ValueError(f"{len(seen)} of these {len(records)} images were in the checkpoint's training set "
+                         f"(first: {seen[0]}): a threshold is chosen on held-out images")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,43 +126,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="folder in BTXRD's layout")
     p.add_argument("--split-file", required=True, help="split CSV (training/splits/...)")
-    p.add_argument("--split", choices=("val", "train"), default="val", help="where to choose (never test)")
     p.add_argument("--tta", action="store_true", help="choose the flip-TTA threshold (INFER_TTA=flip) instead of the plain one")
     p.add_argument("--thresholds", default=",".join(f"{t:g}" for t in DEFAULT_CANDIDATES), help="candidates, comma-separated")
     p.add_argument("--out", required=True, help="where the checkpoint with the chosen threshold goes")
     p.add_argument("--version", help="its version (default: the old one with a suffix, module docstring)")
+    p.add_argument("--other-split", action="store_true",
+                   help="allow a split file other than the one the checkpoint was trained with")
     p.add_argument("--device", default=None)
     p.add_argument("--cpu-bf16", action="store_true", help="on a CPU, score with the network in bf16 autocast")
     args = p.parse_args(argv)
 
     loaded = load_checkpoint(args.checkpoint)
-    parts, problems = assign(read_btxrd(args.data).records, read_split_csv(args.split_file))
+    split_file = read_split_csv(args.split_file)
+    parts, problems = assign(read_btxrd(args.data).records, split_file)
     if problems:
         print(f"warning: {len(problems)} images differ between the data and the split file")
-    records = parts[args.split]
+    records = parts["val"]  # never test; never the images it was trained on (check_held_out)
+    try:
+        check_held_out(loaded, split_file.sha256, records, args.other_split)
+    except ValueError as exc:
+        p.error(str(exc))
     candidates = [float(v) for v in args.thresholds.split(",") if v.strip()]
     best, dice = choose_threshold(loaded, records, candidates, tta=args.tta, device=args.device, cpu_bf16=args.cpu_bf16)
     mode = "flip TTA" if args.tta else "plain"
-    print(f"{len(records)} {args.split} images, {mode}: " + " ".join(f"{t:.2f}:{d:.4f}" for t, d in dice.items()))
+    print(f"{len(records)} validation images, {mode}: " + " ".join(f"{t:.2f}:{d:.4f}" for t, d in dice.items()))
     print(f"chosen: {best:.2f} (pooled Dice {dice[best]:.4f})")
 
     plain, tta_post = loaded.postprocessor, loaded.postprocessor_tta
     if args.tta:
-        tta_post = _with_threshold(tta_post or plain, best)
+        tta_post = with_threshold(tta_post or plain, best)
     else:
-        plain = _with_threshold(plain, best)
-    metrics = dict(loaded.metrics)
-    metrics["threshold_tta" if args.tta else "threshold"] = best
-    metrics[f"val_dice_by_threshold{'_tta' if args.tta else ''}_serving"] = {f"{t:.2f}": d for t, d in dice.items()}
-    extra = {k: v for k, v in loaded.info.items() if k not in ("format", "created_at", "network_config")}
-    extra.setdefault("threshold_choices", []).append(
-        {"from_version": loaded.version, "split": args.split, "split_file": args.split_file, "tta": args.tta,
-         "threshold": best, "dice": dice[best]})
+        plain = with_threshold(plain, best)
+    stale = {k: loaded.metrics[k] for k in STALE_METRICS[args.tta] if k in loaded.metrics}
+    metrics = {k: v for k, v in loaded.metrics.items() if k not in stale}
+    if stale:
+        metrics["before_threshold_choice"] = {**metrics.get("before_threshold_choice", {}), **stale}
+    suffix = "_tta" if args.tta else ""
+    metrics[f"threshold{suffix}"] = best
+    metrics[f"val_dice_by_threshold{suffix}_serving"] = {f"{t:.2f}": d for t, d in dice.items()}
+    metrics[f"validation{suffix}"] = {"dice": dice[best], "split": f"`val` of {split_file.describe()}",
+                                      "resolution": "original", "scored_by": "training.thresholds (pooled Dice only)"}
+    extra = {k: v for k, v in loaded.info.items() if k not in ("format", "created_at", "network_config", "stored_half")}
+    extra["threshold_choices"] = [*extra.get("threshold_choices", []), {
+        "from_version": loaded.version, "split_file": split_file.name, "split_sha256": split_file.sha256,
+        "tta": args.tta, "threshold": best, "dice": dice[best]}]
     version = args.version or loaded.version + version_suffix(best, args.tta)
-    half = bool((loaded.info.get("training_config") or {}).get("half"))  # as it was stored: fp16 -> fp32 -> fp16 is exact
     path = save_checkpoint(args.out, loaded.network, preprocessor=loaded.preprocessor, postprocessor=plain,
                            postprocessor_tta=tta_post, version=version, label=loaded.label, metrics=metrics,
-                           extra=extra, half=half)
+                           extra=extra, half=loaded.info["stored_half"])  # fp16 -> fp32 -> fp16 is exact
     print(f"saved {path}, version {version}")
     return 0
 

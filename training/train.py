@@ -90,7 +90,7 @@ from training.btxrd import BtxrdRecord, load_image, load_mask, read_btxrd
 from training.losses import DiceFocalLoss
 from training.split import SPLITS, THESIS_FRACTIONS, assign, csv_text, read_split_csv, split_rows, stratified_split
 from training.synthetic import generate_dataset, is_synthetic
-from training.thresholds import choose_threshold
+from training.thresholds import choose_threshold, with_threshold
 
 SYNTHETIC_LICENSE = "synthetic images from training.synthetic; no real patient data"
 BTXRD_LICENSE = ("trained on BTXRD (Yao et al., Scientific Data 12:88, 2025), which is CC BY-NC-ND 4.0: this "
@@ -854,7 +854,7 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
         if cfg.tta:  # flip TTA averages two maps, which moves the best threshold: choose its own on validation
             threshold_tta, by_threshold_tta = choose_threshold(loaded, val_set.records, cfg.thresholds, tta=True,
                                                                device=str(device))
-            postprocessor_tta = loaded.postprocessor_tta = Postprocessor(threshold_tta)
+            postprocessor_tta = loaded.postprocessor_tta = with_threshold(postprocessor, threshold_tta)
             val_tta = evaluate(loaded, val_set.records, device=str(device), flip_tta=True)
             metrics.update({
                 "validation_tta": {"data": data_desc, "split": choice.info["description"], "resolution": "original",

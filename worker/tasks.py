@@ -85,7 +85,8 @@ def build_context(settings: Settings) -> WorkerContext:
     configure_process(settings)
     loaded = load_checkpoint(settings.model_checkpoint or DEFAULT_CHECKPOINT)
     segmenter = warm_segmenter(loaded, settings, cuda=torch.cuda.is_available())
-    log.info("model %s served as %s on %s (%s)", loaded.version, segmenter.version, segmenter.device, loaded.label)
+    log.info("model %s served as %s on %s, threshold %g (%s)", loaded.version, segmenter.version, segmenter.device,
+             segmenter.postprocessor.threshold, loaded.label)
     engine_args = {"connect_args": {"connect_timeout": 10}} if settings.database_url.startswith("postgres") else {}
     pipeline = Pipeline(segmenter, max_pixels=settings.max_image_pixels, threads=settings.io_threads,
                         overlays=settings.overlays == "eager", reduced_jpeg=settings.jpeg_decode == "reduced")

@@ -30,7 +30,9 @@ def test_checkpoint_keeps_a_postprocessing_for_flip_tta(tmp_path):
     loaded = load_checkpoint(_tiny_checkpoint(tmp_path / "a.pt", Postprocessor(0.4, 1e-3), Postprocessor(0.3, 1e-3)))
     assert loaded.postprocessor.as_dict() == Postprocessor(0.4, 1e-3).as_dict()
     assert loaded.postprocessor_tta.as_dict() == Postprocessor(0.3, 1e-3).as_dict()
-    assert load_checkpoint(_tiny_checkpoint(tmp_path / "b.pt", Postprocessor(0.4))).postprocessor_tta is None
+    assert loaded.info["format"] == "bonedetect-checkpoint/2"  # code that cannot read the TTA threshold refuses it
+    plain = load_checkpoint(_tiny_checkpoint(tmp_path / "b.pt", Postprocessor(0.4)))
+    assert plain.postprocessor_tta is None and plain.info["format"] == "bonedetect-checkpoint/1"
 
 
 def test_segmenter_uses_the_tta_threshold_only_under_flip_tta(tmp_path):
@@ -48,6 +50,13 @@ def test_segmenter_uses_the_tta_threshold_only_under_flip_tta(tmp_path):
     plain = plain_seg.predict([image])[0]
     np.testing.assert_array_equal(plain.mask, postprocess_cropped(Postprocessor(high, 0.0), plain.prob))
     assert tta.mask.sum() > postprocess_cropped(Postprocessor(high, 0.0), tta.prob).sum()  # the two differ here
+
+    # the worker's path (finish_windowed) masks with the same threshold
+    seg = Segmenter(loaded, flip_tta=True)
+    frame, geometry = seg.prepare(image)
+    windowed = seg.finish_windowed(seg.forward([frame])[0], geometry)
+    borderline = np.abs(tta.prob - low) < 1e-5
+    np.testing.assert_array_equal(windowed.mask[~borderline], tta.mask[~borderline])
 
     plain_seg.flip_tta = True  # switching TTA on later switches the threshold with it
     assert plain_seg.postprocessor.threshold == low
@@ -101,21 +110,58 @@ def test_training_with_tta_stores_the_threshold_chosen_on_validation(tiny):
     assert loaded.metrics["validation_tta"]["dice"] == pytest.approx(dice[best], abs=1e-9)
 
 
-def test_thresholds_command_writes_a_copy_with_the_tta_threshold(tiny, capsys):
+def test_thresholds_command_adds_a_tta_threshold_and_keeps_the_rest(tiny, capsys):
     data, split_file, ckpt, root, val = tiny
-    before = load_checkpoint(ckpt)
+    trained = load_checkpoint(ckpt)
+    no_tta = root / "no-tta.pt"  # a checkpoint as shipped before flip TTA had a threshold: none, fp16 weights
+    save_checkpoint(no_tta, trained.network, preprocessor=trained.preprocessor, postprocessor=trained.postprocessor,
+                    version="shipped", label=trained.label, metrics=dict(trained.metrics), half=True,
+                    extra={k: v for k, v in trained.info.items()
+                           if k not in ("format", "created_at", "network_config", "stored_half")})
+    before = load_checkpoint(no_tta)
+    assert before.postprocessor_tta is None and before.info["stored_half"]
     out = root / "with-tta.pt"
-    assert thresholds_main([str(ckpt), "--data", str(data), "--split-file", str(split_file), "--tta",
+    assert thresholds_main([str(no_tta), "--data", str(data), "--split-file", str(split_file), "--tta",
                             "--thresholds", "0.1,0.3,0.45", "--out", str(out)]) == 0
-    best, _ = choose_threshold(before, val, (0.1, 0.3, 0.45), tta=True)
+    best, dice = choose_threshold(before, val, (0.1, 0.3, 0.45), tta=True)
     after = load_checkpoint(out)
-    assert after.postprocessor_tta.threshold == best
+    assert after.postprocessor_tta.as_dict() == {**before.postprocessor.as_dict(), "threshold": best}
     assert after.postprocessor.as_dict() == before.postprocessor.as_dict()  # plain serving unchanged
-    assert after.version == f"{before.version}-tta{round(best * 100):02d}"
+    assert after.version == f"shipped-tta{best:g}" and after.info["stored_half"]
     for k, v in before.network.state_dict().items():
-        torch.testing.assert_close(after.network.state_dict()[k], v)
-    assert after.info["threshold_choices"][-1]["from_version"] == before.version
+        torch.testing.assert_close(after.network.state_dict()[k], v, rtol=0, atol=0)
+    assert after.info["threshold_choices"] == [{
+        "from_version": "shipped", "split_file": read_split_csv(split_file).name,
+        "split_sha256": read_split_csv(split_file).sha256, "tta": True, "threshold": best, "dice": dice[best]}]
+    assert after.metrics["validation_tta"]["dice"] == dice[best]
+    assert after.metrics["before_threshold_choice"]["validation_tta"] == trained.metrics["validation_tta"]
+    assert after.metrics["validation"] == trained.metrics["validation"]  # plain scores still hold
     assert f"chosen: {best:.2f}" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # never on the test split
-        thresholds_main([str(ckpt), "--data", str(data), "--split-file", str(split_file), "--split", "test",
-                         "--out", str(root / "x.pt")])
+
+    # the plain threshold re-chosen: the TTA one stays, the plain scores move aside
+    again = root / "plain.pt"
+    assert thresholds_main([str(out), "--data", str(data), "--split-file", str(split_file),
+                            "--thresholds", "0.2,0.6", "--out", str(again)]) == 0
+    best_plain, _ = choose_threshold(after, val, (0.2, 0.6))
+    final = load_checkpoint(again)
+    assert final.postprocessor.threshold == best_plain and final.postprocessor_tta.threshold == best
+    assert final.version == f"shipped-tta{best:g}-t{best_plain:g}" and len(final.info["threshold_choices"]) == 2
+    assert final.metrics["before_threshold_choice"]["validation"] == trained.metrics["validation"]
+
+
+def test_thresholds_command_refuses_images_it_may_not_see(tiny, tmp_path):
+    data, split_file, ckpt, root, val = tiny
+    from training.split import main as split_main
+    from training.thresholds import check_held_out
+
+    split_main([str(data), "--name", "other", "--out-dir", str(tmp_path), "--kind", "thesis"])
+    other = next(tmp_path.glob("other-*.csv"))
+    args = [str(ckpt), "--data", str(data), "--split-file", str(other), "--out", str(tmp_path / "x.pt")]
+    with pytest.raises(SystemExit):  # another split file's validation part may hold this one's test images
+        thresholds_main(args)
+    assert not (tmp_path / "x.pt").exists()
+    loaded = load_checkpoint(ckpt)
+    train_records = assign(read_btxrd(data).records, read_split_csv(split_file))[0]["train"]
+    with pytest.raises(ValueError, match="training set"):
+        check_held_out(loaded, read_split_csv(split_file).sha256, val + train_records[:1])
+    check_held_out(loaded, read_split_csv(other).sha256, val, other_split=True)  # allowed when asked for
