@@ -10,7 +10,8 @@ A checkpoint is a ``torch.save`` of one dict of plain types and tensors::
         "state_dict": dict,        # weights; floating tensors in fp16 when saved with half=True
         "preprocessing": dict,     # Preprocessor.as_dict(): size, mean, std
         "postprocessing": dict,    # Postprocessor.as_dict(): threshold, ...
-        "postprocessing_tta": dict,  # optional: the same, chosen for flip TTA (INFER_TTA=flip); absent: "postprocessing"
+        "postprocessing_tta": dict,  # optional: TTA mode ("flip", "flip4") -> the same, chosen for that mode
+                                     # (INFER_TTA); a mode not in it uses "postprocessing"
         "metrics": dict,           # what the checkpoint earned, and on which data
         "extra": dict,             # training config, data license, ...
         "created_at": str,         # ISO 8601, UTC
@@ -59,9 +60,9 @@ class LoadedModel:
     label: str  # e.g. "synthetic, not for clinical use"
     metrics: dict
     info: dict  # the saved ``extra`` (training config, data license ...) plus format, created_at, network_config
-    # the postprocessing chosen on validation for flip TTA (averaged probabilities are smoother, so their best
-    # threshold differs); None: flip TTA uses ``postprocessor``
-    postprocessor_tta: Postprocessor | None = None
+    # TTA mode -> the postprocessing chosen on validation for it (averaged probabilities are smoother, so their
+    # best threshold differs); a mode not in it uses ``postprocessor``
+    postprocessors_tta: dict[str, Postprocessor] = dataclasses.field(default_factory=dict)
 
 
 def _plain(obj, where: str):
@@ -100,7 +101,7 @@ def save_checkpoint(
     metrics: dict | None = None,
     extra: dict | None = None,
     half: bool = False,
-    postprocessor_tta: Postprocessor | None = None,
+    postprocessors_tta: dict[str, Postprocessor] | None = None,
 ) -> Path:
     """Write a checkpoint (module docstring: contents) atomically; returns its path.
 
@@ -108,8 +109,8 @@ def save_checkpoint(
         network: the trained network (a ``torch.compile`` wrapper is unwrapped).
         half: store floating weights as fp16 (half the file); they are
             restored to float32 on load.
-        postprocessor_tta: the postprocessing for flip TTA, when it was chosen
-            apart (``LoadedModel.postprocessor_tta``); None stores none.
+        postprocessors_tta: TTA mode -> its postprocessing, for the modes whose
+            threshold was chosen apart (``LoadedModel.postprocessors_tta``).
     """
     if not isinstance(version, str) or not version:
         raise ValueError(f"version must be a non-empty string, got {version!r}")
@@ -123,14 +124,14 @@ def save_checkpoint(
         tensor = tensor.detach().to("cpu").contiguous()
         state[name] = tensor.half() if half and tensor.is_floating_point() else tensor
     payload = {
-        "format": FORMAT_TTA if postprocessor_tta is not None else FORMAT,
+        "format": FORMAT_TTA if postprocessors_tta else FORMAT,
         "version": version,
         "label": str(label),
         "network_config": _plain(dataclasses.asdict(network.config), "network_config"),
         "state_dict": state,
         "preprocessing": preprocessor.as_dict(),
         "postprocessing": postprocessor.as_dict(),
-        **({"postprocessing_tta": postprocessor_tta.as_dict()} if postprocessor_tta is not None else {}),
+        **({"postprocessing_tta": {str(m): p.as_dict() for m, p in postprocessors_tta.items()}} if postprocessors_tta else {}),
         "metrics": _plain(metrics or {}, "metrics"),
         "extra": extra,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -168,7 +169,7 @@ def load_checkpoint(path, map_location="cpu") -> LoadedModel:
         network.load_state_dict(state)
         preprocessor = Preprocessor(**data["preprocessing"])
         postprocessor = Postprocessor(**data["postprocessing"])
-        postprocessor_tta = Postprocessor(**data["postprocessing_tta"]) if data.get("postprocessing_tta") else None
+        postprocessors_tta = {m: Postprocessor(**d) for m, d in (data.get("postprocessing_tta") or {}).items()}
     except (KeyError, TypeError, RuntimeError) as exc:
         raise ValueError(f"{path}: damaged bonedetect checkpoint: {exc}") from exc
     network.to(map_location).eval()
@@ -182,5 +183,5 @@ def load_checkpoint(path, map_location="cpu") -> LoadedModel:
         label=data.get("label", ""),
         metrics=data.get("metrics", {}),
         info=info,
-        postprocessor_tta=postprocessor_tta,
+        postprocessors_tta=postprocessors_tta,
     )

@@ -173,7 +173,28 @@ GPU_BATCH = 16
 CPU_BATCH_ELEMENTS = 2**21
 
 
-def default_batch_size(config, size: int, cuda: bool, flip_tta: bool = False) -> int:
+# Test-time augmentation (INFER_TTA): the mean of the network's probabilities over mirrored copies of each frame,
+# mirrored back. Mode -> the flips (tensor dims) of its passes; () is the frame as it is.
+TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "off": ((),),
+    "flip": ((), (-1,)),  # left-right: twice the network's work
+    "flip4": ((), (-1,), (-2,), (-2, -1)),  # left-right, up-down and both: four times (training flips both axes)
+}
+TTA_MODES = tuple(TTA_FLIPS)
+
+
+def tta_mode(value) -> str:
+    """A TTA mode from a mode name or a bool (True: "flip", the first mode; False/None: "off")."""
+    if value is None or value is False:
+        return "off"
+    if value is True:
+        return "flip"
+    if value not in TTA_FLIPS:
+        raise ValueError(f"TTA mode must be one of {TTA_MODES}, got {value!r}")
+    return value
+
+
+def default_batch_size(config, size: int, cuda: bool, flip_tta=False) -> int:
     """The forward batch when none is configured (INFER_BATCH_SIZE=auto).
 
     A GPU wants large batches, up to a point: 16 (the fastest of 8-128 for
@@ -191,7 +212,7 @@ def default_batch_size(config, size: int, cuda: bool, flip_tta: bool = False) ->
     """
     if cuda:
         return GPU_BATCH
-    per_image = config.filters[0] * size * size * (2 if flip_tta else 1)
+    per_image = config.filters[0] * size * size * len(TTA_FLIPS[tta_mode(flip_tta)])
     batch = 1
     while batch * 2 * per_image <= CPU_BATCH_ELEMENTS and batch * 2 <= GPU_BATCH:
         batch *= 2
@@ -215,12 +236,14 @@ class Segmenter:
         channels_last: run the network in channels_last memory format (NHWC),
             which oneDNN on CPU and cuDNN's tensor-core kernels on CUDA are
             fastest with; False keeps PyTorch's default (NCHW).
-        flip_tta: average each probability map with that of the left-right
-            mirrored frame (test-time augmentation, INFER_TTA=flip): twice
-            the network's work; ``version`` then ends in "+flip-tta", so the
-            rows record what made them. The mask then comes from the
-            checkpoint's flip-TTA postprocessing (its own threshold, chosen
-            on validation) when it has one.
+        flip_tta: test-time augmentation (INFER_TTA), a mode of ``TTA_FLIPS``
+            or a bool (True: "flip"): average each probability map with those
+            of the mirrored frames: "flip" left-right (twice the network's
+            work), "flip4" left-right, up-down and both (four times);
+            ``version`` then ends in "+flip-tta" / "+flip4-tta", so the rows
+            record what made them. The mask then comes from the checkpoint's
+            postprocessing for that mode (its own threshold, chosen on
+            validation) when it has one.
         cpu_bf16: on a CPU, run the network under bf16 autocast (INFER_CPU_BF16):
             on a CPU with AMX 2.2x (the shipped network) to 3.7x (the thesis
             network) the fp32 rate, docs/benchmarks.md; ``version`` then ends
@@ -234,7 +257,7 @@ class Segmenter:
         batch_size: int | None = None,
         compile_network: bool = False,
         channels_last: bool = True,
-        flip_tta: bool = False,
+        flip_tta: bool | str = False,
         cpu_bf16: bool = False,
     ):
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -253,11 +276,12 @@ class Segmenter:
         self.compiled = bool(compile_network)
         self.network = torch.compile(network, dynamic=False) if self.compiled else network
         self.preprocessor = loaded.preprocessor
-        self._postprocessor, self._postprocessor_tta = loaded.postprocessor, loaded.postprocessor_tta
-        self.flip_tta = bool(flip_tta)
-        self.batch_size = batch_size or default_batch_size(config, loaded.preprocessor.size, self.cuda, self.flip_tta)
+        self._postprocessor, self._postprocessors_tta = loaded.postprocessor, dict(loaded.postprocessors_tta)
+        self.tta = tta_mode(flip_tta)
+        self.batch_size = batch_size or default_batch_size(config, loaded.preprocessor.size, self.cuda, self.tta)
         self.cpu_bf16 = bool(cpu_bf16) and self.device.type == "cpu"
-        self.version = loaded.version + ("+flip-tta" if self.flip_tta else "") + ("+cpu-bf16" if self.cpu_bf16 else "")
+        self.version = (loaded.version + (f"+{self.tta}-tta" if self.tta != "off" else "")
+                        + ("+cpu-bf16" if self.cpu_bf16 else ""))
         self.label = loaded.label
 
     def predict_batch_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,24 +293,37 @@ class Segmenter:
             # last batch compiled it a second time (seconds on an H100, inside the first chunk's time).
             x = x.clone(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
             n = x.shape[0]
-            if self.flip_tta:
-                x = torch.cat([x, x.flip(-1)])  # one pass over both: the batch the GPU sees doubles
+            flips = TTA_FLIPS[self.tta]
+            if len(flips) > 1:  # one pass over all copies: the batch the GPU sees doubles (flip4: quadruples)
+                x = torch.cat([x.flip(dims) if dims else x for dims in flips])
             with bf16_autocast(self.device, self.cpu_bf16):
                 logits = self.network(x)
             prob = torch.sigmoid(logits.float())
-            return (prob[:n] + prob[n:].flip(-1)) / 2 if self.flip_tta else prob
+            if len(flips) == 1:
+                return prob
+            parts = [prob[i * n : (i + 1) * n] for i in range(len(flips))]
+            return sum(p.flip(dims) if dims else p for p, dims in zip(parts, flips)) / len(flips)
+
+    @property
+    def flip_tta(self) -> bool:
+        """Whether any TTA is on (``tta``, the mode, says which)."""
+        return self.tta != "off"
+
+    @flip_tta.setter
+    def flip_tta(self, value) -> None:
+        self.tta = tta_mode(value)
 
     @property
     def postprocessor(self) -> Postprocessor:
-        """The postprocessing in use: the checkpoint's flip-TTA one while ``flip_tta`` is on and it has one."""
-        if self._postprocessor_tta is not None and self.flip_tta:
-            return self._postprocessor_tta
+        """The postprocessing in use: the checkpoint's one for the TTA mode in use when it has one."""
+        if self._postprocessors_tta and self.tta in self._postprocessors_tta:
+            return self._postprocessors_tta[self.tta]
         return self._postprocessor
 
     @postprocessor.setter
     def postprocessor(self, post: Postprocessor) -> None:
-        """Use ``post`` with and without flip TTA."""
-        self._postprocessor, self._postprocessor_tta = post, None
+        """Use ``post`` with and without TTA."""
+        self._postprocessor, self._postprocessors_tta = post, {}
 
     # -- the three steps of predict -------------------------------------------
 

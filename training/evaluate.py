@@ -14,8 +14,10 @@ with the polygon mask from ``training.btxrd``. The decision threshold is the
 one stored in the checkpoint, chosen on the validation split when it was
 trained: this command never picks a threshold, so a test score is never tuned
 on the test split. ``--tta`` adds a left-right flip and averages the two
-probability maps (what workers started with ``INFER_TTA=flip`` serve), with
-the checkpoint's flip-TTA threshold when it has one (``training.thresholds``).
+probability maps (what workers started with ``INFER_TTA=flip`` serve);
+``--tta flip4`` also the up-down and the doubly mirrored frames
+(``INFER_TTA=flip4``); each with the checkpoint's threshold for that mode
+when it has one (``training.thresholds``).
 
 Written to ``--out-dir``:
 
@@ -217,20 +219,20 @@ BREAKDOWNS = {
 # ---------------------------------------------------------------- prediction
 
 
-def predict(segmenter, images: list[np.ndarray], tta: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+def predict(segmenter, images: list[np.ndarray], tta: bool | str = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """(probability, mask) per image at the original size: ``Segmenter.predict``,
-    the serving path; with ``tta`` the way a worker with INFER_TTA=flip runs
+    the serving path; with ``tta`` (a mode, or True: "flip") the way a worker with INFER_TTA=<mode> runs
     (the mean of the plain and the left-right mirrored pass)."""
-    saved = segmenter.flip_tta
-    segmenter.flip_tta = bool(tta)
+    saved = segmenter.tta
+    segmenter.flip_tta = tta
     try:
         return [(p.prob, p.mask) for p in segmenter.predict(images)]
     finally:
-        segmenter.flip_tta = saved
+        segmenter.tta = saved
 
 
 def score_records(loaded, records, device: str | None = None, batch_size: int | None = None,
-                  tta: bool = False, cpu_bf16: bool = False) -> list[ImageResult]:
+                  tta: bool | str = False, cpu_bf16: bool = False) -> list[ImageResult]:
     """Run the checkpoint over ``records`` and score each image (module docstring)."""
     from model.inference import Segmenter
     from training.btxrd import load_image, load_mask
@@ -289,7 +291,10 @@ def report_markdown(meta: dict, table: dict, breakdowns: dict[str, list[dict]], 
     """The Markdown report (module docstring)."""
     split = meta["split"]
     lines = [f"# Evaluation of `{meta['version']}` on {split['name']}", ""]
-    if meta.get("tta"):
+    if meta.get("tta") == "flip4":
+        lines += ["**With test-time augmentation over four mirrorings** (as is, left-right, up-down, both; as workers "
+                  "started with `INFER_TTA=flip4` serve).", ""]
+    elif meta.get("tta"):
         lines += ["**With left-right flip test-time augmentation** (as workers started with `INFER_TTA=flip` serve).", ""]
     if meta.get("cpu_bf16"):
         lines += ["**Network in bf16 autocast on the CPU** (as workers started with `INFER_CPU_BF16=on` serve).", ""]
@@ -299,7 +304,7 @@ def report_markdown(meta: dict, table: dict, breakdowns: dict[str, list[dict]], 
         f"- data: `{meta['data']}`, {table['n_images']} images ({table['n_positive']} with a tumor)",
         f"- split: {split['description']}",
         f"- threshold {meta['threshold']:.2f}: stored in the checkpoint"
-        f"{' for flip TTA' if meta.get('threshold_for_tta') else ''}, chosen on the validation split (when it was "
+        f"{' for TTA ' + meta['tta'] if meta.get('threshold_for_tta') else ''}, chosen on the validation split (when it was "
         "trained, or by `training.thresholds`); never chosen on the split scored here",
         f"- resolution: each image's original size, through the serving path (`Segmenter`, preprocessing size "
         f"{meta['size']}, postprocessing included)",
@@ -420,7 +425,7 @@ def write_per_image_csv(path: Path, results: list[ImageResult]) -> None:
 # ---------------------------------------------------------------- the command
 
 
-def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = None, out_dir=None, tta: bool = False,
+def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = None, out_dir=None, tta: bool | str = False,
                         examples: int = 8, device: str | None = None, batch_size: int | None = None, max_images: int = 0,
                         quiet: bool = False, cpu_bf16: bool = False) -> dict:
     """Everything ``main`` does; returns the metrics dict (also written to ``out_dir/metrics.json``).
@@ -432,7 +437,11 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
     from training.btxrd import load_image, load_mask, read_btxrd
     from training.split import SPLITS, assign, read_split_csv
 
+    from model.inference import tta_mode
+
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    tta = tta_mode(tta)
+    tta = None if tta == "off" else tta  # the mode's name, or None
     loaded = load_checkpoint(checkpoint)
     dataset = read_btxrd(data)
     warnings = []
@@ -474,10 +483,10 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
     if split_meta["split"] == "test" and trained_split.get("sha256") and trained_split.get("sha256") != split_meta["sha256"]:
         warnings.append(f"the checkpoint was trained on split {trained_split.get('description')}, not on this file")
 
-    out = Path(out_dir) if out_dir else Path("runs") / f"eval-{loaded.version}-{split_meta['split']}{'-tta' if tta else ''}"
+    out = Path(out_dir) if out_dir else Path("runs") / f"eval-{loaded.version}-{split_meta['split']}{'-' + tta if tta else ''}"
     out.mkdir(parents=True, exist_ok=True)
     say(f"scoring {len(records)} images ({split_meta['description']}) with {loaded.version}"
-        f"{' and flip TTA' if tta else ''} ...")
+        f"{' and TTA ' + tta if tta else ''} ...")
     t0 = time.perf_counter()
     results = score_records(loaded, records, device=device, batch_size=batch_size, tta=tta, cpu_bf16=cpu_bf16)
     seconds = time.perf_counter() - t0
@@ -507,8 +516,8 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
         "training_config_name": training_config.get("config", "unknown"),
         "trained_on_split": trained_split.get("description", "unknown"),
         "data": str(data), "split": split_meta,
-        "threshold": (loaded.postprocessor_tta if tta and loaded.postprocessor_tta else loaded.postprocessor).threshold,
-        "threshold_for_tta": bool(tta and loaded.postprocessor_tta),
+        "threshold": loaded.postprocessors_tta.get(tta, loaded.postprocessor).threshold,
+        "threshold_for_tta": tta in loaded.postprocessors_tta,
         "size": loaded.preprocessor.size, "tta": tta, "cpu_bf16": cpu_bf16, "loss_per_image": loss.per_image, "overlap": overlap, "warnings": warnings,
         "license": info.get("data_license"), "examples": example_name, "seconds": round(seconds, 1),
     }
@@ -536,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-file", help="split CSV (training/splits/...); without it every image is scored")
     p.add_argument("--split", choices=("train", "val", "test", "all"), help="which split of --split-file")
     p.add_argument("--out-dir", help="where report.md etc. go (default runs/eval-<version>-<split>)")
-    p.add_argument("--tta", action="store_true", help="average with a left-right flipped pass (what workers run with INFER_TTA=flip)")
+    p.add_argument("--tta", nargs="?", const="flip", choices=("flip", "flip4"), default=None,
+                   help="test-time augmentation as workers run it with INFER_TTA=<mode>: flip (the default mode: "
+                        "with a left-right mirrored pass) or flip4 (also up-down and both)")
     p.add_argument("--cpu-bf16", action="store_true", help="on a CPU, the network in bf16 autocast (what workers run "
                    "with INFER_CPU_BF16=on)")
     p.add_argument("--examples", type=int, default=8, help="rows in examples.png (0: none)")

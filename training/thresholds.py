@@ -2,18 +2,18 @@
 
 Commands::
 
-    # the threshold for workers started with INFER_TTA=flip, written into a copy of the checkpoint
+    # the threshold for workers started with INFER_TTA=flip4, written into a copy of the checkpoint
     python -m training.thresholds model/checkpoints/btxrd-256.pt --data ../shared/data/btxrd-256 \\
-        --split-file training/splits/btxrd-256-grouped-v1.csv --tta --out runs/btxrd-256-tta.pt
+        --split-file training/splits/btxrd-256-grouped-v1.csv --tta flip4 --out runs/btxrd-256-flip4.pt
 
-Why: averaging the plain and the mirrored probability map (flip TTA) makes
-the map smoother, so the threshold that gives the best Dice moves (the shipped
-model of 2026-11-28: 0.25 plain, 0.35 with flip TTA on grouped validation).
-A checkpoint can carry a second postprocessing for flip TTA
-(``LoadedModel.postprocessor_tta``); ``Segmenter`` uses it while flip TTA is on.
+Why: averaging the probability maps of mirrored copies (TTA) makes the map
+smoother, so the threshold that gives the best Dice moves (run 5 of the
+shipped model, grouped validation: 0.25 plain, 0.35 with either TTA mode).
+A checkpoint can carry a postprocessing per TTA mode
+(``LoadedModel.postprocessors_tta``); ``Segmenter`` uses the one of its mode.
 
 How: every image of the validation split goes through the serving path
-(``Segmenter`` at its original resolution, with or without flip TTA) once;
+(``Segmenter`` at its original resolution, in the TTA mode asked for) once;
 each candidate threshold is applied with the checkpoint's postprocessing
 (minimum region, hole filling) and scored by pooled Dice over the split.
 Ties go to the candidate nearest 0.5. Only the validation split is used, and
@@ -22,8 +22,9 @@ overrides that): a threshold chosen on test images would make their score a
 tuned one.
 
 The written checkpoint has the same weights and preprocessing; its version
-gains a suffix naming what changed (``-tta0.35``: flip-TTA threshold 0.35;
-``-t0.25``: plain threshold 0.25), so result rows tell the two files apart.
+gains a suffix naming what changed (``-flip4-t0.35``: threshold 0.35 under
+INFER_TTA=flip4; ``-t0.25``: plain threshold 0.25), so result rows tell the
+two files apart.
 Metrics scored at the old threshold move under ``before_threshold_choice``;
 ``threshold_choices`` in the file's info lists every choice made.
 """
@@ -35,16 +36,19 @@ import argparse
 import numpy as np
 
 from model.checkpoint import LoadedModel
+from model.inference import TTA_MODES, tta_mode
 from model.postprocess import Postprocessor
 
 DEFAULT_CANDIDATES = (0.05, 0.07, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40, 0.45, 0.50)
 
 
-# what a threshold choice makes stale in a checkpoint's metrics: moved under "before_threshold_choice" in the copy
-STALE_METRICS = {
-    False: ("threshold", "validation", "test", "val_dice_by_threshold", "val_dice_by_threshold_serving"),
-    True: ("threshold_tta", "validation_tta", "val_dice_by_threshold_tta_serving"),
-}
+
+def metric_keys(mode: str) -> tuple[str, ...]:
+    """The metrics a threshold choice for TTA ``mode`` makes stale ("threshold", "validation", ... for "off";
+    "threshold_flip4", ... for "flip4"): the copy moves them under "before_threshold_choice"."""
+    if mode == "off":
+        return "threshold", "validation", "test", "val_dice_by_threshold", "val_dice_by_threshold_serving"
+    return f"threshold_{mode}", f"validation_{mode}", f"val_dice_by_threshold_{mode}_serving"
 
 
 def with_threshold(post: Postprocessor, threshold: float) -> Postprocessor:
@@ -52,13 +56,14 @@ def with_threshold(post: Postprocessor, threshold: float) -> Postprocessor:
     return Postprocessor(**{**post.as_dict(), "threshold": float(threshold)})
 
 
-def choose_threshold(loaded: LoadedModel, records, candidates=DEFAULT_CANDIDATES, tta: bool = False,
+def choose_threshold(loaded: LoadedModel, records, candidates=DEFAULT_CANDIDATES, tta: bool | str = False,
                      device: str | None = None, batch_size: int | None = None,
                      cpu_bf16: bool = False) -> tuple[float, dict[float, float]]:
     """(best threshold, {candidate: pooled Dice}) on ``records`` through the serving path (module docstring).
 
-    The postprocessing around the threshold is the checkpoint's own (its
-    flip-TTA one with ``tta`` when it has one).
+    ``tta``: a TTA mode (``model.inference.TTA_FLIPS``; True: "flip"). The
+    postprocessing around the threshold is the checkpoint's own (its one for
+    that mode when it has one).
 
     Raises:
         ValueError: no candidates, a candidate outside (0, 1), or no records.
@@ -93,9 +98,9 @@ def choose_threshold(loaded: LoadedModel, records, candidates=DEFAULT_CANDIDATES
     return best, dice
 
 
-def version_suffix(threshold: float, tta: bool) -> str:
-    """"-tta0.35" / "-t0.25": the threshold as written (%g), so two thresholds never share a suffix."""
-    return f"-{'tta' if tta else 't'}{threshold:g}"
+def version_suffix(threshold: float, mode: str = "off") -> str:
+    """"-flip4-t0.35" / "-t0.25": the threshold as written (%g), so two thresholds never share a suffix."""
+    return (f"-{mode}" if mode != "off" else "") + f"-t{threshold:g}"
 
 
 def check_held_out(loaded: LoadedModel, split_file_sha256: str, records, other_split: bool = False) -> None:
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="folder in BTXRD's layout")
     p.add_argument("--split-file", required=True, help="split CSV (training/splits/...)")
-    p.add_argument("--tta", action="store_true", help="choose the flip-TTA threshold (INFER_TTA=flip) instead of the plain one")
+    p.add_argument("--tta", choices=[m for m in TTA_MODES if m != "off"], default=None,
+                   help="choose the threshold for this INFER_TTA mode instead of the plain one")
     p.add_argument("--thresholds", default=",".join(f"{t:g}" for t in DEFAULT_CANDIDATES), help="candidates, comma-separated")
     p.add_argument("--out", required=True, help="where the checkpoint with the chosen threshold goes")
     p.add_argument("--version", help="its version (default: the old one with a suffix, module docstring)")
@@ -147,21 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     candidates = [float(v) for v in args.thresholds.split(",") if v.strip()]
-    best, dice = choose_threshold(loaded, records, candidates, tta=args.tta, device=args.device, cpu_bf16=args.cpu_bf16)
-    mode = "flip TTA" if args.tta else "plain"
-    print(f"{len(records)} validation images, {mode}: " + " ".join(f"{t:.2f}:{d:.4f}" for t, d in dice.items()))
+    mode = tta_mode(args.tta)
+    best, dice = choose_threshold(loaded, records, candidates, tta=mode, device=args.device, cpu_bf16=args.cpu_bf16)
+    print(f"{len(records)} validation images, TTA {mode}: " + " ".join(f"{t:.2f}:{d:.4f}" for t, d in dice.items()))
     print(f"chosen: {best:.2f} (pooled Dice {dice[best]:.4f})")
 
-    plain, tta_post = loaded.postprocessor, loaded.postprocessor_tta
-    if args.tta:
-        tta_post = with_threshold(tta_post or plain, best)
+    plain, tta_posts = loaded.postprocessor, dict(loaded.postprocessors_tta)
+    if mode != "off":
+        tta_posts[mode] = with_threshold(tta_posts.get(mode, plain), best)
     else:
         plain = with_threshold(plain, best)
-    stale = {k: loaded.metrics[k] for k in STALE_METRICS[args.tta] if k in loaded.metrics}
+    stale = {k: loaded.metrics[k] for k in metric_keys(mode) if k in loaded.metrics}
     metrics = {k: v for k, v in loaded.metrics.items() if k not in stale}
     if stale:
         metrics["before_threshold_choice"] = {**metrics.get("before_threshold_choice", {}), **stale}
-    suffix = "_tta" if args.tta else ""
+    suffix = f"_{mode}" if mode != "off" else ""
     metrics[f"threshold{suffix}"] = best
     metrics[f"val_dice_by_threshold{suffix}_serving"] = {f"{t:.2f}": d for t, d in dice.items()}
     metrics[f"validation{suffix}"] = {"dice": dice[best], "split": f"`val` of {split_file.describe()}",
@@ -169,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     extra = {k: v for k, v in loaded.info.items() if k not in ("format", "created_at", "network_config", "stored_half")}
     extra["threshold_choices"] = [*extra.get("threshold_choices", []), {
         "from_version": loaded.version, "split_file": split_file.name, "split_sha256": split_file.sha256,
-        "tta": args.tta, "threshold": best, "dice": dice[best]}]
-    version = args.version or loaded.version + version_suffix(best, args.tta)
+        "tta": mode, "threshold": best, "dice": dice[best]}]
+    version = args.version or loaded.version + version_suffix(best, mode)
     path = save_checkpoint(args.out, loaded.network, preprocessor=loaded.preprocessor, postprocessor=plain,
-                           postprocessor_tta=tta_post, version=version, label=loaded.label, metrics=metrics,
+                           postprocessors_tta=tta_posts, version=version, label=loaded.label, metrics=metrics,
                            extra=extra, half=loaded.info["stored_half"])  # fp16 -> fp32 -> fp16 is exact
     print(f"saved {path}, version {version}")
     return 0

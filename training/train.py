@@ -92,6 +92,7 @@ from training.split import SPLITS, THESIS_FRACTIONS, assign, csv_text, read_spli
 from training.synthetic import generate_dataset, is_synthetic
 from training.thresholds import choose_threshold, with_threshold
 
+TRAIN_TTA_MODES = ("flip", "flip4")  # with cfg.tta, a threshold of its own is chosen for each (training.thresholds)
 SYNTHETIC_LICENSE = "synthetic images from training.synthetic; no real patient data"
 BTXRD_LICENSE = ("trained on BTXRD (Yao et al., Scientific Data 12:88, 2025), which is CC BY-NC-ND 4.0: this "
                  "checkpoint inherits its terms; non-commercial use only")
@@ -165,7 +166,7 @@ class TrainConfig:
     contrast: float = 0.1
     # evaluation
     thresholds: tuple[float, ...] = WIDE_THRESHOLDS  # candidates, chosen on validation
-    tta: bool = False  # also choose a flip-TTA threshold on validation (stored for INFER_TTA=flip workers, training.thresholds)
+    tta: bool = False  # also choose a threshold per TTA mode (flip, flip4) on validation, stored for INFER_TTA workers
     # machinery
     seed: int = 0
     device: str | None = None  # None: cuda if available, else cpu
@@ -395,9 +396,9 @@ def frame_scores(probs: np.ndarray, masks: np.ndarray, threshold: float) -> dict
 
 
 def evaluate(loaded: LoadedModel, records: list[BtxrdRecord], device: str | None = None, batch_size: int = 16,
-             flip_tta: bool = False) -> dict:
+             flip_tta: bool | str = False) -> dict:
     """Scores at the original resolution through ``Segmenter`` (the serving
-    path, postprocessing included, flip TTA with ``flip_tta``): pooled and per-image (module
+    path, postprocessing included, TTA mode ``flip_tta``): pooled and per-image (module
     ``model.metrics``), normal images counted (an empty prediction on a normal
     image scores 1), plus the share of normal images given any tumor pixel."""
     segmenter = Segmenter(loaded, device=device, batch_size=batch_size, flip_tta=flip_tta)
@@ -850,19 +851,20 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
         }
         print(f"best epoch {best['epoch']}, threshold {threshold:.2f}: validation dice {val_scores['dice']:.4f} "
               f"(original resolution, postprocessed)", flush=True)
-        postprocessor_tta = None
-        if cfg.tta:  # flip TTA averages two maps, which moves the best threshold: choose its own on validation
-            threshold_tta, by_threshold_tta = choose_threshold(loaded, val_set.records, cfg.thresholds, tta=True,
+        postprocessors_tta = {}
+        for mode in TRAIN_TTA_MODES if cfg.tta else ():  # TTA averages maps, which moves the best threshold
+            threshold_tta, by_threshold_tta = choose_threshold(loaded, val_set.records, cfg.thresholds, tta=mode,
                                                                device=str(device))
-            postprocessor_tta = loaded.postprocessor_tta = with_threshold(postprocessor, threshold_tta)
-            val_tta = evaluate(loaded, val_set.records, device=str(device), flip_tta=True)
+            postprocessors_tta[mode] = with_threshold(postprocessor, threshold_tta)
+            loaded.postprocessors_tta = postprocessors_tta
+            val_tta = evaluate(loaded, val_set.records, device=str(device), flip_tta=mode)
             metrics.update({
-                "validation_tta": {"data": data_desc, "split": choice.info["description"], "resolution": "original",
-                                   **val_tta},
-                "threshold_tta": threshold_tta,
-                "val_dice_by_threshold_tta_serving": {f"{t:.2f}": d for t, d in by_threshold_tta.items()},
+                f"validation_{mode}": {"data": data_desc, "split": choice.info["description"],
+                                       "resolution": "original", **val_tta},
+                f"threshold_{mode}": threshold_tta,
+                f"val_dice_by_threshold_{mode}_serving": {f"{t:.2f}": d for t, d in by_threshold_tta.items()},
             })
-            print(f"flip TTA: threshold {threshold_tta:.2f}, validation dice {val_tta['dice']:.4f} "
+            print(f"TTA {mode}: threshold {threshold_tta:.2f}, validation dice {val_tta['dice']:.4f} "
                   f"(original resolution, postprocessed)", flush=True)
         test_root, test_desc = _resolve_test(cfg, stack)
         if test_root is not None:
@@ -887,7 +889,8 @@ def train(cfg: TrainConfig, command: str | None = None, resume: dict | None = No
         "command": command,
     }
     path = save_checkpoint(out, network, preprocessor=preprocessor, postprocessor=postprocessor, version=version,
-                           label=label, metrics=metrics, extra=extra, half=cfg.half, postprocessor_tta=postprocessor_tta)
+                           label=label, metrics=metrics, extra=extra, half=cfg.half,
+                           postprocessors_tta=postprocessors_tta)
     print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB), version {version}; metrics per epoch in {metrics_path}; "
           f"training state in {last_path}", flush=True)
     return path

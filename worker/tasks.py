@@ -130,7 +130,7 @@ def warm_segmenter(loaded, settings: Settings, cuda: bool):
         log.warning("INFER_CPU_BF16=on on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag): autocast "
                     "emulates bf16 there and runs several times slower than fp32; use auto or off")
     compile_network = settings.torch_compile == "on" or (settings.torch_compile == "auto" and cuda)
-    kwargs = dict(batch_size=settings.infer_batch_size, flip_tta=settings.infer_tta == "flip",
+    kwargs = dict(batch_size=settings.infer_batch_size, flip_tta=settings.infer_tta,
                   cpu_bf16=wants_cpu_bf16(settings.infer_cpu_bf16))
     t0 = time.perf_counter()
     segmenter = Segmenter(loaded, compile_network=compile_network, **kwargs)

@@ -288,6 +288,6 @@ def test_flip_tta_averages_the_plain_and_the_mirrored_pass(tiny):
     assert not np.allclose(prob, predict(segmenter, [image])[0][0], atol=1e-5)  # TTA changed something
 
     m = evaluate_checkpoint(ckpt, data, split_file, "val", root / "tta", tta=True, examples=0, quiet=True)
-    assert m["meta"]["tta"] is True and "test-time augmentation" in (root / "tta" / "report.md").read_text()
+    assert m["meta"]["tta"] == "flip" and "test-time augmentation" in (root / "tta" / "report.md").read_text()
     with pytest.raises(ValueError, match="needs --split-file"):
         evaluate_checkpoint(ckpt, data, None, "test", root / "x", quiet=True)

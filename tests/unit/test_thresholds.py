@@ -1,4 +1,5 @@
-"""A threshold of its own for flip TTA: stored in the checkpoint, used by the Segmenter, chosen on validation."""
+"""Test-time augmentation (flip, flip4) and a threshold of its own per mode: stored in the checkpoint, used by the
+Segmenter, chosen on validation."""
 
 from __future__ import annotations
 
@@ -19,20 +20,22 @@ from training.thresholds import choose_threshold, main as thresholds_main
 from training.train import preset, train
 
 
-def _tiny_checkpoint(path, post, post_tta=None):
+def _tiny_checkpoint(path, post, posts_tta=None):
     torch.manual_seed(0)
     net = AttentionUNet(UNetConfig(filters=(4, 8)))
-    return save_checkpoint(path, net, preprocessor=Preprocessor(32), postprocessor=post, postprocessor_tta=post_tta,
+    return save_checkpoint(path, net, preprocessor=Preprocessor(32), postprocessor=post, postprocessors_tta=posts_tta,
                            version="v", label="random weights")
 
 
 def test_checkpoint_keeps_a_postprocessing_for_flip_tta(tmp_path):
-    loaded = load_checkpoint(_tiny_checkpoint(tmp_path / "a.pt", Postprocessor(0.4, 1e-3), Postprocessor(0.3, 1e-3)))
+    loaded = load_checkpoint(_tiny_checkpoint(tmp_path / "a.pt", Postprocessor(0.4, 1e-3),
+                                              {"flip": Postprocessor(0.3, 1e-3), "flip4": Postprocessor(0.35)}))
     assert loaded.postprocessor.as_dict() == Postprocessor(0.4, 1e-3).as_dict()
-    assert loaded.postprocessor_tta.as_dict() == Postprocessor(0.3, 1e-3).as_dict()
+    assert {m: p.as_dict() for m, p in loaded.postprocessors_tta.items()} == {
+        "flip": Postprocessor(0.3, 1e-3).as_dict(), "flip4": Postprocessor(0.35).as_dict()}
     assert loaded.info["format"] == "bonedetect-checkpoint/2"  # code that cannot read the TTA threshold refuses it
     plain = load_checkpoint(_tiny_checkpoint(tmp_path / "b.pt", Postprocessor(0.4)))
-    assert plain.postprocessor_tta is None and plain.info["format"] == "bonedetect-checkpoint/1"
+    assert plain.postprocessors_tta == {} and plain.info["format"] == "bonedetect-checkpoint/1"
 
 
 def test_segmenter_uses_the_tta_threshold_only_under_flip_tta(tmp_path):
@@ -41,7 +44,7 @@ def test_segmenter_uses_the_tta_threshold_only_under_flip_tta(tmp_path):
     probe = Segmenter(load_checkpoint(_tiny_checkpoint(tmp_path / "p.pt", Postprocessor(0.5))), flip_tta=True)
     prob = probe.predict([image])[0].prob
     low, high = (float(v) for v in np.quantile(prob, [0.3, 0.7]))  # two thresholds that give different masks
-    loaded = load_checkpoint(_tiny_checkpoint(tmp_path / "t.pt", Postprocessor(high, 0.0), Postprocessor(low, 0.0)))
+    loaded = load_checkpoint(_tiny_checkpoint(tmp_path / "t.pt", Postprocessor(high, 0.0), {"flip": Postprocessor(low, 0.0)}))
 
     tta = Segmenter(loaded, flip_tta=True).predict([image])[0]
     np.testing.assert_allclose(tta.prob, prob, atol=1e-6)
@@ -60,10 +63,40 @@ def test_segmenter_uses_the_tta_threshold_only_under_flip_tta(tmp_path):
 
     plain_seg.flip_tta = True  # switching TTA on later switches the threshold with it
     assert plain_seg.postprocessor.threshold == low
+    plain_seg.flip_tta = "flip4"  # a mode without a threshold of its own: the plain one
+    assert plain_seg.postprocessor.threshold == high
     plain_seg.postprocessor = Postprocessor(0.6)  # set by hand: one postprocessing for both
     assert plain_seg.postprocessor.threshold == 0.6
     plain_seg.flip_tta = False
     assert plain_seg.postprocessor.threshold == 0.6
+
+
+def test_flip4_averages_all_four_mirrorings_and_says_so(tmp_path):
+    """INFER_TTA=flip4 against the network run by hand on each mirrored frame."""
+    rng = np.random.default_rng(1)
+    image = (rng.random((44, 60)) * 255).astype(np.uint8)
+    loaded = load_checkpoint(_tiny_checkpoint(tmp_path / "f.pt", Postprocessor(0.5, 0.0)))
+    frame, geometry = loaded.preprocessor(image)
+    x = torch.from_numpy(frame)[None, None]
+    maps = []
+    with torch.no_grad():
+        for dims in ((), (-1,), (-2,), (-2, -1)):
+            xi = torch.flip(x, dims=list(dims)) if dims else x
+            p = torch.sigmoid(loaded.network(xi))
+            maps.append((torch.flip(p, dims=list(dims)) if dims else p)[0, 0].numpy())
+    seg = Segmenter(loaded, flip_tta="flip4", batch_size=2)
+    got = seg.predict([image, image[:, ::-1].copy()])
+    np.testing.assert_allclose(got[0].prob, geometry.restore(sum(maps) / 4), atol=1e-5)
+    two = Segmenter(loaded, flip_tta="flip").predict([image])[0].prob
+    assert not np.allclose(got[0].prob, two, atol=1e-5)  # the up-down passes change the map
+    np.testing.assert_allclose(got[1].prob, got[0].prob[:, ::-1], atol=1e-5)  # flip4 is mirror-symmetric
+    assert seg.version == "v+flip4-tta" and Segmenter(loaded, flip_tta="flip").version == "v+flip-tta"
+    from model.inference import default_batch_size
+
+    big = UNetConfig(filters=(4, 8))  # 4 x 256 x 256 first-level values per image: 8 per CPU pass, 2 with flip4
+    assert [default_batch_size(big, 256, cuda=False, flip_tta=m) for m in ("off", "flip", "flip4")] == [8, 4, 2]
+    with pytest.raises(ValueError, match="TTA mode"):
+        Segmenter(loaded, flip_tta="rot90")
 
 
 @pytest.fixture(scope="module")
@@ -83,20 +116,21 @@ def tiny(tmp_path_factory):
 
 def test_chosen_scores_equal_the_evaluators_pooled_dice(tiny):
     """Each candidate's Dice from choose_threshold equals training.evaluate's pooled Dice for a checkpoint
-    that stores that candidate as its flip-TTA threshold (an independent path: its own loop and table)."""
+    that stores that candidate as its threshold for the mode (an independent path: its own loop and table)."""
     data, split_file, ckpt, root, val = tiny
     loaded = load_checkpoint(ckpt)
     candidates = (0.2, 0.35, 0.5, 0.65)
-    best, dice = choose_threshold(loaded, val, candidates, tta=True)
-    assert set(dice) == set(candidates) and best == max(candidates, key=lambda t: (dice[t], -abs(t - 0.5)))
-    assert len({round(d, 6) for d in dice.values()}) > 1  # the candidates differ, so the choice means something
-    for t in candidates:
-        path = save_checkpoint(root / f"t{t}.pt", loaded.network, preprocessor=loaded.preprocessor,
-                               postprocessor=loaded.postprocessor, postprocessor_tta=Postprocessor(t),
-                               version="t", label="l")
-        m = evaluate_checkpoint(path, data, split_file, "val", root / f"eval{t}", tta=True, examples=0, quiet=True)
-        assert m["meta"]["threshold"] == t and m["meta"]["threshold_for_tta"] is True
-        assert m["table"]["pooled"]["dice"] == pytest.approx(dice[t], abs=1e-9)
+    for mode in ("flip", "flip4"):
+        best, dice = choose_threshold(loaded, val, candidates, tta=mode)
+        assert set(dice) == set(candidates) and best == max(candidates, key=lambda t: (dice[t], -abs(t - 0.5)))
+        assert len({round(d, 6) for d in dice.values()}) > 1  # the candidates differ, so the choice means something
+        for t in candidates:
+            path = save_checkpoint(root / f"t{t}.pt", loaded.network, preprocessor=loaded.preprocessor,
+                                   postprocessor=loaded.postprocessor, postprocessors_tta={mode: Postprocessor(t)},
+                                   version="t", label="l")
+            m = evaluate_checkpoint(path, data, split_file, "val", root / f"eval{t}", tta=mode, examples=0, quiet=True)
+            assert m["meta"]["threshold"] == t and m["meta"]["threshold_for_tta"] is True and m["meta"]["tta"] == mode
+            assert m["table"]["pooled"]["dice"] == pytest.approx(dice[t], abs=1e-9)
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
         choose_threshold(loaded, val, (0.0, 0.5))
 
@@ -104,10 +138,11 @@ def test_chosen_scores_equal_the_evaluators_pooled_dice(tiny):
 def test_training_with_tta_stores_the_threshold_chosen_on_validation(tiny):
     data, split_file, ckpt, root, val = tiny
     loaded = load_checkpoint(ckpt)
-    best, dice = choose_threshold(loaded, val, (0.2, 0.35, 0.5, 0.65), tta=True)
-    assert loaded.postprocessor_tta is not None and loaded.postprocessor_tta.threshold == best
-    assert loaded.metrics["threshold_tta"] == best
-    assert loaded.metrics["validation_tta"]["dice"] == pytest.approx(dice[best], abs=1e-9)
+    assert set(loaded.postprocessors_tta) == {"flip", "flip4"}
+    for mode in ("flip", "flip4"):
+        best, dice = choose_threshold(loaded, val, (0.2, 0.35, 0.5, 0.65), tta=mode)
+        assert loaded.postprocessors_tta[mode].threshold == best == loaded.metrics[f"threshold_{mode}"]
+        assert loaded.metrics[f"validation_{mode}"]["dice"] == pytest.approx(dice[best], abs=1e-9)
 
 
 def test_thresholds_command_adds_a_tta_threshold_and_keeps_the_rest(tiny, capsys):
@@ -119,22 +154,24 @@ def test_thresholds_command_adds_a_tta_threshold_and_keeps_the_rest(tiny, capsys
                     extra={k: v for k, v in trained.info.items()
                            if k not in ("format", "created_at", "network_config", "stored_half")})
     before = load_checkpoint(no_tta)
-    assert before.postprocessor_tta is None and before.info["stored_half"]
+    assert before.postprocessors_tta == {} and before.info["stored_half"]
     out = root / "with-tta.pt"
-    assert thresholds_main([str(no_tta), "--data", str(data), "--split-file", str(split_file), "--tta",
+    assert thresholds_main([str(no_tta), "--data", str(data), "--split-file", str(split_file), "--tta", "flip4",
                             "--thresholds", "0.1,0.3,0.45", "--out", str(out)]) == 0
-    best, dice = choose_threshold(before, val, (0.1, 0.3, 0.45), tta=True)
+    best, dice = choose_threshold(before, val, (0.1, 0.3, 0.45), tta="flip4")
     after = load_checkpoint(out)
-    assert after.postprocessor_tta.as_dict() == {**before.postprocessor.as_dict(), "threshold": best}
+    assert list(after.postprocessors_tta) == ["flip4"]
+    assert after.postprocessors_tta["flip4"].as_dict() == {**before.postprocessor.as_dict(), "threshold": best}
     assert after.postprocessor.as_dict() == before.postprocessor.as_dict()  # plain serving unchanged
-    assert after.version == f"shipped-tta{best:g}" and after.info["stored_half"]
+    assert after.version == f"shipped-flip4-t{best:g}" and after.info["stored_half"]
     for k, v in before.network.state_dict().items():
         torch.testing.assert_close(after.network.state_dict()[k], v, rtol=0, atol=0)
     assert after.info["threshold_choices"] == [{
         "from_version": "shipped", "split_file": read_split_csv(split_file).name,
-        "split_sha256": read_split_csv(split_file).sha256, "tta": True, "threshold": best, "dice": dice[best]}]
-    assert after.metrics["validation_tta"]["dice"] == dice[best]
-    assert after.metrics["before_threshold_choice"]["validation_tta"] == trained.metrics["validation_tta"]
+        "split_sha256": read_split_csv(split_file).sha256, "tta": "flip4", "threshold": best, "dice": dice[best]}]
+    assert after.metrics["validation_flip4"]["dice"] == dice[best]
+    assert after.metrics["before_threshold_choice"]["validation_flip4"] == trained.metrics["validation_flip4"]
+    assert after.metrics["validation_flip"] == trained.metrics["validation_flip"]  # the other mode's still hold
     assert after.metrics["validation"] == trained.metrics["validation"]  # plain scores still hold
     assert f"chosen: {best:.2f}" in capsys.readouterr().out
 
@@ -144,8 +181,8 @@ def test_thresholds_command_adds_a_tta_threshold_and_keeps_the_rest(tiny, capsys
                             "--thresholds", "0.2,0.6", "--out", str(again)]) == 0
     best_plain, _ = choose_threshold(after, val, (0.2, 0.6))
     final = load_checkpoint(again)
-    assert final.postprocessor.threshold == best_plain and final.postprocessor_tta.threshold == best
-    assert final.version == f"shipped-tta{best:g}-t{best_plain:g}" and len(final.info["threshold_choices"]) == 2
+    assert final.postprocessor.threshold == best_plain and final.postprocessors_tta["flip4"].threshold == best
+    assert final.version == f"shipped-flip4-t{best:g}-t{best_plain:g}" and len(final.info["threshold_choices"]) == 2
     assert final.metrics["before_threshold_choice"]["validation"] == trained.metrics["validation"]
 
 
@@ -165,3 +202,19 @@ def test_thresholds_command_refuses_images_it_may_not_see(tiny, tmp_path):
     with pytest.raises(ValueError, match="training set"):
         check_held_out(loaded, read_split_csv(split_file).sha256, val + train_records[:1])
     check_held_out(loaded, read_split_csv(other).sha256, val, other_split=True)  # allowed when asked for
+
+
+def test_workers_serve_the_tta_mode_of_their_settings_with_its_threshold(tmp_path):
+    import model.inference
+    from bonedetect import settings as settings_module
+    from bonedetect.settings import Settings
+    from worker.tasks import warm_segmenter
+
+    assert settings_module.TTA_MODES == model.inference.TTA_MODES
+    loaded = load_checkpoint(_tiny_checkpoint(tmp_path / "w.pt", Postprocessor(0.5), {"flip4": Postprocessor(0.3)}))
+    served = {m: warm_segmenter(loaded, Settings.from_env({"INFER_TTA": m, "TORCH_COMPILE": "off"}), cuda=False)
+              for m in ("off", "flip", "flip4")}
+    assert {m: s.version for m, s in served.items()} == {"off": "v", "flip": "v+flip-tta", "flip4": "v+flip4-tta"}
+    assert {m: s.postprocessor.threshold for m, s in served.items()} == {"off": 0.5, "flip": 0.5, "flip4": 0.3}
+    with pytest.raises(ValueError, match="INFER_TTA"):
+        Settings.from_env({"INFER_TTA": "rot90"})
