@@ -60,7 +60,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from bonedetect.settings import ALLOCATOR_MODES, CPU_BF16_MODES, JPEG_DECODE_MODES, OVERLAY_MODES, Settings
+    from bonedetect.settings import ALLOCATOR_MODES, CPU_BF16_MODES, JPEG_DECODE_MODES, OVERLAY_MODES, TTA_MODES, Settings
 
     s = Settings.from_env()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +95,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-bf16", choices=CPU_BF16_MODES, default=s.infer_cpu_bf16,
                    help=f"INFER_CPU_BF16 for the model and pipeline stages and the workers (now {s.infer_cpu_bf16}); "
                         "on: the network in bf16 autocast on a CPU; auto: where the CPU has AVX512-BF16 or AMX")
+    p.add_argument("--tta", choices=TTA_MODES, default=s.infer_tta,
+                   help=f"INFER_TTA for the model and pipeline stages and the workers (now {s.infer_tta}); auto: the "
+                        "checkpoint's own mode (the shipped model's flip4: four passes per image; the full-size "
+                        "random network's off)")
     p.add_argument("--stages", default="model,pipeline,system", help="comma-separated subset of model,pipeline,system")
     p.add_argument("--quick", action="store_true", help="16 images, the shipped model: under a minute on the 2-core CPU")
     p.add_argument("--sweep-batches", metavar="B,B,...",
@@ -183,7 +187,7 @@ def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
 
             torch._dynamo.reset()  # a fresh compilation per batch, not torch's recompile limit
         segmenter = tp.load_segmenter(ckpt, batch, args.threads, args.device, compile_network=args.compile,
-                                      cpu_bf16=wants_cpu_bf16(args.cpu_bf16))
+                                      cpu_bf16=wants_cpu_bf16(args.cpu_bf16), tta=args.tta)
         frames = frames if rows else tp.frames_of(segmenter, paths, 8)  # the same frames at every batch
         r = tp.measure_model(segmenter, frames, max(n, 2 * batch))
         rows.append({"batch": batch, "images": r.images, "img_s": round(r.rate, 3), "cpu_ms_per_image": round(r.cpu_ms_per_image, 1)})
@@ -248,7 +252,7 @@ def run(args, argv, tmp: Path) -> int:
     from model.inference import wants_cpu_bf16
 
     segmenter = tp.load_segmenter(ckpt, args.batch, args.threads, args.device, compile_network=args.compile,
-                                  cpu_bf16=wants_cpu_bf16(args.cpu_bf16))
+                                  cpu_bf16=wants_cpu_bf16(args.cpu_bf16), tta=args.tta)
     args.batch = segmenter.batch_size  # auto resolved here, for the model and pipeline stages and the table
     device = tp.device_name(segmenter)
     results: dict[str, tp.StageResult] = {}
@@ -270,7 +274,7 @@ def run(args, argv, tmp: Path) -> int:
         kw = dict(threads=args.threads, batch=worker_batch, chunk=args.chunk, io_threads=args.io_threads,
                   broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays,
                                                              "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode,
-                                                             "INFER_CPU_BF16": args.cpu_bf16},
+                                                             "INFER_CPU_BF16": args.cpu_bf16, "INFER_TTA": args.tta},
                   pin_workers=args.pin_workers)
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
@@ -295,7 +299,7 @@ def run(args, argv, tmp: Path) -> int:
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
           f"channels_last {segmenter.channels_last}; compile {args.compile}; overlays {args.overlays}; "
           f"JPEG decode {args.jpeg_decode}; allocator {args.allocator}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}; "
-          f"CPU bf16 {segmenter.cpu_bf16}")
+          f"CPU bf16 {segmenter.cpu_bf16}; TTA {segmenter.tta} (INFER_TTA={args.tta})")
     print()
     print(f"{'stage':<22}{'images':>7}{'seconds':>9}{'img/s':>9}{'/ model':>9}{'CPU ms/img':>11}{'model/this':>11}{'cores':>6}  notes")
     for key, r in results.items():

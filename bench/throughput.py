@@ -131,16 +131,18 @@ def full_size_checkpoint(path: Path, size: int = 512, seed: int = 0) -> Path:
 
 
 def load_segmenter(checkpoint: Path, batch: int | None, threads: int, device: str | None = None, compile_network: bool = False,
-                   cpu_bf16: bool = False):
+                   cpu_bf16: bool = False, tta: str = "auto"):
+    """The Segmenter a worker with these settings serves (``tta``: INFER_TTA's value, "auto" included)."""
     import torch
 
     from model.checkpoint import load_checkpoint
-    from model.inference import Segmenter
+    from model.inference import Segmenter, serving_tta
 
     if threads:
         torch.set_num_threads(threads)
-    return Segmenter(load_checkpoint(checkpoint), device=device, batch_size=batch, compile_network=compile_network,
-                     cpu_bf16=cpu_bf16)
+    loaded = load_checkpoint(checkpoint)
+    return Segmenter(loaded, device=device, batch_size=batch, compile_network=compile_network,
+                     cpu_bf16=cpu_bf16, flip_tta=serving_tta(tta, loaded))
 
 
 def device_name(segmenter) -> str:

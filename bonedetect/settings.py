@@ -38,7 +38,9 @@ ALLOCATOR_MODES = ("keep", "system")  # ALLOCATOR; the first is the default (bon
 JPEG_DECODE_MODES = ("reduced", "full")  # JPEG_DECODE; the first is the default (worker/decode.py)
 OVERLAY_MODES = ("lazy", "eager")  # OVERLAYS; the first is the default (worker/overlay.py)
 CPU_BF16_MODES = ("off", "on", "auto")  # INFER_CPU_BF16; the first is the default (model.inference.wants_cpu_bf16)
-TTA_MODES = ("off", "flip", "flip4")  # INFER_TTA; model.inference.TTA_FLIPS says what each runs
+# INFER_TTA: auto = the mode the checkpoint was validated to be served with (its "tta"; none: off), or one of
+# model.inference.TTA_FLIPS's modes, which say what each runs
+TTA_MODES = ("auto", "off", "flip", "flip4")
 
 
 def _choice(env: dict, name: str, choices: tuple[str, ...]) -> str:
@@ -70,7 +72,7 @@ class Settings:
     io_threads: int = 4  # decode/encode threads that overlap the network
     opencv_threads: int = 1  # OpenCV's own threads per worker; 1: the I/O threads are the parallelism; 0: OpenCV's default
     infer_cpu_bf16: str = "off"  # on: bf16 autocast for the network on CPU workers; auto: on where the CPU has AVX512-BF16 or AMX
-    infer_tta: str = "off"  # flip: mean with the left-right mirrored pass (2x the network's work); flip4: also up-down and both (4x)
+    infer_tta: str = "auto"  # the checkpoint's mode; off; flip: mean with the left-right mirrored pass (2x the network's work); flip4: also up-down and both (4x)
     torch_compile: str = "auto"  # auto: torch.compile the network on CUDA workers; on; off
     allocator: str = "keep"  # keep: workers keep freed memory for the next image (no page faults); system: glibc's defaults
     jpeg_decode: str = "reduced"  # reduced: with lazy overlays, CPU workers decode JPEGs at 1/2-1/8 size when the frame is that small; full

@@ -12,6 +12,7 @@ A checkpoint is a ``torch.save`` of one dict of plain types and tensors::
         "postprocessing": dict,    # Postprocessor.as_dict(): threshold, ...
         "postprocessing_tta": dict,  # optional: TTA mode ("flip", "flip4") -> the same, chosen for that mode
                                      # (INFER_TTA); a mode not in it uses "postprocessing"
+        "tta": str,                # optional: the TTA mode it was validated to be served with (INFER_TTA=auto); absent: off
         "metrics": dict,           # what the checkpoint earned, and on which data
         "extra": dict,             # training config, data license, ...
         "created_at": str,         # ISO 8601, UTC
@@ -63,6 +64,8 @@ class LoadedModel:
     # TTA mode -> the postprocessing chosen on validation for it (averaged probabilities are smoother, so their
     # best threshold differs); a mode not in it uses ``postprocessor``
     postprocessors_tta: dict[str, Postprocessor] = dataclasses.field(default_factory=dict)
+    # the TTA mode workers with INFER_TTA=auto (the default) serve it with
+    recommended_tta: str = "off"
 
 
 def _plain(obj, where: str):
@@ -102,6 +105,7 @@ def save_checkpoint(
     extra: dict | None = None,
     half: bool = False,
     postprocessors_tta: dict[str, Postprocessor] | None = None,
+    recommended_tta: str = "off",
 ) -> Path:
     """Write a checkpoint (module docstring: contents) atomically; returns its path.
 
@@ -111,6 +115,9 @@ def save_checkpoint(
             restored to float32 on load.
         postprocessors_tta: TTA mode -> its postprocessing, for the modes whose
             threshold was chosen apart (``LoadedModel.postprocessors_tta``).
+        recommended_tta: the TTA mode to serve with under INFER_TTA=auto; a
+            mode other than "off" needs its own entry in ``postprocessors_tta``
+            (its threshold chosen for it).
     """
     if not isinstance(version, str) or not version:
         raise ValueError(f"version must be a non-empty string, got {version!r}")
@@ -118,6 +125,8 @@ def save_checkpoint(
     clash = [k for k in (*_INFO_KEYS, "stored_half") if k in extra]
     if clash:
         raise ValueError(f"extra must not use the reserved key {clash[0]!r}")
+    if recommended_tta != "off" and recommended_tta not in (postprocessors_tta or {}):
+        raise ValueError(f"recommended_tta {recommended_tta!r} has no threshold of its own in postprocessors_tta")
     network = getattr(network, "_orig_mod", network)
     state = {}
     for name, tensor in network.state_dict().items():
@@ -132,6 +141,7 @@ def save_checkpoint(
         "preprocessing": preprocessor.as_dict(),
         "postprocessing": postprocessor.as_dict(),
         **({"postprocessing_tta": {str(m): p.as_dict() for m, p in postprocessors_tta.items()}} if postprocessors_tta else {}),
+        **({"tta": str(recommended_tta)} if recommended_tta != "off" else {}),
         "metrics": _plain(metrics or {}, "metrics"),
         "extra": extra,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -184,4 +194,5 @@ def load_checkpoint(path, map_location="cpu") -> LoadedModel:
         metrics=data.get("metrics", {}),
         info=info,
         postprocessors_tta=postprocessors_tta,
+        recommended_tta=data.get("tta") or "off",
     )

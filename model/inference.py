@@ -183,6 +183,12 @@ TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
 TTA_MODES = tuple(TTA_FLIPS)
 
 
+def serving_tta(setting: str, loaded: LoadedModel) -> str:
+    """The TTA mode a worker serves ``loaded`` with: INFER_TTA's value, or for "auto" the checkpoint's own
+    (``LoadedModel.recommended_tta``: the mode its threshold was chosen and validated for)."""
+    return tta_mode(loaded.recommended_tta if setting == "auto" else setting)
+
+
 def tta_mode(value) -> str:
     """A TTA mode from a mode name or a bool (True: "flip", the first mode; False/None: "off")."""
     if value is None or value is False:

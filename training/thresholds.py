@@ -26,7 +26,9 @@ gains a suffix naming what changed (``-flip4-t0.35``: threshold 0.35 under
 INFER_TTA=flip4; ``-t0.25``: plain threshold 0.25), so result rows tell the
 two files apart.
 Metrics scored at the old threshold move under ``before_threshold_choice``;
-``threshold_choices`` in the file's info lists every choice made.
+``threshold_choices`` in the file's info lists every choice made. With
+``--recommend`` the mode becomes the checkpoint's own (``recommended_tta``):
+workers with INFER_TTA=auto, the default, serve it so.
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", choices=[m for m in TTA_MODES if m != "off"], default=None,
                    help="choose the threshold for this INFER_TTA mode instead of the plain one")
     p.add_argument("--thresholds", default=",".join(f"{t:g}" for t in DEFAULT_CANDIDATES), help="candidates, comma-separated")
+    p.add_argument("--recommend", action="store_true",
+                   help="with --tta: make that mode the one workers serve the copy with by default (INFER_TTA=auto)")
     p.add_argument("--out", required=True, help="where the checkpoint with the chosen threshold goes")
     p.add_argument("--version", help="its version (default: the old one with a suffix, module docstring)")
     p.add_argument("--other-split", action="store_true",
@@ -142,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-bf16", action="store_true", help="on a CPU, score with the network in bf16 autocast")
     args = p.parse_args(argv)
 
+    if args.recommend and not args.tta:
+        p.error("--recommend needs --tta MODE")
     loaded = load_checkpoint(args.checkpoint)
     split_file = read_split_csv(args.split_file)
     parts, problems = assign(read_btxrd(args.data).records, split_file)
@@ -179,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     version = args.version or loaded.version + version_suffix(best, mode)
     path = save_checkpoint(args.out, loaded.network, preprocessor=loaded.preprocessor, postprocessor=plain,
                            postprocessors_tta=tta_posts, version=version, label=loaded.label, metrics=metrics,
-                           extra=extra, half=loaded.info["stored_half"])  # fp16 -> fp32 -> fp16 is exact
-    print(f"saved {path}, version {version}")
+                           extra=extra, half=loaded.info["stored_half"],  # fp16 -> fp32 -> fp16 is exact
+                           recommended_tta=mode if args.recommend else loaded.recommended_tta)
+    print(f"saved {path}, version {version}" + (f"; served with TTA {mode} by default" if args.recommend else ""))
     return 0
 
 

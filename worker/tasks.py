@@ -124,13 +124,13 @@ def warm_segmenter(loaded, settings: Settings, cuda: bool):
     pass (allocation, kernel selection and compilation happen before any task).
     With ``auto``, a compile that fails (a host without a C compiler or Triton)
     is logged and the network served uncompiled; with ``on`` the error stands."""
-    from model.inference import Segmenter, cpu_has_native_bf16, wants_cpu_bf16
+    from model.inference import Segmenter, cpu_has_native_bf16, serving_tta, wants_cpu_bf16
 
     if settings.infer_cpu_bf16 == "on" and not cuda and cpu_has_native_bf16() is False:
         log.warning("INFER_CPU_BF16=on on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag): autocast "
                     "emulates bf16 there and runs several times slower than fp32; use auto or off")
     compile_network = settings.torch_compile == "on" or (settings.torch_compile == "auto" and cuda)
-    kwargs = dict(batch_size=settings.infer_batch_size, flip_tta=settings.infer_tta,
+    kwargs = dict(batch_size=settings.infer_batch_size, flip_tta=serving_tta(settings.infer_tta, loaded),
                   cpu_bf16=wants_cpu_bf16(settings.infer_cpu_bf16))
     t0 = time.perf_counter()
     segmenter = Segmenter(loaded, compile_network=compile_network, **kwargs)

@@ -78,6 +78,6 @@ def test_overlays_setting_defaults_to_lazy_and_reaches_the_worker_processes():
     assert Settings.from_env(env).overlays == "eager"
     with pytest.raises(ValueError, match="OVERLAYS must be one of lazy, eager"):
         Settings.from_env({"OVERLAYS": "sometimes"})
-    assert Settings.from_env({"INFER_TTA": "flip"}).infer_tta == "flip" and settings_env(eager)["INFER_TTA"] == "off"
+    assert Settings.from_env({"INFER_TTA": "flip"}).infer_tta == "flip" and settings_env(eager)["INFER_TTA"] == "auto"
     with pytest.raises(ValueError, match="TORCH_COMPILE must be one of auto, on, off"):
         Settings.from_env({"TORCH_COMPILE": "yes"})

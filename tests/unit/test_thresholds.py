@@ -175,6 +175,15 @@ def test_thresholds_command_adds_a_tta_threshold_and_keeps_the_rest(tiny, capsys
     assert after.metrics["validation"] == trained.metrics["validation"]  # plain scores still hold
     assert f"chosen: {best:.2f}" in capsys.readouterr().out
 
+    assert after.recommended_tta == "off"  # only --recommend changes how workers serve it by default
+    recommended = root / "recommended.pt"
+    assert thresholds_main([str(no_tta), "--data", str(data), "--split-file", str(split_file), "--tta", "flip4",
+                            "--thresholds", "0.1,0.3,0.45", "--recommend", "--out", str(recommended)]) == 0
+    assert load_checkpoint(recommended).recommended_tta == "flip4"
+    with pytest.raises(SystemExit):
+        thresholds_main([str(no_tta), "--data", str(data), "--split-file", str(split_file), "--recommend",
+                         "--out", str(root / "y.pt")])
+
     # the plain threshold re-chosen: the TTA one stays, the plain scores move aside
     again = root / "plain.pt"
     assert thresholds_main([str(out), "--data", str(data), "--split-file", str(split_file),
@@ -210,11 +219,29 @@ def test_workers_serve_the_tta_mode_of_their_settings_with_its_threshold(tmp_pat
     from bonedetect.settings import Settings
     from worker.tasks import warm_segmenter
 
-    assert settings_module.TTA_MODES == model.inference.TTA_MODES
+    assert settings_module.TTA_MODES == ("auto", *model.inference.TTA_MODES)
+    assert Settings.from_env({}).infer_tta == "auto"
     loaded = load_checkpoint(_tiny_checkpoint(tmp_path / "w.pt", Postprocessor(0.5), {"flip4": Postprocessor(0.3)}))
     served = {m: warm_segmenter(loaded, Settings.from_env({"INFER_TTA": m, "TORCH_COMPILE": "off"}), cuda=False)
-              for m in ("off", "flip", "flip4")}
-    assert {m: s.version for m, s in served.items()} == {"off": "v", "flip": "v+flip-tta", "flip4": "v+flip4-tta"}
-    assert {m: s.postprocessor.threshold for m, s in served.items()} == {"off": 0.5, "flip": 0.5, "flip4": 0.3}
+              for m in ("auto", "off", "flip", "flip4")}
+    assert {m: s.version for m, s in served.items()} == {
+        "auto": "v", "off": "v", "flip": "v+flip-tta", "flip4": "v+flip4-tta"}  # auto: the file recommends none
+    assert {m: s.postprocessor.threshold for m, s in served.items()} == {"auto": 0.5, "off": 0.5, "flip": 0.5, "flip4": 0.3}
+
+    # a checkpoint that recommends flip4: served so by default, and off when ops ask for speed
+    torch.manual_seed(0)
+    net = AttentionUNet(UNetConfig(filters=(4, 8)))
+    with pytest.raises(ValueError, match="no threshold of its own"):
+        save_checkpoint(tmp_path / "bad.pt", net, preprocessor=Preprocessor(32), postprocessor=Postprocessor(0.5),
+                        version="r", label="l", recommended_tta="flip4")
+    path = save_checkpoint(tmp_path / "r.pt", net, preprocessor=Preprocessor(32), postprocessor=Postprocessor(0.5),
+                           postprocessors_tta={"flip4": Postprocessor(0.3)}, recommended_tta="flip4",
+                           version="r", label="l")
+    recommending = load_checkpoint(path)
+    assert recommending.recommended_tta == "flip4" and loaded.recommended_tta == "off"
+    auto = warm_segmenter(recommending, Settings.from_env({"TORCH_COMPILE": "off"}), cuda=False)
+    assert auto.version == "r+flip4-tta" and auto.postprocessor.threshold == 0.3
+    off = warm_segmenter(recommending, Settings.from_env({"INFER_TTA": "off", "TORCH_COMPILE": "off"}), cuda=False)
+    assert off.version == "r" and off.postprocessor.threshold == 0.5
     with pytest.raises(ValueError, match="INFER_TTA"):
         Settings.from_env({"INFER_TTA": "rot90"})
