@@ -117,7 +117,13 @@ def test_the_shipped_default_is_the_btxrd_model_with_its_terms_and_it_serves():
     import hashlib
 
     loaded = load_checkpoint(DEFAULT_CHECKPOINT)
-    assert loaded.version == "btxrd-256-pi-20261128-bae53ab2"
+    # run 5's weights (btxrd-256-pi-20261128-bae53ab2) with thresholds chosen on validation for flip and flip4 TTA,
+    # served with flip4 by default (INFER_TTA=auto)
+    assert loaded.version == "btxrd-256-pi-20261128-bae53ab2-flip-t0.35-flip4-t0.35"
+    assert [c["from_version"] for c in loaded.info["threshold_choices"]] == [
+        "btxrd-256-pi-20261128-bae53ab2", "btxrd-256-pi-20261128-bae53ab2-flip-t0.35"]
+    assert loaded.recommended_tta == "flip4"
+    assert {m: p.threshold for m, p in loaded.postprocessors_tta.items()} == {"flip": 0.35, "flip4": 0.35}
     assert "non-commercial" in loaded.label and "not for clinical use" in loaded.label
     assert "CC BY-NC-ND 4.0" in loaded.info["data_license"]
     assert loaded.preprocessor.size == 256 and loaded.postprocessor.threshold == pytest.approx(0.25)
