@@ -143,7 +143,7 @@ def run_memory(args, ckpt: Path, out: dict) -> int:
     log(f"worker memory: {n} images of {h}x{w}, one worker, {args.threads} torch thread(s), allocator {args.allocator}")
     with tp.running_system(ckpt, workers=1, threads=args.threads, batch=args.batch, chunk=args.chunk,
                            io_threads=args.io_threads, broker=args.broker,
-                           extra_env={"ALLOCATOR": args.allocator}) as system:
+                           extra_env={"ALLOCATOR": args.allocator, "INFER_TTA": args.tta}) as system:
         worker = tp.worker_memory(system, paths, log=log)
     out["worker_memory"] = worker
     files = [int(v) for v in args.api_files.split(",") if v]
@@ -192,7 +192,8 @@ def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
         r = tp.measure_model(segmenter, frames, max(n, 2 * batch))
         rows.append({"batch": batch, "images": r.images, "img_s": round(r.rate, 3), "cpu_ms_per_image": round(r.cpu_ms_per_image, 1)})
         log(f"batch {batch}: {r.rate:.3f} img/s")
-    auto = default_batch_size(segmenter.network.config, segmenter.preprocessor.size, segmenter.cuda)  # compiled: passed through
+    auto = default_batch_size(segmenter.network.config, segmenter.preprocessor.size, segmenter.cuda,  # compiled: passed through
+                              segmenter.tta)
     out["sweep"], out["auto_batch"] = rows, auto
     best = max(rows, key=lambda r: r["img_s"])
     print(f"\ndevice:   {tp.device_name(segmenter)}\nmachine:  {out['machine']}\nmodel:    {out['model']}")
@@ -233,6 +234,7 @@ def run(args, argv, tmp: Path) -> int:
     out: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "infer_tta": args.tta, "infer_cpu_bf16": args.cpu_bf16,  # as set; the table's config line says what ran
         "machine": machine(),
         "torch": torch.__version__,
         "model": model_text,
@@ -254,6 +256,7 @@ def run(args, argv, tmp: Path) -> int:
     segmenter = tp.load_segmenter(ckpt, args.batch, args.threads, args.device, compile_network=args.compile,
                                   cpu_bf16=wants_cpu_bf16(args.cpu_bf16), tta=args.tta)
     args.batch = segmenter.batch_size  # auto resolved here, for the model and pipeline stages and the table
+    out["tta_served"] = segmenter.tta  # INFER_TTA resolved against the checkpoint (auto: its recommended mode)
     device = tp.device_name(segmenter)
     results: dict[str, tp.StageResult] = {}
     if "model" in stages:

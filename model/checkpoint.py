@@ -3,7 +3,7 @@
 A checkpoint is a ``torch.save`` of one dict of plain types and tensors::
 
     {
-        "format": "bonedetect-checkpoint/1",  # /2 when "postprocessing_tta" is present
+        "format": "bonedetect-checkpoint/1",  # /3 when "postprocessing_tta" is present
         "version": str,            # recorded in every result row
         "label": str,              # e.g. "synthetic, not for clinical use"
         "network_config": dict,    # UNetConfig as a dict (filters as a list)
@@ -39,10 +39,11 @@ from model.postprocess import Postprocessor
 from model.preprocess import Preprocessor
 
 FORMAT = "bonedetect-checkpoint/1"
-# A file with "postprocessing_tta" is written as /2, so that code from before it refuses the file loudly instead of
-# serving flip TTA at the plain threshold under the new file's version; this code reads both.
-FORMAT_TTA = "bonedetect-checkpoint/2"
-FORMATS = (FORMAT, FORMAT_TTA)
+# A file with "postprocessing_tta" (TTA mode -> postprocessing) is written as /3, so that code from before it
+# refuses the file loudly instead of serving TTA at the plain threshold under the new file's version. /2 (written
+# for a few hours on 2026-11-28, never shipped) held one flat postprocessing for flip TTA; it is read as {"flip": ...}.
+FORMAT_TTA = "bonedetect-checkpoint/3"
+FORMATS = (FORMAT, "bonedetect-checkpoint/2", FORMAT_TTA)
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 # Trained on real radiographs (BTXRD-256; CC BY-NC-ND 4.0, non-commercial): what the demo and workers load by default.
 BTXRD_CHECKPOINT = CHECKPOINTS / "btxrd-256.pt"
@@ -179,7 +180,10 @@ def load_checkpoint(path, map_location="cpu") -> LoadedModel:
         network.load_state_dict(state)
         preprocessor = Preprocessor(**data["preprocessing"])
         postprocessor = Postprocessor(**data["postprocessing"])
-        postprocessors_tta = {m: Postprocessor(**d) for m, d in (data.get("postprocessing_tta") or {}).items()}
+        by_mode = data.get("postprocessing_tta") or {}
+        if found == "bonedetect-checkpoint/2":  # one flat postprocessing, for flip TTA
+            by_mode = {"flip": by_mode}
+        postprocessors_tta = {m: Postprocessor(**d) for m, d in by_mode.items()}
     except (KeyError, TypeError, RuntimeError) as exc:
         raise ValueError(f"{path}: damaged bonedetect checkpoint: {exc}") from exc
     network.to(map_location).eval()

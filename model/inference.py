@@ -216,9 +216,10 @@ def default_batch_size(config, size: int, cuda: bool, flip_tta=False) -> int:
     forward pass (1, 2 and 4 for those three; up to 16 for smaller ones) is
     within 6% of the best of each, and 1.2-1.8x faster than 16.
     """
-    if cuda:
-        return GPU_BATCH
-    per_image = config.filters[0] * size * size * len(TTA_FLIPS[tta_mode(flip_tta)])
+    passes = len(TTA_FLIPS[tta_mode(flip_tta)])
+    if cuda:  # the images whose passes make up one GPU batch of 16
+        return max(1, GPU_BATCH // passes)
+    per_image = config.filters[0] * size * size * passes
     batch = 1
     while batch * 2 * per_image <= CPU_BATCH_ELEMENTS and batch * 2 <= GPU_BATCH:
         batch *= 2

@@ -306,6 +306,8 @@ def report_markdown(meta: dict, table: dict, breakdowns: dict[str, list[dict]], 
         f"- threshold {meta['threshold']:.2f}: stored in the checkpoint"
         f"{' for TTA ' + meta['tta'] if meta.get('threshold_for_tta') else ''}, chosen on the validation split (when it was "
         "trained, or by `training.thresholds`); never chosen on the split scored here",
+        f"- test-time augmentation: {meta.get('tta') or 'off'} (workers with `INFER_TTA=auto`, the default, serve this "
+        f"checkpoint with {meta.get('recommended_tta', 'off')}; `--tta MODE` scores another mode)",
         f"- resolution: each image's original size, through the serving path (`Segmenter`, preprocessing size "
         f"{meta['size']}, postprocessing included)",
     ]
@@ -517,7 +519,7 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
         "trained_on_split": trained_split.get("description", "unknown"),
         "data": str(data), "split": split_meta,
         "threshold": loaded.postprocessors_tta.get(tta, loaded.postprocessor).threshold,
-        "threshold_for_tta": tta in loaded.postprocessors_tta,
+        "threshold_for_tta": tta in loaded.postprocessors_tta, "recommended_tta": loaded.recommended_tta,
         "size": loaded.preprocessor.size, "tta": tta, "cpu_bf16": cpu_bf16, "loss_per_image": loss.per_image, "overlap": overlap, "warnings": warnings,
         "license": info.get("data_license"), "examples": example_name, "seconds": round(seconds, 1),
     }
@@ -528,7 +530,7 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
     for w in warnings:
         say(f"warning: {w}")
     pooled, per = table["pooled"], table["per_image"]
-    say(f"{split_meta['description']}: {len(results)} images in {seconds:.0f}s: Dice pooled {pooled['dice']:.4f} "
+    say(f"{split_meta['description']}, TTA {tta or 'off'}: {len(results)} images in {seconds:.0f}s: Dice pooled {pooled['dice']:.4f} "
         f"(per image {per['dice']:.4f}), tumor IoU {pooled['tumor_iou']:.4f}, precision {pooled['precision']:.4f}, "
         f"recall {pooled['recall']:.4f}; thesis Dice {THESIS['dice']:.4f}")
     if found["n_positive"]:

@@ -14,6 +14,8 @@
 #   CHECKPOINT  a trained checkpoint to measure instead of the full-size network with random
 #            weights (whose speckled masks are the worst case for postprocessing), e.g.
 #            model/checkpoints/btxrd-256.pt
+#   TTA      INFER_TTA for every stage (default off: one pass per image, comparable with earlier
+#            figures; auto: the checkpoint's own mode, flip4 for the shipped BTXRD model)
 #   CHUNK    images per task (default 128)
 #   IO       decode/encode threads per worker (default 12)
 #   LIMIT_S  seconds the end-to-end run may take (default 240; SWEEP_LIMIT_S, the sweep, 90)
@@ -31,6 +33,7 @@ IMAGES=${IMAGES:-1000}
 BATCH=${BATCH:-16}
 MODEL_ARGS=(--full)
 [ -n "${CHECKPOINT:-}" ] && MODEL_ARGS=(--checkpoint "$CHECKPOINT")
+MODEL_ARGS+=(--tta "${TTA:-off}")  # the network alone by default; TTA=auto serves a checkpoint as it recommends
 CHUNK=${CHUNK:-128}
 IO=${IO:-12}
 LIMIT_S=${LIMIT_S:-240}

@@ -119,7 +119,8 @@ def test_the_shipped_default_is_the_btxrd_model_with_its_terms_and_it_serves():
     loaded = load_checkpoint(DEFAULT_CHECKPOINT)
     # run 5's weights (btxrd-256-pi-20261128-bae53ab2) with thresholds chosen on validation for flip and flip4 TTA,
     # served with flip4 by default (INFER_TTA=auto)
-    assert loaded.version == "btxrd-256-pi-20261128-bae53ab2-flip-t0.35-flip4-t0.35"
+    assert loaded.version == "btxrd-256-pi-20261128-bae53ab2-tta35"
+    assert len(loaded.version + "+flip4-tta+jpeg-reduced") <= 64  # what a DICOM SEG keeps of a row's version
     assert [c["from_version"] for c in loaded.info["threshold_choices"]] == [
         "btxrd-256-pi-20261128-bae53ab2", "btxrd-256-pi-20261128-bae53ab2-flip-t0.35"]
     assert loaded.recommended_tta == "flip4"
@@ -140,6 +141,9 @@ def test_the_shipped_default_is_the_btxrd_model_with_its_terms_and_it_serves():
     image = np.random.default_rng(0).integers(0, 256, (300, 240)).astype(np.uint8)
     pred = Segmenter(loaded, device="cpu", batch_size=1).predict([image])[0]
     assert pred.mask.shape == (300, 240) and np.isfinite(pred.prob).all()
+    served = Segmenter(loaded, device="cpu", flip_tta=loaded.recommended_tta)  # as INFER_TTA=auto serves it
+    assert served.version.endswith("+flip4-tta") and served.postprocessor.threshold == pytest.approx(0.35)
+    assert served.predict([image])[0].mask.shape == (300, 240)
 
 
 # --- Segmenter -------------------------------------------------------------------
@@ -246,16 +250,18 @@ def test_cuda_bf16_matches_cpu(saved):
         assert np.abs(a.prob - b.prob).max() < 0.03
 
 
-def test_compiled_network_pads_partial_batches_and_gives_the_same_probabilities(saved):
-    """TORCH_COMPILE: one static shape (the last, partial batch is padded), same numbers (CPU inductor here)."""
+@pytest.mark.parametrize("tta", ["off", "flip4"])
+def test_compiled_network_pads_partial_batches_and_gives_the_same_probabilities(saved, tta):
+    """TORCH_COMPILE: one static shape (the last, partial batch is padded), same numbers (CPU inductor here),
+    with and without test-time augmentation (flip4 is what the shipped model is served with)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     images = [np.random.default_rng(s).integers(0, 256, (90, 60 + 10 * s)).astype(np.uint8) for s in range(5)]
-    plain = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=2)
-    compiled = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=2, compile_network=True)
+    plain = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=2, flip_tta=tta)
+    compiled = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=2, compile_network=True, flip_tta=tta)
     seen = []
     forward = compiled.predict_batch_tensor
     compiled.predict_batch_tensor = lambda x: (seen.append(tuple(x.shape)), forward(x))[1]

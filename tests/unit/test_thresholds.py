@@ -33,7 +33,13 @@ def test_checkpoint_keeps_a_postprocessing_for_flip_tta(tmp_path):
     assert loaded.postprocessor.as_dict() == Postprocessor(0.4, 1e-3).as_dict()
     assert {m: p.as_dict() for m, p in loaded.postprocessors_tta.items()} == {
         "flip": Postprocessor(0.3, 1e-3).as_dict(), "flip4": Postprocessor(0.35).as_dict()}
-    assert loaded.info["format"] == "bonedetect-checkpoint/2"  # code that cannot read the TTA threshold refuses it
+    assert loaded.info["format"] == "bonedetect-checkpoint/3"  # code that cannot read the TTA thresholds refuses it
+    # format /2 (never shipped) held one flat postprocessing for flip TTA: read as the flip mode's
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    raw["format"], raw["postprocessing_tta"] = "bonedetect-checkpoint/2", Postprocessor(0.3, 1e-3).as_dict()
+    torch.save(raw, tmp_path / "v2.pt")
+    old = load_checkpoint(tmp_path / "v2.pt").postprocessors_tta
+    assert {m: p.as_dict() for m, p in old.items()} == {"flip": Postprocessor(0.3, 1e-3).as_dict()}
     plain = load_checkpoint(_tiny_checkpoint(tmp_path / "b.pt", Postprocessor(0.4)))
     assert plain.postprocessors_tta == {} and plain.info["format"] == "bonedetect-checkpoint/1"
 

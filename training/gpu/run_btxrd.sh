@@ -119,9 +119,11 @@ evaluate_one() {
     for split in val test; do
         "$PY" -m training.evaluate "$ckpt" --data "$DATA" --split-file "$SPLIT" --split "$split" \
             --out-dir "$WORK/eval-$cfg-$split" > "$WORK/eval-$cfg-$split.log" 2>&1
-        if [ "$cfg" != thesis ]; then  # the strong recipe suggests flip TTA
-            "$PY" -m training.evaluate "$ckpt" --data "$DATA" --split-file "$SPLIT" --split "$split" --tta \
+        if [ "$cfg" != thesis ]; then  # the strong recipe chose thresholds for flip and flip4 TTA
+            "$PY" -m training.evaluate "$ckpt" --data "$DATA" --split-file "$SPLIT" --split "$split" --tta flip \
                 --out-dir "$WORK/eval-$cfg-$split-tta" > "$WORK/eval-$cfg-$split-tta.log" 2>&1
+            "$PY" -m training.evaluate "$ckpt" --data "$DATA" --split-file "$SPLIT" --split "$split" --tta flip4 \
+                --out-dir "$WORK/eval-$cfg-$split-flip4" > "$WORK/eval-$cfg-$split-flip4.log" 2>&1
         fi
     done
 }
