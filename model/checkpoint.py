@@ -94,6 +94,12 @@ def _plain(obj, where: str):
     raise ValueError(f"{where}: a {type(obj).__name__} cannot be stored in a checkpoint; use plain types")
 
 
+def saved_extra(loaded: LoadedModel) -> dict:
+    """The ``extra`` a checkpoint was saved with (``LoadedModel.info`` less what loading adds): what a copy of
+    it passes to ``save_checkpoint`` again."""
+    return {k: v for k, v in loaded.info.items() if k not in (*_INFO_KEYS, "stored_half")}
+
+
 def save_checkpoint(
     path,
     network: AttentionUNet,
@@ -123,7 +129,7 @@ def save_checkpoint(
     if not isinstance(version, str) or not version:
         raise ValueError(f"version must be a non-empty string, got {version!r}")
     extra = _plain(extra or {}, "extra")
-    clash = [k for k in (*_INFO_KEYS, "stored_half") if k in extra]
+    clash = [k for k in (*_INFO_KEYS, "stored_half") if k in extra]  # what loading adds (saved_extra drops them)
     if clash:
         raise ValueError(f"extra must not use the reserved key {clash[0]!r}")
     if recommended_tta != "off" and recommended_tta not in (postprocessors_tta or {}):

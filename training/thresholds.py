@@ -125,7 +125,7 @@ def check_held_out(loaded: LoadedModel, split_file_sha256: str, records, other_s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.checkpoint import load_checkpoint, save_checkpoint, saved_extra
     from training.btxrd import read_btxrd
     from training.split import assign, read_split_csv
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics[f"val_dice_by_threshold{suffix}_serving"] = {f"{t:.2f}": d for t, d in dice.items()}
     metrics[f"validation{suffix}"] = {"dice": dice[best], "split": f"`val` of {split_file.describe()}",
                                       "resolution": "original", "scored_by": "training.thresholds (pooled Dice only)"}
-    extra = {k: v for k, v in loaded.info.items() if k not in ("format", "created_at", "network_config", "stored_half")}
+    extra = saved_extra(loaded)
     extra["threshold_choices"] = [*extra.get("threshold_choices", []), {
         "from_version": loaded.version, "split_file": split_file.name, "split_sha256": split_file.sha256,
         "tta": mode, "threshold": best, "dice": dice[best]}]

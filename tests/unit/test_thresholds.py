@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint, saved_extra
 from model.inference import Segmenter, postprocess_cropped
 from model.network import AttentionUNet, UNetConfig
 from model.postprocess import Postprocessor
@@ -157,8 +157,7 @@ def test_thresholds_command_adds_a_tta_threshold_and_keeps_the_rest(tiny, capsys
     no_tta = root / "no-tta.pt"  # a checkpoint as shipped before flip TTA had a threshold: none, fp16 weights
     save_checkpoint(no_tta, trained.network, preprocessor=trained.preprocessor, postprocessor=trained.postprocessor,
                     version="shipped", label=trained.label, metrics=dict(trained.metrics), half=True,
-                    extra={k: v for k, v in trained.info.items()
-                           if k not in ("format", "created_at", "network_config", "stored_half")})
+                    extra=saved_extra(trained))
     before = load_checkpoint(no_tta)
     assert before.postprocessors_tta == {} and before.info["stored_half"]
     out = root / "with-tta.pt"
