@@ -42,15 +42,17 @@ FORMAT = "bonedetect-checkpoint/1"
 # A file with "postprocessing_tta" (TTA mode -> postprocessing) is written as /3, so that code from before it
 # refuses the file loudly instead of serving TTA at the plain threshold under the new file's version. /2 (written
 # for a few hours on 2026-11-28, never shipped) held one flat postprocessing for flip TTA; it is read as {"flip": ...}.
+FORMAT_FLIP_ONLY = "bonedetect-checkpoint/2"
 FORMAT_TTA = "bonedetect-checkpoint/3"
-FORMATS = (FORMAT, "bonedetect-checkpoint/2", FORMAT_TTA)
+FORMATS = (FORMAT, FORMAT_FLIP_ONLY, FORMAT_TTA)
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 # Trained on real radiographs (BTXRD-256; CC BY-NC-ND 4.0, non-commercial): what the demo and workers load by default.
 BTXRD_CHECKPOINT = CHECKPOINTS / "btxrd-256.pt"
 # Trained on training.synthetic's images only: the tests' model (it finds the lesions the generator draws).
 SYNTHETIC_CHECKPOINT = CHECKPOINTS / "synthetic-demo.pt"
 DEFAULT_CHECKPOINT = BTXRD_CHECKPOINT
-_INFO_KEYS = ("format", "created_at", "network_config")  # copied into LoadedModel.info next to extra (and stored_half)
+_INFO_KEYS = ("format", "created_at", "network_config")  # copied into LoadedModel.info next to extra
+_LOADED_KEYS = (*_INFO_KEYS, "stored_half")  # every key loading adds to the saved extra in LoadedModel.info
 
 
 @dataclass
@@ -67,6 +69,10 @@ class LoadedModel:
     postprocessors_tta: dict[str, Postprocessor] = dataclasses.field(default_factory=dict)
     # the TTA mode workers with INFER_TTA=auto (the default) serve it with
     recommended_tta: str = "off"
+
+    def postprocessor_for(self, mode: str) -> Postprocessor:
+        """The postprocessing for TTA ``mode``: its own when chosen apart, else the plain one."""
+        return self.postprocessors_tta.get(mode, self.postprocessor)
 
 
 def _plain(obj, where: str):
@@ -97,7 +103,7 @@ def _plain(obj, where: str):
 def saved_extra(loaded: LoadedModel) -> dict:
     """The ``extra`` a checkpoint was saved with (``LoadedModel.info`` less what loading adds): what a copy of
     it passes to ``save_checkpoint`` again."""
-    return {k: v for k, v in loaded.info.items() if k not in (*_INFO_KEYS, "stored_half")}
+    return {k: v for k, v in loaded.info.items() if k not in _LOADED_KEYS}
 
 
 def save_checkpoint(
@@ -129,7 +135,7 @@ def save_checkpoint(
     if not isinstance(version, str) or not version:
         raise ValueError(f"version must be a non-empty string, got {version!r}")
     extra = _plain(extra or {}, "extra")
-    clash = [k for k in (*_INFO_KEYS, "stored_half") if k in extra]  # what loading adds (saved_extra drops them)
+    clash = [k for k in _LOADED_KEYS if k in extra]  # what loading adds (saved_extra drops them)
     if clash:
         raise ValueError(f"extra must not use the reserved key {clash[0]!r}")
     if recommended_tta != "off" and recommended_tta not in (postprocessors_tta or {}):
@@ -187,7 +193,7 @@ def load_checkpoint(path, map_location="cpu") -> LoadedModel:
         preprocessor = Preprocessor(**data["preprocessing"])
         postprocessor = Postprocessor(**data["postprocessing"])
         by_mode = data.get("postprocessing_tta") or {}
-        if found == "bonedetect-checkpoint/2":  # one flat postprocessing, for flip TTA
+        if found == FORMAT_FLIP_ONLY:  # one flat postprocessing, for flip TTA
             by_mode = {"flip": by_mode}
         postprocessors_tta = {m: Postprocessor(**d) for m, d in by_mode.items()}
     except (KeyError, TypeError, RuntimeError) as exc:

@@ -518,7 +518,7 @@ def evaluate_checkpoint(checkpoint, data, split_file=None, split: str | None = N
         "training_config_name": training_config.get("config", "unknown"),
         "trained_on_split": trained_split.get("description", "unknown"),
         "data": str(data), "split": split_meta,
-        "threshold": loaded.postprocessors_tta.get(tta, loaded.postprocessor).threshold,
+        "threshold": loaded.postprocessor_for(tta or "off").threshold,
         "threshold_for_tta": tta in loaded.postprocessors_tta, "recommended_tta": loaded.recommended_tta,
         "size": loaded.preprocessor.size, "tta": tta, "cpu_bf16": cpu_bf16, "loss_per_image": loss.per_image, "overlap": overlap, "warnings": warnings,
         "license": info.get("data_license"), "examples": example_name, "seconds": round(seconds, 1),

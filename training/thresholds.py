@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plain, tta_posts = loaded.postprocessor, dict(loaded.postprocessors_tta)
     if mode != "off":
-        tta_posts[mode] = with_threshold(tta_posts.get(mode, plain), best)
+        tta_posts[mode] = with_threshold(loaded.postprocessor_for(mode), best)
     else:
         plain = with_threshold(plain, best)
     stale = {k: loaded.metrics[k] for k in metric_keys(mode) if k in loaded.metrics}
