@@ -2,6 +2,7 @@
 
     python -m bench --quick                  # shipped model, 16 images: under a minute on the 2-core CPU
     python -m bench --full --images 200      # the thesis network (random weights) at 512, 200 images
+    python -m bench --full shipped --images 200   # the same network carrying the shipped model's: a trained network's masks
     python -m bench --full --images 160 --chunk 8 --workers 2 --pin-workers --stages system   # 1 vs 2 workers, a core each
     python -m bench --full --sweep-batches 1,2,4,8,16 --images 16   # the network alone per forward batch
     python -m bench --memory                 # worker RSS over 5,000 images; API RSS against upload size
@@ -66,7 +67,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", type=Path, help="checkpoint to run (default: the shipped model, model.checkpoint.DEFAULT_CHECKPOINT)")
-    model.add_argument("--full", action="store_true", help="the full-size thesis network UNetConfig() at 512, random weights")
+    model.add_argument("--full", nargs="?", const="random", choices=tp.FULL_SIZE_WEIGHTS,
+                       help="the full-size thesis network UNetConfig() at 512 with random weights (the worst case for "
+                            "postprocessing: specks over the whole image), or with 'shipped', the shipped model's trained "
+                            "network carried in it (the same cost per pass, a trained network's masks)")
     p.add_argument("--images", type=int, help="images per stage (default 100; --quick 16; --memory 5000)")
     p.add_argument("--size", type=parse_size, help="image size HxW (default 3000x2500; --memory 1000x800)")
     p.add_argument("--workers", type=int, default=1, help="worker processes for the system stage (default 1)")
@@ -129,6 +133,9 @@ def machine() -> str:
 
 def checkpoint_for(args, tmp: Path) -> tuple[Path, str]:
     if args.full:
+        if args.full == "shipped":
+            return (tp.full_size_checkpoint(tmp / "full-size.pt", weights="shipped"),
+                    "full-size UNetConfig() at 512 carrying the shipped model's trained network")
         return tp.full_size_checkpoint(tmp / "full-size.pt"), "full-size UNetConfig() at 512, random weights"
     from model.checkpoint import DEFAULT_CHECKPOINT
 

@@ -97,14 +97,25 @@ def _write_jpeg(path: Path, height: int, width: int) -> None:
 # -- the model ---------------------------------------------------------------------------
 
 
-def full_size_checkpoint(path: Path, size: int = 512, seed: int = 0) -> Path:
-    """The thesis network (``UNetConfig()``, 7.85 M parameters) with random
-    weights, as a checkpoint for speed measurements only (no trained
-    full-size checkpoint exists yet).
+FULL_SIZE_WEIGHTS = ("random", "shipped")
 
-    The output bias is set so that about 2% of a synthetic radiograph's frame
-    is above the threshold, like a tumor, rather than half of it: the
-    postprocessing's cost depends on how much is marked.
+
+def full_size_checkpoint(path: Path, size: int = 512, seed: int = 0, weights: str = "random") -> Path:
+    """The thesis network (``UNetConfig()``, 7.85 M parameters) as a
+    checkpoint for speed measurements only (no trained full-size checkpoint
+    exists yet), with
+
+    - ``weights="random"``: random weights. The output bias is set so that
+      about 2% of a synthetic radiograph's frame is above the threshold, like
+      a tumor, rather than half of it. The marked pixels are specks spread
+      over the whole image, the worst case for restoring and postprocessing
+      (every step works on the whole image, thousands of regions).
+    - ``weights="shipped"``: the shipped model's trained network carried in
+      the full-size one (``widen_network``): the same cost per forward pass,
+      and the masks of a trained network (a few solid regions, larger than
+      at the shipped model's own 256 px since it sees the image twice as
+      large). For what finishing costs on a trained network's masks; not
+      for Dice (it was never validated at 512).
     """
     import torch
 
@@ -113,6 +124,20 @@ def full_size_checkpoint(path: Path, size: int = 512, seed: int = 0) -> Path:
     from model.postprocess import Postprocessor
     from model.preprocess import Preprocessor
 
+    if weights not in FULL_SIZE_WEIGHTS:
+        raise ValueError(f"weights must be one of {FULL_SIZE_WEIGHTS}, got {weights!r}")
+    if weights == "shipped":
+        from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+
+        shipped = load_checkpoint(DEFAULT_CHECKPOINT)
+        return save_checkpoint(
+            path,
+            widen_network(shipped.network, UNetConfig(dropout=shipped.network.config.dropout)),
+            preprocessor=Preprocessor(size, mean=shipped.preprocessor.mean, std=shipped.preprocessor.std),
+            postprocessor=shipped.postprocessor,  # served plain: its TTA thresholds were chosen at 256
+            version="bench-full-size-shipped",
+            label=f"{shipped.version} carried in the full-size network, for speed measurements only",
+        )
     torch.manual_seed(seed)
     network = AttentionUNet(UNetConfig()).eval()
     preprocessor = Preprocessor(size, mean=0.22, std=0.22)
@@ -128,6 +153,48 @@ def full_size_checkpoint(path: Path, size: int = 512, seed: int = 0) -> Path:
         version="bench-full-size-random",
         label="random weights, for speed measurements only",
     )
+
+
+def widen_network(small, config):
+    """An ``AttentionUNet(config)`` that computes what ``small`` computes.
+
+    ``config`` has as many levels as ``small`` and each as wide or wider.
+    Every weight of ``small`` goes to the same place, the new channels get
+    zero weights, and their BatchNorms scale by 0 and shift by 0, so they
+    carry exact zeros through every layer and add nothing to the real
+    channels' sums. The decoder's first convolution reads [gated skip, up
+    path] concatenated, so its input weights go to both halves. The wider
+    network does the full-size network's arithmetic (dense convolutions
+    multiply zeros as fast as anything else).
+    """
+    import torch
+
+    from model.network import AttentionUNet
+
+    if len(config.filters) != len(small.config.filters) or any(
+        b < a for a, b in zip(small.config.filters, config.filters)
+    ):
+        raise ValueError(f"cannot widen filters {small.config.filters} to {config.filters}")
+    if (config.in_channels, config.out_channels) != (small.config.in_channels, small.config.out_channels):
+        raise ValueError("widening keeps the input and output channels")
+    wide = AttentionUNet(config).eval()
+    source = small.state_dict()
+    state = {}
+    for key, target in wide.state_dict().items():
+        value = source[key]
+        if target.ndim == 0:  # num_batches_tracked
+            state[key] = value.clone()
+            continue
+        out = torch.ones_like(target) if key.endswith("running_var") else torch.zeros_like(target)
+        if key.startswith("decoder.") and key.endswith("body.0.weight"):  # (out, 2 * skip, 3, 3): two halves
+            half, small_half = target.shape[1] // 2, value.shape[1] // 2
+            out[: value.shape[0], :small_half] = value[:, :small_half]
+            out[: value.shape[0], half : half + small_half] = value[:, small_half:]
+        else:
+            out[tuple(slice(0, n) for n in value.shape)] = value
+        state[key] = out
+    wide.load_state_dict(state)
+    return wide
 
 
 def load_segmenter(checkpoint: Path, batch: int | None, threads: int, device: str | None = None, compile_network: bool = False,

@@ -11,8 +11,11 @@
 # Settings (environment variables):
 #   IMAGES   images for the pipeline and system stages (default 1000; 200 distinct JPEGs, repeated)
 #   BATCH    forward batch (default 16: the fastest of 8..128 on an H100, 2026-11-27)
-#   CHECKPOINT  a trained checkpoint to measure instead of the full-size network with random
-#            weights (whose speckled masks are the worst case for postprocessing), e.g.
+#   WEIGHTS  the full-size network's weights (default shipped: the shipped model's trained network
+#            carried in it, the same cost per pass and a trained network's masks; random: random
+#            weights, whose speckled masks are the worst case for postprocessing, as measured on
+#            2026-11-27)
+#   CHECKPOINT  a trained checkpoint to measure instead of the full-size network, e.g.
 #            model/checkpoints/btxrd-256.pt
 #   TTA      INFER_TTA for every stage (default off: one pass per image, comparable with earlier
 #            figures; auto: the checkpoint's own mode, flip4 for the shipped BTXRD model)
@@ -31,7 +34,7 @@ OUT=${OUT:-runs/gpu-bench}
 PY=${PYTHON:-python3}
 IMAGES=${IMAGES:-1000}
 BATCH=${BATCH:-16}
-MODEL_ARGS=(--full)
+MODEL_ARGS=(--full "${WEIGHTS:-shipped}")
 [ -n "${CHECKPOINT:-}" ] && MODEL_ARGS=(--checkpoint "$CHECKPOINT")
 MODEL_ARGS+=(--tta "${TTA:-off}")  # the network alone by default; TTA=auto serves a checkpoint as it recommends
 CHUNK=${CHUNK:-128}

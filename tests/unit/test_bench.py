@@ -70,6 +70,65 @@ def test_full_size_checkpoint_is_the_thesis_network_marking_a_tumor_sized_area(t
     assert 0.001 < marked < 0.2
 
 
+def _randomised(network):
+    """Random BatchNorm statistics and affine parameters, so that a channel put in the wrong place shows."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            module.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            module.weight.data.copy_(torch.randn(n, generator=g))
+            module.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
+    return network.eval()
+
+
+def test_a_widened_network_computes_what_the_narrow_one_does():
+    import torch
+
+    from model.network import AttentionUNet, UNetConfig
+
+    torch.manual_seed(0)
+    narrow = _randomised(AttentionUNet(UNetConfig(filters=(4, 8, 16), dropout=0.2)))
+    wide = tp.widen_network(narrow, UNetConfig(filters=(8, 12, 32), dropout=0.2))
+    assert wide.config.filters == (8, 12, 32) and not wide.training
+    x = torch.randn(2, 1, 32, 24)
+    with torch.inference_mode():
+        expected, got = narrow(x), wide(x)
+    assert expected.abs().max() > 0.1  # not a network of zeros
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot widen"):
+        tp.widen_network(narrow, UNetConfig(filters=(8, 16, 32, 64)))
+    with pytest.raises(ValueError, match="cannot widen"):
+        tp.widen_network(narrow, UNetConfig(filters=(2, 8, 16)))
+
+
+def test_full_size_checkpoint_with_shipped_weights_is_the_thesis_network_computing_the_shipped_one(tmp_path):
+    import cv2
+    import torch
+
+    from model.checkpoint import DEFAULT_CHECKPOINT
+
+    loaded = load_checkpoint(tp.full_size_checkpoint(tmp_path / "full.pt", weights="shipped"))
+    shipped = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert loaded.network.config.filters == (32, 64, 128, 256, 512) and loaded.preprocessor.size == 512
+    assert sum(p.numel() for p in loaded.network.parameters()) == 7_850_713
+    assert loaded.postprocessor.threshold == shipped.postprocessor.threshold and loaded.recommended_tta == "off"
+    pixels = cv2.imdecode(np.frombuffer(tp.radiograph_jpeg(5, 1200, 1000), np.uint8), cv2.IMREAD_GRAYSCALE)
+    frame, _ = loaded.preprocessor(pixels)
+    with torch.inference_mode():
+        x = torch.from_numpy(frame)[None, None]
+        got, expected = loaded.network(x), shipped.network(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    mask = loaded.postprocessor(torch.sigmoid(got)[0, 0].numpy())
+    regions = cv2.connectedComponents(mask)[0] - 1
+    assert 0.001 < mask.mean() < 0.5 and 1 <= regions <= 20  # a trained network's few solid regions, not specks
+    with pytest.raises(ValueError, match="weights"):
+        tp.full_size_checkpoint(tmp_path / "x.pt", weights="trained")
+
+
 def test_quick_command_prints_the_table_and_the_summary_line(tmp_path, capsys):
     status = main(["--images", "4", "--size", "120x100", "--batch", "2", "--chunk", "2", "--threads", "1",
                    "--io-threads", "2", "--cache", str(tmp_path / "cache")])
