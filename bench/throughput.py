@@ -395,7 +395,7 @@ def step_costs(segmenter, paths: Sequence[Path], k: int = 6, reduced_jpeg: bool 
             prediction = segmenter.finish_windowed(plane, geometry)
             prob, mask = prediction.prob, prediction.mask
             lap("postprocess")
-            tumor_statistics(mask, prob, image.pixel_spacing_mm)
+            tumor_statistics(mask, prob, image.pixel_spacing_mm, windows=prediction.windows)
             lap("statistics")
             full = image.pixels if image.full_shape is None else decode_image(data).pixels  # the API's decode
             clock = time.perf_counter()

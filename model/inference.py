@@ -69,6 +69,9 @@ def wants_cpu_bf16(mode: str) -> bool:
 class Prediction:
     prob: np.ndarray  # (orig_h, orig_w) float32 probability at the original size
     mask: np.ndarray  # (orig_h, orig_w) uint8 {0, 1} after postprocessing
+    # disjoint (top, bottom, left, right) boxes holding every mask pixel, no region in two (``windows``), when
+    # the probabilities were restored in windows (``Segmenter.finish_windowed``); for ``tumor_statistics``
+    windows: list[tuple[int, int, int, int]] | None = None
 
 
 def postprocess_cropped(postprocessor: Postprocessor, prob: np.ndarray) -> np.ndarray:
@@ -92,6 +95,11 @@ def postprocess_cropped(postprocessor: Postprocessor, prob: np.ndarray) -> np.nd
     return _clean_in_box(postprocessor, prob > postprocessor.threshold, prob.size)
 
 
+def _min_area(postprocessor: Postprocessor, image_pixels: int) -> int:
+    """The smallest region ``postprocessor`` keeps on an image of ``image_pixels`` (as ``Postprocessor.__call__``)."""
+    return max(1, math.ceil(postprocessor.min_region_fraction * image_pixels))
+
+
 def _clean_in_box(postprocessor: Postprocessor, above: np.ndarray, image_pixels: int) -> np.ndarray:
     """Steps 2 and 3 of ``postprocessor`` on the thresholded pixels ``above``,
     inside their bounding box (postprocess_cropped says why that is exact);
@@ -100,7 +108,7 @@ def _clean_in_box(postprocessor: Postprocessor, above: np.ndarray, image_pixels:
     x0, y0, w, h = cv2.boundingRect(above)
     if w == 0:
         return np.zeros(above.shape, np.uint8)
-    min_area = max(1, math.ceil(postprocessor.min_region_fraction * image_pixels))  # of the whole image
+    min_area = _min_area(postprocessor, image_pixels)
     crop = clean_regions(above[y0 : y0 + h, x0 : x0 + w], min_area, postprocessor.fill_holes)
     if crop.shape == above.shape:
         return crop
@@ -152,21 +160,116 @@ def window_bounds(plane: np.ndarray, geometry: Geometry, threshold: float) -> tu
     return int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
 
 
-def restore_window(plane: np.ndarray, geometry: Geometry, bounds: tuple[int, int, int, int]) -> np.ndarray:
-    """``geometry.restore(plane)[top:bottom, left:right]`` computed for that
-    window only, with ``cv2.resize``'s INTER_LINEAR formula (half-pixel
-    centres, float32 weights, clamped edges, horizontal pass first); values
-    agree with OpenCV's to float rounding (a few 1e-6)."""
+# More separate windows than this cost more in Python per window than one window around all of them saves.
+MAX_WINDOWS = 256
+
+
+def windows(plane: np.ndarray, geometry: Geometry, threshold: float, min_area: int = 1) -> list[tuple[int, int, int, int]]:
+    """Disjoint (top, bottom, left, right) windows of the original image such
+    that every value of ``geometry.restore(plane)`` above ``threshold`` lies
+    in one, and every 8-connected region of the thresholded map (with its
+    holes) lies in one: ``window_bounds`` cut into the separate places where
+    something was found. [] when nothing comes near the threshold; the one
+    window of ``window_bounds`` when there are more than ``MAX_WINDOWS``.
+
+    Why a region cannot span two windows: a restored pixel above the
+    threshold has a frame pixel among its four interpolation taps that comes
+    near it, and the taps of two 8-adjacent restored pixels are at most 2
+    frame pixels apart (an enlarging resize moves its taps by at most one per
+    pixel). So the frame's near pixels are grouped with their neighbours up
+    to 2 apart (a 3x3 dilation, then 8-connected labelling), each group
+    becomes the window its taps reach, and windows that overlap are merged
+    until none does. A region's holes lie in its bounding box, so in its
+    window; and no region encloses a pixel of another window, whose
+    rectangle would then overlap its own. Same conditions as
+    ``window_bounds``.
+
+    ``min_area``: a group whose window holds fewer pixels is left out before
+    merging (its regions are smaller than that, so the postprocessing
+    removes them; where one lies in another region's hole, that region's
+    window holds it). A random network's specks go without being restored.
+    """
     g = geometry
-    Y0, Y1, X0, X1 = bounds
+    if g.orig_h < g.scaled_h or g.orig_w < g.scaled_w:
+        raise ValueError("restore_window only enlarges; use Geometry.restore")
     crop = np.asarray(plane)[g.top : g.top + g.scaled_h, g.left : g.left + g.scaled_w]
-    ry0, ry1, wy = (t[Y0:Y1] for t in _linear_taps(g.orig_h, g.scaled_h))
-    cx0, cx1, wx = (t[X0:X1] for t in _linear_taps(g.orig_w, g.scaled_w))
-    a, c = ry0[0], cx0[0]
-    src = crop[a : ry1[-1] + 1, c : cx1[-1] + 1].astype(np.float32)
-    across = src[:, cx0 - c] * (np.float32(1) - wx) + src[:, cx1 - c] * wx
-    v1 = wy[:, None]
-    return across[ry0 - a] * (np.float32(1) - v1) + across[ry1 - a] * v1
+    near = (crop > threshold - _MARGIN).view(np.uint8)
+    if not near.any():
+        return []
+    grouped = cv2.dilate(near, np.ones((3, 3), np.uint8))
+    n, _, stats, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
+    if n - 1 > MAX_WINDOWS:
+        return [window_bounds(plane, g, threshold)]
+    (ry0, ry1, _), (cx0, cx1, _) = _linear_taps(g.orig_h, g.scaled_h), _linear_taps(g.orig_w, g.scaled_w)
+    rows, cols = near.shape
+    x, y, w, h = (stats[1:, k].astype(np.int64) for k in range(4))
+    # the groups' near pixels: their dilated boxes less the dilation's 1 pixel (unless clipped at the edge)
+    y0, y1 = np.where(y > 0, y + 1, 0), np.where(y + h < rows, y + h - 2, rows - 1)
+    x0, x1 = np.where(x > 0, x + 1, 0), np.where(x + w < cols, x + w - 2, cols - 1)
+    # the destination rows and columns whose taps touch them
+    boxes = np.stack([np.searchsorted(ry1, y0), np.searchsorted(ry0, y1, side="right"),
+                      np.searchsorted(cx1, x0), np.searchsorted(cx0, x1, side="right")], axis=1)
+    boxes = boxes[(boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]) >= min_area]
+    return [tuple(int(v) for v in b) for b in _merge_overlapping(boxes)]
+
+
+def _merge_overlapping(boxes: np.ndarray) -> np.ndarray:
+    """(n, 4) half-open (top, bottom, left, right) boxes -> boxes that do not
+    overlap: each group of overlapping ones replaced by the box around it,
+    until no two overlap."""
+    while len(boxes) > 1:
+        t, b, l, r = boxes.T
+        overlap = (t[:, None] < b) & (t < b[:, None]) & (l[:, None] < r) & (l < r[:, None])
+        np.fill_diagonal(overlap, False)
+        if not overlap.any():
+            break
+        root = np.arange(len(boxes))
+        for i, j in np.argwhere(np.triu(overlap)):  # union-find over the overlapping pairs
+            while root[i] != i:
+                i = root[i]
+            while root[j] != j:
+                j = root[j]
+            root[max(i, j)] = min(i, j)
+        for i in range(len(root)):
+            root[i] = root[root[i]]  # roots come before their members, so one pass flattens
+        groups, index = np.unique(root, return_inverse=True)
+        merged = np.empty((len(groups), 4), np.int64)
+        merged[:, [0, 2]] = np.iinfo(np.int64).max
+        merged[:, [1, 3]] = np.iinfo(np.int64).min
+        np.minimum.at(merged[:, 0], index, t)
+        np.maximum.at(merged[:, 1], index, b)
+        np.minimum.at(merged[:, 2], index, l)
+        np.maximum.at(merged[:, 3], index, r)
+        boxes = merged
+    return boxes
+
+
+def restore_across(plane: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The first pass of ``geometry.restore(plane)``: every row of the image's
+    part of the frame resized to the original width, (scaled_h, orig_w)
+    float32, by ``cv2.resize`` itself (rows kept as they are, which OpenCV
+    computes exactly: weights 1 and 0). A few hundred thousand pixels."""
+    g = geometry
+    crop = np.asarray(plane)[g.top : g.top + g.scaled_h, g.left : g.left + g.scaled_w].astype(np.float32)
+    return cv2.resize(crop, (g.orig_w, g.scaled_h), interpolation=cv2.INTER_LINEAR)
+
+
+def restore_window(plane: np.ndarray, geometry: Geometry, bounds: tuple[int, int, int, int],
+                   across: np.ndarray | None = None) -> np.ndarray:
+    """``geometry.restore(plane)[top:bottom, left:right]``, bit for bit, from
+    OpenCV's two passes: the rows resized to the original width
+    (``restore_across``, or ``across`` when the caller has it), cut to the
+    window's columns, then those columns resized to the original height and
+    cut to the window's rows. OpenCV's INTER_LINEAR resizes rows first and
+    then columns, with the taps and weights of the whole image in each pass,
+    so the window's values are the whole restore's; the second pass costs
+    the window's width times the image's height."""
+    g = geometry
+    top, bottom, left, right = bounds
+    if across is None:
+        across = restore_across(plane, g)
+    columns = np.ascontiguousarray(across[:, left:right])
+    return cv2.resize(columns, (right - left, g.orig_h), interpolation=cv2.INTER_LINEAR)[top:bottom]
 
 
 GPU_BATCH = 16
@@ -381,31 +484,34 @@ class Segmenter:
         return Prediction(prob=prob, mask=postprocess_cropped(self.postprocessor, prob))
 
     def finish_windowed(self, plane: np.ndarray, geometry: Geometry) -> Prediction:
-        """``finish`` for the worker: the same mask, but the probabilities are
-        restored only where they can exceed the threshold (``window_bounds``)
-        and are 0 elsewhere: ``prob`` is right, to float rounding (a few
-        1e-6 from ``cv2.resize``), wherever the mask is, which is all that
-        the statistics read. For an image where the network found
-        nothing there is nothing to restore; for a small tumor on a 3000x2500
-        radiograph ~1 ms instead of ~10-25. A window above an eighth of the
-        image goes through ``finish`` (OpenCV's resize is faster there). Masks
-        equal ``finish``'s except where a probability lies within float
-        rounding of the threshold."""
+        """``finish`` for the worker: the same mask, bit for bit, but the
+        probabilities are restored and postprocessed only in the windows
+        where they can exceed the threshold (``windows``: one per place where
+        something was found), and are 0 elsewhere; ``prob`` equals
+        ``finish``'s wherever the mask is, which is all that the statistics
+        read. For an image where the network found nothing there is nothing
+        to do; for a small tumor on a 3000x2500 radiograph ~1 ms instead of
+        ~10-25. When the windows' widths add up to the image's, the whole
+        image is restored at once (``restore_window`` costs a window's width
+        times the image's height). ``Prediction.windows`` lets
+        ``tumor_statistics`` read only the windows too."""
         g, post = geometry, self.postprocessor
         if type(post) is not Postprocessor or g.orig_h < g.scaled_h or g.orig_w < g.scaled_w:
             return self.finish(plane, geometry)
-        bounds = window_bounds(plane, g, post.threshold)
-        if bounds is not None and (bounds[1] - bounds[0]) * (bounds[3] - bounds[2]) * 8 > g.orig_h * g.orig_w:
-            return self.finish(plane, geometry)
-        prob = np.zeros((g.orig_h, g.orig_w), np.float32)  # calloc'd: pages outside the window are never touched
+        found = windows(plane, g, post.threshold, _min_area(post, g.orig_h * g.orig_w))
+        if sum(right - left for _, _, left, right in found) >= g.orig_w:
+            # each window's second pass costs its width times the image's height: here more than the whole image
+            prob = geometry.restore(plane)
+        else:
+            prob = np.zeros((g.orig_h, g.orig_w), np.float32)  # calloc'd: pages outside the windows are never touched
+            across = restore_across(plane, g) if found else None
+            for bounds in found:
+                top, bottom, left, right = bounds
+                prob[top:bottom, left:right] = restore_window(plane, g, bounds, across)
         mask = np.zeros(prob.shape, np.uint8)
-        if bounds is None:
-            return Prediction(prob=prob, mask=mask)
-        top, bottom, left, right = bounds
-        window = restore_window(plane, g, bounds)
-        prob[top:bottom, left:right] = window
-        mask[top:bottom, left:right] = _clean_in_box(post, window > post.threshold, prob.size)
-        return Prediction(prob=prob, mask=mask)
+        for top, bottom, left, right in found:  # each region and its holes lie in one window (``windows``)
+            mask[top:bottom, left:right] = _clean_in_box(post, prob[top:bottom, left:right] > post.threshold, prob.size)
+        return Prediction(prob=prob, mask=mask, windows=found)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Gray (H, W) images, any size and dtype -> one Prediction each, in order."""

@@ -34,7 +34,10 @@ class TumorStats:
 
 
 def tumor_statistics(
-    mask: np.ndarray, prob: np.ndarray | None, pixel_spacing_mm: tuple[float, float] | None = None
+    mask: np.ndarray,
+    prob: np.ndarray | None,
+    pixel_spacing_mm: tuple[float, float] | None = None,
+    windows: list[tuple[int, int, int, int]] | None = None,
 ) -> TumorStats:
     """Measure the tumor in ``mask``.
 
@@ -44,6 +47,11 @@ def tumor_statistics(
             ground-truth mask): then prob_max and prob_mean are None.
         pixel_spacing_mm: (row spacing, column spacing) in mm; area_mm2 is
             ``area_px * row * col`` (0.0 for an empty mask), None without it.
+        windows: disjoint (top, bottom, left, right) boxes that hold every
+            tumor pixel, no 8-connected region in two
+            (``Prediction.windows``, from ``model.inference.windows``): then
+            only they are read, and the same numbers come out. None: the
+            tumor's bounding box.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
@@ -56,28 +64,77 @@ def tumor_statistics(
         if not all(math.isfinite(s) and s > 0 for s in (row_mm, col_mm)):
             raise ValueError(f"pixel_spacing_mm must be two positive numbers, got {pixel_spacing_mm!r}")
 
-    # Everything below looks only inside the bounding box of the tumor pixels:
-    # on a 3000 x 2500 radiograph the whole-image passes (nonzero, labelling,
-    # a float64 copy of the probability map) cost 30-70 ms, the box a few.
+    # Everything below looks only inside the bounding box of the tumor pixels
+    # (or inside each window): on a 3000 x 2500 radiograph the whole-image
+    # passes (nonzero, labelling, a float64 copy of the probability map) cost
+    # 30-70 ms, the box a few.
     # Area and centroid come from the tumor pixels per row and per column
     # (integer sums, so the same numbers as counting the pixels and averaging
     # their coordinates), and the probabilities are read through the mask:
     # no list of tumor pixels is ever made, which on a mask speckled over the
     # whole image (an untrained network) costs 24 ms instead of 160 (one AVX2 core).
-    inside = (mask != 0).view(np.uint8)
-    x0, y0, bw, bh = cv2.boundingRect(inside)
+    if windows is None:
+        parts = [_box_sums(mask, prob, (0, mask.shape[0], 0, mask.shape[1]))]
+    else:
+        parts = [_box_sums(mask, prob, w) for w in windows]
+    parts = [p for p in parts if p is not None]
     area_mm2_of = (lambda area: None) if row_mm is None else (lambda area: area * row_mm * col_mm)
-    if bw == 0:
+    if not parts:
         return TumorStats(False, 0, 0.0, area_mm2_of(0), None, None, None, None, None, None, 0, None, None)
+    area = sum(p.area for p in parts)
+    x0, y0 = min(p.x0 for p in parts), min(p.y0 for p in parts)
+    x1, y1 = max(p.x1 for p in parts), max(p.y1 for p in parts)
+    prob_max = prob_mean = None
+    if prob is not None:
+        prob_max = max(p.prob_max for p in parts)
+        prob_mean = math.fsum(p.prob_sum for p in parts) / area if len(parts) > 1 else parts[0].prob_sum / area
+    return TumorStats(
+        tumor_detected=True,
+        area_px=area,
+        area_fraction=area / mask.size,
+        area_mm2=area_mm2_of(area),
+        bbox_x=x0,
+        bbox_y=y0,
+        bbox_w=x1 - x0,
+        bbox_h=y1 - y0,
+        # exact sums, one correctly rounded division: as numpy's mean of the coordinates
+        centroid_x=sum(p.sum_x for p in parts) / area,
+        centroid_y=sum(p.sum_y for p in parts) / area,
+        n_regions=sum(p.regions for p in parts),
+        prob_max=prob_max,
+        prob_mean=prob_mean,
+    )
+
+
+@dataclass
+class _Sums:
+    area: int
+    x0: int  # the tumor pixels' bounding box, half-open
+    y0: int
+    x1: int
+    y1: int
+    sum_x: int
+    sum_y: int
+    regions: int
+    prob_max: float | None
+    prob_sum: float | None
+
+
+def _box_sums(mask: np.ndarray, prob: np.ndarray | None, window: tuple[int, int, int, int]) -> _Sums | None:
+    """The additive parts of the statistics of the tumor pixels inside ``window``; None when it has none."""
+    top, bottom, left, right = window
+    inside = (mask[top:bottom, left:right] != 0).view(np.uint8)
+    bx, by, bw, bh = cv2.boundingRect(inside)
+    if bw == 0:
+        return None
+    x0, y0 = left + bx, top + by
     box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
-    inside_box = inside[box]
+    inside_box = inside[by : by + bh, bx : bx + bw]
     per_col = cv2.reduce(inside_box, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel().astype(np.int64)
     per_row = cv2.reduce(inside_box, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel().astype(np.int64)
     area = int(per_col.sum())
-    sum_x = int(per_col @ np.arange(x0, x0 + bw, dtype=np.int64))
-    sum_y = int(per_row @ np.arange(y0, y0 + bh, dtype=np.int64))
     n_labels, _ = cv2.connectedComponentsWithAlgorithm(inside_box, 8, cv2.CV_32S, cv2.CCL_BBDT)  # as remove_small_regions
-    prob_max = prob_mean = None
+    prob_max = prob_sum = None
     if prob is not None:
         prob_box = np.asarray(prob)[box]
         if prob_box.dtype not in (np.float32, np.float64):
@@ -88,19 +145,10 @@ def tumor_statistics(
         prob_max = float(masked.max())
         if prob_max <= 0:  # the mask's maximum could be below the zeros outside it
             prob_max = float(cv2.minMaxLoc(prob_box, inside_box)[1])
-        prob_mean = cv2.sumElems(masked)[0] / area  # summed in double: cv2.mean's value to ~1e-14
-    return TumorStats(
-        tumor_detected=True,
-        area_px=area,
-        area_fraction=area / mask.size,
-        area_mm2=area_mm2_of(area),
-        bbox_x=x0,
-        bbox_y=y0,
-        bbox_w=bw,
-        bbox_h=bh,
-        centroid_x=sum_x / area,  # exact sums, one correctly rounded division: as numpy's mean of the coordinates
-        centroid_y=sum_y / area,
-        n_regions=int(n_labels) - 1,
-        prob_max=prob_max,
-        prob_mean=prob_mean,
+        prob_sum = cv2.sumElems(masked)[0]  # summed in double: cv2.mean's value to ~1e-14
+    return _Sums(
+        area=area, x0=x0, y0=y0, x1=x0 + bw, y1=y0 + bh,
+        sum_x=int(per_col @ np.arange(x0, x0 + bw, dtype=np.int64)),
+        sum_y=int(per_row @ np.arange(y0, y0 + bh, dtype=np.int64)),
+        regions=int(n_labels) - 1, prob_max=prob_max, prob_sum=prob_sum,
     )

@@ -258,7 +258,7 @@ class Pipeline:
                 prediction = self.segmenter.finish_windowed(plane, item.geometry)
             prob, mask = prediction.prob, prediction.mask
             with self._step("statistics"):
-                stats = tumor_statistics(mask, prob, image.pixel_spacing_mm)
+                stats = tumor_statistics(mask, prob, image.pixel_spacing_mm, windows=prediction.windows)
             with self._step("mask PNG"):
                 mask_png = encode_png(mask * np.uint8(255))
             with self._step("overlay"):

@@ -336,7 +336,7 @@ def small_lesions(rng, size: int, n: int, g) -> np.ndarray:
 @pytest.mark.parametrize("seed", range(16))
 def test_windowed_finish_equals_the_full_restore_where_it_matters(seed, monkeypatch):
     import model.inference as inference
-    from model.inference import Segmenter, restore_window, window_bounds
+    from model.inference import Segmenter, restore_window, window_bounds, windows
 
     rng = np.random.default_rng(seed)
     size = 64
@@ -353,24 +353,111 @@ def test_windowed_finish_equals_the_full_restore_where_it_matters(seed, monkeypa
     exact, fast = seg.finish(plane, geometry), seg.finish_windowed(plane, geometry)
     assert fast.mask.shape == exact.mask.shape == fast.prob.shape == (h, w) and fast.mask.dtype == np.uint8
     bounds = window_bounds(plane, geometry, post.threshold)
-    small = bounds is not None and (bounds[1] - bounds[0]) * (bounds[3] - bounds[2]) * 8 <= h * w
-    assert bool(calls) == small, "the windowed path runs for windows up to an eighth of the image"
-    assert small or seed in (1, 2, 14), "these inputs exercise the windowed path (1: none; 2, 14: thin images)"
-    borderline = np.abs(exact.prob - post.threshold) < 1e-5  # where float rounding may decide
-    assert np.array_equal(fast.mask[~borderline], exact.mask[~borderline])
+    found = windows(plane, geometry, post.threshold)
+    small = bool(found) and sum(b[3] - b[2] for b in found) < w
+    assert len(calls) == (len(found) if small else 0), "windows narrower than the image in all are restored apart"
+    assert small or seed in (1,), f"these inputs exercise the windowed path (1: none), {found}"
+    assert np.array_equal(fast.mask, exact.mask)
     assert seed == 1 or exact.mask.any()
     inside = fast.mask > 0
-    np.testing.assert_allclose(fast.prob[inside], exact.prob[inside], rtol=0, atol=1e-5)
+    assert np.array_equal(fast.prob[inside], exact.prob[inside])
     assert (exact.prob[fast.prob == 0] <= post.threshold + 1e-6).all(), "nothing above threshold left out"
     if bounds is None:
         assert not exact.mask.any() and not fast.prob.any()
     else:
         top, bottom, left, right = bounds
-        np.testing.assert_allclose(restore_window(plane, geometry, bounds), exact.prob[top:bottom, left:right],
-                                   rtol=0, atol=1e-5)
+        assert np.array_equal(restore_window(plane, geometry, bounds), exact.prob[top:bottom, left:right])
         outside = np.ones((h, w), bool)
         outside[top:bottom, left:right] = False
         assert (exact.prob[outside] <= post.threshold + 1e-6).all(), "the window holds everything above threshold"
+
+
+def scattered_lesions(rng, size: int, g) -> np.ndarray:
+    """A frame with lesions far apart (several windows): solid blobs, a ring with a blob inside its hole
+    (one region filled over another), a speck below the smallest kept area, two blobs 2 frame pixels
+    apart (one window or two, but never one region cut in two), and noise that comes near the threshold."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    plane = (rng.random((size, size)) * 0.45).astype(np.float32)
+    plane[rng.random((size, size)) < 0.01] = 0.49  # near the threshold alone: windows that find nothing
+
+    def inside(fy, fx):
+        return g.top + int(fy * (g.scaled_h - 1)), g.left + int(fx * (g.scaled_w - 1))
+
+    def blob(cy, cx, r):
+        d = np.hypot(yy - cy, xx - cx)
+        np.maximum(plane, np.clip(1.3 - d / r, 0, 0.95).astype(np.float32), out=plane)
+
+    for _ in range(int(rng.integers(2, 5))):
+        blob(*inside(rng.uniform(0.05, 0.95), rng.uniform(0.05, 0.95)), float(rng.uniform(1, 3)))
+    cy, cx = inside(rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8))
+    d = np.hypot(yy - cy, xx - cx)
+    ring = (d > 5) & (d < 7)
+    plane[ring] = np.maximum(plane[ring], 0.9)
+    blob(cy, cx, 1.2)  # in the ring's hole
+    sy, sx = inside(rng.uniform(0, 1), rng.uniform(0, 1))
+    plane[sy, sx] = max(plane[sy, sx], 0.7)  # a speck: a few restored pixels
+    ty, tx = inside(rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.8))
+    plane[ty, tx : tx + 2] = 0.9
+    plane[ty, tx + 4 : tx + 6] = 0.9  # 2 frame pixels from the first pair
+    return plane
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_windowed_finish_with_lesions_far_apart_equals_the_full_restore(seed, monkeypatch):
+    import model.inference as inference
+    from model.inference import Segmenter, restore_window, windows
+    from model.stats import tumor_statistics
+
+    rng = np.random.default_rng(100 + seed)
+    size = 64
+    h, w = int(rng.integers(2 * size, 2400)), int(rng.integers(2 * size, 2400))
+    geometry = Preprocessor(size).geometry(h, w)
+    plane = scattered_lesions(rng, size, geometry)
+    post = Postprocessor(threshold=0.5, min_region_fraction=float(rng.choice([0.0, 2e-4, 1e-3])),
+                         fill_holes=seed % 3 != 2)
+    seg = Segmenter.__new__(Segmenter)
+    seg.postprocessor = post
+    found = windows(plane, geometry, post.threshold)
+    assert found and all(0 <= t < b <= h and 0 <= l < r <= w for t, b, l, r in found)
+    for i, a in enumerate(found):  # disjoint
+        for b in found[i + 1 :]:
+            assert not (a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3])
+    calls = []
+    monkeypatch.setattr(inference, "restore_window", lambda *a: calls.append(1) or restore_window(*a))
+    exact, fast = seg.finish(plane, geometry), seg.finish_windowed(plane, geometry)
+    windowed = sum(b[3] - b[2] for b in found) < w
+    assert len(calls) == (len(found) if windowed else 0) and fast.windows == found
+    covered = np.zeros((h, w), bool)
+    for t, b, l, r in found:
+        covered[t:b, l:r] = True
+    assert (exact.prob[~covered] <= post.threshold + 1e-6).all(), "the windows hold everything above threshold"
+    assert np.array_equal(fast.mask, exact.mask) and exact.mask.any()
+    assert np.array_equal(fast.prob[exact.mask > 0], exact.prob[exact.mask > 0])
+    # the statistics read only the windows and come out the same (but the mean's summing order: 1e-16)
+    got, want = tumor_statistics(fast.mask, fast.prob, windows=fast.windows).as_dict(), tumor_statistics(fast.mask, fast.prob).as_dict()
+    assert got.pop("prob_mean") == pytest.approx(want.pop("prob_mean"), rel=1e-12, abs=0)
+    assert got == want and got["n_regions"] >= 2
+    if post.fill_holes:
+        ring_hole = cv2.connectedComponents(exact.mask)[0] < cv2.connectedComponents((exact.prob > 0.5).view(np.uint8))[0]
+        assert ring_hole, "the blob in the ring's hole is filled over, in both"
+
+
+def test_windows_are_one_per_place_and_one_around_many(monkeypatch):
+    import model.inference as inference
+    from model.inference import window_bounds, windows
+
+    g = Preprocessor(64).geometry(1200, 1000)
+    plane = np.zeros((64, 64), np.float32)
+    assert windows(plane, g, 0.5) == [] and window_bounds(plane, g, 0.5) is None
+    plane[10, 10] = plane[50, 40] = 0.9
+    found = windows(plane, g, 0.5)
+    assert len(found) == 2 and all(b - t <= 2 * 19 and r - l <= 2 * 19 for t, b, l, r in found)  # a frame pixel's taps
+    plane[10, 14] = 0.9  # 4 frame pixels from [10, 10]: their taps never meet, its own window
+    assert len(windows(plane, g, 0.5)) == 3
+    plane[10, 12] = 0.9  # 2 from each: one group
+    assert len(windows(plane, g, 0.5)) == 2
+    monkeypatch.setattr(inference, "MAX_WINDOWS", 1)
+    assert windows(plane, g, 0.5) == [window_bounds(plane, g, 0.5)]
 
 
 def test_windowed_finish_hands_large_windows_to_opencv(monkeypatch):

@@ -107,6 +107,34 @@ def test_clean_regions_equals_removing_small_regions_then_filling_holes(per_regi
     assert paths["box"] > 100 if per_region else paths["box"] == 0 < paths["whole"], paths
 
 
+def test_clean_regions_of_one_region_equals_scipy():
+    """One region (the usual case inside a window) takes a path of its own, without OpenCV's statistics:
+    a ring with a hole, a bay, an island in the hole (then two regions), on the border or not, large and
+    small against the smallest kept area, against scipy's labelling and hole filling."""
+    for seed in range(40):
+        rng = np.random.default_rng(1000 + seed)
+        h, w = int(rng.integers(20, 120)), int(rng.integers(20, 120))
+        mask = np.zeros((h, w), np.uint8)
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        r = int(rng.integers(3, max(4, min(h, w) // 2)))
+        cv2.circle(mask, (cx, cy), r, 1, thickness=int(rng.integers(1, 4)))
+        if seed % 3 == 0:
+            mask[cy, cx : cx + r + 5] = 0  # a bay: the hole opens to the outside
+        if seed % 5 == 0:
+            mask[cy, cx] = 1  # an island in the hole: two regions
+        mask *= np.uint8(rng.choice([1, 255]))
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        areas = np.bincount(labels.ravel())
+        for min_area in (1, 2, int(areas[1:].max()) if n else 1, int(areas[1:].max()) + 1 if n else 2):
+            kept = (areas[labels] >= min_area) & (labels > 0)
+            for fill in (True, False):
+                want = ndimage.binary_fill_holes(kept).astype(np.uint8) if fill else kept.astype(np.uint8)
+                got = clean_regions(mask, min_area, fill)
+                assert got.dtype == np.uint8
+                np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, min_area {min_area}, fill {fill}")
+    assert not clean_regions(np.zeros((9, 9), np.uint8), 3).any()
+
+
 def test_default_keeps_single_pixels_on_tiny_images():
     prob = np.zeros((50, 50), np.float32)
     prob[25, 25] = 1.0  # 1e-4 * 2500 = 0.25 px: at least 1 px, so this one stays
