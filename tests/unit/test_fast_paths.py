@@ -442,6 +442,33 @@ def test_windowed_finish_with_lesions_far_apart_equals_the_full_restore(seed, mo
         assert ring_hole, "the blob in the ring's hole is filled over, in both"
 
 
+@pytest.mark.parametrize("fill", [True, False])
+def test_windows_too_small_to_keep_are_left_out_and_the_mask_stays_the_same(fill):
+    """On a large image one frame pixel's window holds fewer pixels than the smallest kept region: left out.
+    A speck alone, a speck in a ring's hole (filled over by the ring's window when holes are filled), a
+    blob large enough to keep."""
+    import model.inference as inference
+    from model.inference import Segmenter, windows
+
+    g = Preprocessor(64).geometry(3000, 2500)
+    post = Postprocessor(threshold=0.5, min_region_fraction=2e-3, fill_holes=fill)  # 15,000 pixels; a frame pixel's window ~9,000
+    plane = np.full((64, 64), 0.2, np.float32)
+    yy, xx = np.mgrid[0:64, 0:64]
+    d = np.hypot(yy - 20, xx - 30)
+    plane[(d > 5) & (d < 7)] = 0.9  # a ring
+    plane[20, 30] = 0.9  # a speck in its hole
+    plane[50, 12] = 0.9  # a speck alone
+    plane[np.hypot(yy - 45, xx - 45) < 4] = 0.9  # a blob
+    min_area = inference._min_area(post, 3000 * 2500)
+    everything, kept = windows(plane, g, 0.5), windows(plane, g, 0.5, min_area)
+    assert len(everything) == 3 and len(kept) == 2  # the lone speck's window goes (the inner one merges with the ring's)
+    seg = Segmenter.__new__(Segmenter)
+    seg.postprocessor = post
+    exact, fast = seg.finish(plane, g), seg.finish_windowed(plane, g)
+    assert fast.windows == kept and np.array_equal(fast.mask, exact.mask)
+    assert exact.mask[int(20 * 3000 / 64), int((30 - g.left) * 2500 / g.scaled_w)] == fill  # the hole's centre
+
+
 def test_windows_are_one_per_place_and_one_around_many(monkeypatch):
     import model.inference as inference
     from model.inference import window_bounds, windows
