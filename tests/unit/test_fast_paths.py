@@ -357,19 +357,31 @@ def test_windowed_finish_equals_the_full_restore_where_it_matters(seed, monkeypa
     small = bool(found) and sum(b[3] - b[2] for b in found) < w
     assert len(calls) == (len(found) if small else 0), "windows narrower than the image in all are restored apart"
     assert small or seed in (1,), f"these inputs exercise the windowed path (1: none), {found}"
-    assert np.array_equal(fast.mask, exact.mask)
+    assert same_mask(fast, exact, post.threshold)
     assert seed == 1 or exact.mask.any()
     inside = fast.mask > 0
-    assert np.array_equal(fast.prob[inside], exact.prob[inside])
+    np.testing.assert_allclose(fast.prob[inside], exact.prob[inside], rtol=0, atol=RESTORE_ATOL)
     assert (exact.prob[fast.prob == 0] <= post.threshold + 1e-6).all(), "nothing above threshold left out"
     if bounds is None:
         assert not exact.mask.any() and not fast.prob.any()
     else:
         top, bottom, left, right = bounds
-        assert np.array_equal(restore_window(plane, geometry, bounds), exact.prob[top:bottom, left:right])
+        np.testing.assert_allclose(restore_window(plane, geometry, bounds), exact.prob[top:bottom, left:right],
+                                   rtol=0, atol=RESTORE_ATOL)
         outside = np.ones((h, w), bool)
         outside[top:bottom, left:right] = False
         assert (exact.prob[outside] <= post.threshold + 1e-6).all(), "the window holds everything above threshold"
+
+
+# OpenCV 4.12, 4.13 and 5.0 restore a window bit for bit as the whole image (two passes, the whole image's
+# taps); 4.10 (older than the project needs) differs by up to 3e-8 (measured 2026-11-28). Tolerant in case a
+# later build differs likewise.
+RESTORE_ATOL = 1e-6
+
+
+def same_mask(fast, exact, threshold):
+    borderline = np.abs(exact.prob - threshold) <= RESTORE_ATOL
+    return np.array_equal(fast.mask[~borderline], exact.mask[~borderline])
 
 
 def scattered_lesions(rng, size: int, g) -> np.ndarray:
@@ -431,8 +443,8 @@ def test_windowed_finish_with_lesions_far_apart_equals_the_full_restore(seed, mo
     for t, b, l, r in found:
         covered[t:b, l:r] = True
     assert (exact.prob[~covered] <= post.threshold + 1e-6).all(), "the windows hold everything above threshold"
-    assert np.array_equal(fast.mask, exact.mask) and exact.mask.any()
-    assert np.array_equal(fast.prob[exact.mask > 0], exact.prob[exact.mask > 0])
+    assert same_mask(fast, exact, post.threshold) and exact.mask.any()
+    np.testing.assert_allclose(fast.prob[exact.mask > 0], exact.prob[exact.mask > 0], rtol=0, atol=RESTORE_ATOL)
     # the statistics read only the windows and come out the same (but the mean's summing order: 1e-16)
     got, want = tumor_statistics(fast.mask, fast.prob, windows=fast.windows).as_dict(), tumor_statistics(fast.mask, fast.prob).as_dict()
     assert got.pop("prob_mean") == pytest.approx(want.pop("prob_mean"), rel=1e-12, abs=0)
@@ -465,7 +477,7 @@ def test_windows_too_small_to_keep_are_left_out_and_the_mask_stays_the_same(fill
     seg = Segmenter.__new__(Segmenter)
     seg.postprocessor = post
     exact, fast = seg.finish(plane, g), seg.finish_windowed(plane, g)
-    assert fast.windows == kept and np.array_equal(fast.mask, exact.mask)
+    assert fast.windows == kept and same_mask(fast, exact, post.threshold)
     assert exact.mask[int(20 * 3000 / 64), int((30 - g.left) * 2500 / g.scaled_w)] == fill  # the hole's centre
 
 
