@@ -169,8 +169,10 @@ def windows(plane: np.ndarray, geometry: Geometry, threshold: float, min_area: i
     that every value of ``geometry.restore(plane)`` above ``threshold`` lies
     in one, and every 8-connected region of the thresholded map (with its
     holes) lies in one: ``window_bounds`` cut into the separate places where
-    something was found. [] when nothing comes near the threshold; the one
-    window of ``window_bounds`` when there are more than ``MAX_WINDOWS``.
+    something was found. [] when nothing comes near the threshold (or every
+    group is smaller than ``min_area``); the one window of ``window_bounds``
+    when there are more than ``MAX_WINDOWS`` groups (counted before
+    ``min_area`` leaves any out).
 
     Why a region cannot span two windows: a restored pixel above the
     threshold has a frame pixel among its four interpolation taps that comes
@@ -188,7 +190,8 @@ def windows(plane: np.ndarray, geometry: Geometry, threshold: float, min_area: i
     ``min_area``: a group whose window holds fewer pixels is left out before
     merging (its regions are smaller than that, so the postprocessing
     removes them; where one lies in another region's hole, that region's
-    window holds it). A random network's specks go without being restored.
+    window holds it). A random network's specks go without being restored
+    (unless there are more than ``MAX_WINDOWS`` groups).
     """
     g = geometry
     if g.orig_h < g.scaled_h or g.orig_w < g.scaled_w:
@@ -270,8 +273,12 @@ def restore_window(plane: np.ndarray, geometry: Geometry, bounds: tuple[int, int
     top, bottom, left, right = bounds
     if across is None:
         across = restore_across(plane, g)
-    columns = np.ascontiguousarray(across[:, left:right])
-    return cv2.resize(columns, (right - left, g.orig_h), interpolation=cv2.INTER_LINEAR)[top:bottom]
+    # OpenCV resizes a single column with other weights than its general path (1.5e-5 apart, OpenCV 5.0): take two
+    lo, hi = left, right
+    if right - left == 1 and g.orig_w > 1:
+        lo, hi = (left, left + 2) if left + 2 <= g.orig_w else (left - 1, right)
+    columns = np.ascontiguousarray(across[:, lo:hi])
+    return cv2.resize(columns, (hi - lo, g.orig_h), interpolation=cv2.INTER_LINEAR)[top:bottom, left - lo : right - lo]
 
 
 GPU_BATCH = 16

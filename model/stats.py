@@ -50,8 +50,9 @@ def tumor_statistics(
         windows: disjoint (top, bottom, left, right) boxes that hold every
             tumor pixel, no 8-connected region in two
             (``Prediction.windows``, from ``model.inference.windows``): then
-            only they are read, and the same numbers come out. None: the
-            tumor's bounding box.
+            only they are read, and the same numbers come out (prob_mean to
+            ~1e-16: the windows' sums are added apart). None: the tumor's
+            bounding box.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:

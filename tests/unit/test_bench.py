@@ -129,6 +129,17 @@ def test_full_size_checkpoint_with_shipped_weights_is_the_thesis_network_computi
         tp.full_size_checkpoint(tmp_path / "x.pt", weights="trained")
 
 
+def test_full_takes_its_weights_and_parses_as_before_without():
+    from bench.__main__ import parser
+
+    p = parser()
+    assert p.parse_args(["--full", "--images", "200"]).full == "random" and p.parse_args([]).full is None
+    assert p.parse_args(["--full", "shipped", "--images", "5"]).full == "shipped"
+    for bad in (["--full", "trained"], ["--full", "--checkpoint", "x.pt"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+
+
 def test_quick_command_prints_the_table_and_the_summary_line(tmp_path, capsys):
     status = main(["--images", "4", "--size", "120x100", "--batch", "2", "--chunk", "2", "--threads", "1",
                    "--io-threads", "2", "--cache", str(tmp_path / "cache")])

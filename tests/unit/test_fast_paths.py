@@ -374,8 +374,8 @@ def test_windowed_finish_equals_the_full_restore_where_it_matters(seed, monkeypa
 
 
 # OpenCV 4.12, 4.13 and 5.0 restore a window bit for bit as the whole image (two passes, the whole image's
-# taps); 4.10 (older than the project needs) differs by up to 3e-8 (measured 2026-11-28). Tolerant in case a
-# later build differs likewise.
+# taps; a single column is resized as two, since OpenCV treats one column apart); 4.10 (older than the project
+# needs) differs by up to 3e-8 (measured 2026-11-28). Tolerant in case a later build differs likewise.
 RESTORE_ATOL = 1e-6
 
 
@@ -479,6 +479,54 @@ def test_windows_too_small_to_keep_are_left_out_and_the_mask_stays_the_same(fill
     exact, fast = seg.finish(plane, g), seg.finish_windowed(plane, g)
     assert fast.windows == kept and same_mask(fast, exact, post.threshold)
     assert exact.mask[int(20 * 3000 / 64), int((30 - g.left) * 2500 / g.scaled_w)] == fill  # the hole's centre
+
+
+@pytest.mark.parametrize("h, w", [(513, 100), (513, 256), (257, 128), (3000, 2500)])
+def test_a_window_one_column_wide_is_restored_as_the_whole_image(h, w):
+    """OpenCV resizes a single column with weights of its own; restore_window must not (found in review:
+    1.5e-5 apart on OpenCV 5.0, a mask pixel apart at a threshold that close)."""
+    from model.inference import Segmenter, restore_window
+
+    g = Preprocessor(512).geometry(h, w)
+    plane = np.random.default_rng(h + w).random((512, 512)).astype(np.float32)
+    whole = g.restore(plane)
+    for left in (0, 1, w // 2, w - 1):
+        window = restore_window(plane, g, (0, h, left, left + 1))
+        np.testing.assert_allclose(window, whole[:, left : left + 1], rtol=0, atol=RESTORE_ATOL)
+    if w == 100:  # the review's case: the horizontal scale is 1 and a group sits in column 0 alone
+        plane = np.zeros((512, 512), np.float32)
+        plane[g.top : g.top + g.scaled_h, g.left] = np.random.default_rng(0).random(512).astype(np.float32)
+        whole = g.restore(plane)[:, 0]
+        r = int(np.argmax(np.abs(whole - whole.mean())))
+        seg = Segmenter.__new__(Segmenter)
+        seg.postprocessor = Postprocessor(threshold=float(whole[r]) + 5e-6, min_region_fraction=0.0)
+        exact, fast = seg.finish(plane, g), seg.finish_windowed(plane, g)
+        assert fast.windows == [(0, h, 0, 1)] and np.array_equal(fast.mask, exact.mask)
+
+
+def test_overlapping_windows_merge_until_none_overlap():
+    """A and B overlap; the box around them overlaps C, which overlaps neither: one more round."""
+    from model.inference import _merge_overlapping
+
+    a, b, c, d = (0, 10, 0, 10), (5, 15, 5, 15), (12, 20, 0, 4), (30, 40, 30, 40)
+    merged = _merge_overlapping(np.array([a, b, c, d], np.int64))
+    assert sorted(map(tuple, merged.tolist())) == [(0, 20, 0, 15), (30, 40, 30, 40)]
+    assert _merge_overlapping(np.array([a, d], np.int64)).tolist() == [list(a), list(d)]  # touching nothing: as they are
+    touching = np.array([(0, 10, 0, 10), (10, 20, 0, 10)], np.int64)  # they share an edge, not a pixel
+    assert _merge_overlapping(touching).tolist() == touching.tolist()
+
+
+def test_statistics_by_window_without_probabilities():
+    from model.stats import tumor_statistics
+
+    mask = np.zeros((300, 200), np.uint8)
+    mask[10:20, 10:30] = 1
+    mask[200:260, 150:170] = 1
+    mask[205:215, 155:160] = 0  # a hole
+    windows = [(0, 40, 0, 50), (190, 280, 140, 200), (100, 120, 0, 200)]  # the last holds nothing
+    got = tumor_statistics(mask, None, (0.1, 0.2), windows=windows)
+    assert got == tumor_statistics(mask, None, (0.1, 0.2)) and got.n_regions == 2 and got.prob_mean is None
+    assert tumor_statistics(mask, None, windows=[]).tumor_detected is False  # nothing in the windows: nothing found
 
 
 def test_windows_are_one_per_place_and_one_around_many(monkeypatch):

@@ -108,9 +108,9 @@ def test_clean_regions_equals_removing_small_regions_then_filling_holes(per_regi
 
 
 def test_clean_regions_of_one_region_equals_scipy():
-    """One region (the usual case inside a window) takes a path of its own, without OpenCV's statistics:
-    a ring with a hole, a bay, an island in the hole (then two regions), on the border or not, large and
-    small against the smallest kept area, against scipy's labelling and hole filling."""
+    """One region, the usual case inside a window (model.inference.windows): a ring with a hole, a bay, an
+    island in the hole (then two regions), on the border or not, large and small against the smallest kept
+    area, against scipy's labelling and hole filling."""
     for seed in range(40):
         rng = np.random.default_rng(1000 + seed)
         h, w = int(rng.integers(20, 120)), int(rng.integers(20, 120))
