@@ -87,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
                    help="sqlite: the embedded default; redis: Redis on 127.0.0.1:6379 and a fresh PostgreSQL database")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (model and pipeline stages)")
+    p.add_argument("--cudnn-benchmark", choices=("on", "off"), default=s.cudnn_benchmark,
+                   help=f"CUDNN_BENCHMARK for every stage (now {s.cudnn_benchmark}; CUDA only): cuDNN times its "
+                        "algorithms for the frames' shape and keeps the fastest, or chooses by heuristics")
     p.add_argument("--gpu-decode", choices=("auto", "on", "off"), default=os.environ.get("GPU_DECODE") or "auto")
     p.add_argument("--allocator", choices=ALLOCATOR_MODES, default=s.allocator,
                    help=f"ALLOCATOR for the workers and, so that the stages compare like with like, this process "
@@ -194,7 +197,8 @@ def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
 
             torch._dynamo.reset()  # a fresh compilation per batch, not torch's recompile limit
         segmenter = tp.load_segmenter(ckpt, batch, args.threads, args.device, compile_network=args.compile,
-                                      cpu_bf16=wants_cpu_bf16(args.cpu_bf16), tta=args.tta)
+                                      cpu_bf16=wants_cpu_bf16(args.cpu_bf16), tta=args.tta,
+                                      cudnn_benchmark=args.cudnn_benchmark == "on")
         frames = frames if rows else tp.frames_of(segmenter, paths, 8)  # the same frames at every batch
         r = tp.measure_model(segmenter, frames, max(n, 2 * batch))
         rows.append({"batch": batch, "images": r.images, "img_s": round(r.rate, 3), "cpu_ms_per_image": round(r.cpu_ms_per_image, 1)})
@@ -204,6 +208,8 @@ def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
     out["sweep"], out["auto_batch"] = rows, auto
     best = max(rows, key=lambda r: r["img_s"])
     print(f"\ndevice:   {tp.device_name(segmenter)}\nmachine:  {out['machine']}\nmodel:    {out['model']}")
+    if segmenter.cuda:
+        print(f"config:   compile {args.compile}; cudnn.benchmark {args.cudnn_benchmark}; TTA {segmenter.tta}")
     print(f"\n{'batch':>6}{'images':>8}{'img/s':>9}{'CPU ms/img':>12}{'/ best':>8}")
     for r in rows:
         print(f"{r['batch']:>6}{r['images']:>8}{r['img_s']:>9.3f}{r['cpu_ms_per_image']:>12.0f}{r['img_s'] / best['img_s']:>8.2f}")
@@ -242,6 +248,7 @@ def run(args, argv, tmp: Path) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "infer_tta": args.tta, "infer_cpu_bf16": args.cpu_bf16,  # as set; the table's config line says what ran
+        "cudnn_benchmark": args.cudnn_benchmark,
         "machine": machine(),
         "torch": torch.__version__,
         "model": model_text,
@@ -261,7 +268,8 @@ def run(args, argv, tmp: Path) -> int:
     from model.inference import wants_cpu_bf16
 
     segmenter = tp.load_segmenter(ckpt, args.batch, args.threads, args.device, compile_network=args.compile,
-                                  cpu_bf16=wants_cpu_bf16(args.cpu_bf16), tta=args.tta)
+                                  cpu_bf16=wants_cpu_bf16(args.cpu_bf16), tta=args.tta,
+                                  cudnn_benchmark=args.cudnn_benchmark == "on")
     args.batch = segmenter.batch_size  # auto resolved here, for the model and pipeline stages and the table
     out["tta_served"] = segmenter.tta  # INFER_TTA resolved against the checkpoint (auto: its recommended mode)
     device = tp.device_name(segmenter)
@@ -284,7 +292,8 @@ def run(args, argv, tmp: Path) -> int:
         kw = dict(threads=args.threads, batch=worker_batch, chunk=args.chunk, io_threads=args.io_threads,
                   broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays,
                                                              "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode,
-                                                             "INFER_CPU_BF16": args.cpu_bf16, "INFER_TTA": args.tta},
+                                                             "INFER_CPU_BF16": args.cpu_bf16, "INFER_TTA": args.tta,
+                                                             "CUDNN_BENCHMARK": args.cudnn_benchmark},
                   pin_workers=args.pin_workers)
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
@@ -307,7 +316,8 @@ def run(args, argv, tmp: Path) -> int:
     print(f"config:   {n} images of {h}x{w} JPEG; forward batch {args.batch}; chunk {args.chunk} ({chunks} chunks); torch threads {args.threads}"
           f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}"
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
-          f"channels_last {segmenter.channels_last}; compile {args.compile}; overlays {args.overlays}; "
+          f"channels_last {segmenter.channels_last}; compile {args.compile}; "
+          f"{f'cudnn.benchmark {args.cudnn_benchmark}; ' if segmenter.cuda else ''}overlays {args.overlays}; "
           f"JPEG decode {args.jpeg_decode}; allocator {args.allocator}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}; "
           f"CPU bf16 {segmenter.cpu_bf16}; TTA {segmenter.tta} (INFER_TTA={args.tta})")
     print()

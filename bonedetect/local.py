@@ -36,6 +36,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         JPEG_DECODE=settings.jpeg_decode,
         ALLOCATOR=settings.allocator,
         TORCH_COMPILE=settings.torch_compile,
+        CUDNN_BENCHMARK=settings.cudnn_benchmark,
         INFER_TTA=settings.infer_tta,
         INFER_CPU_BF16=settings.infer_cpu_bf16,
         LOG_LEVEL=settings.log_level,

@@ -74,6 +74,7 @@ class Settings:
     infer_cpu_bf16: str = "off"  # on: bf16 autocast for the network on CPU workers; auto: on where the CPU has AVX512-BF16 or AMX
     infer_tta: str = "auto"  # the checkpoint's mode; off; flip: mean with the left-right mirrored pass (2x the network's work); flip4: also up-down and both (4x)
     torch_compile: str = "auto"  # auto: torch.compile the network on CUDA workers; on; off
+    cudnn_benchmark: str = "on"  # on: cuDNN times its algorithms for the frames' shape once and keeps the fastest (CUDA only); off: its heuristics
     allocator: str = "keep"  # keep: workers keep freed memory for the next image (no page faults); system: glibc's defaults
     jpeg_decode: str = "reduced"  # reduced: with lazy overlays, CPU workers decode JPEGs at 1/2-1/8 size when the frame is that small; full
     overlays: str = "lazy"  # lazy: the API renders an overlay on its first request; eager: the worker writes each (worker/overlay.py)
@@ -128,6 +129,7 @@ class Settings:
             jpeg_decode=_choice(env, "JPEG_DECODE", JPEG_DECODE_MODES),
             allocator=_choice(env, "ALLOCATOR", ALLOCATOR_MODES),
             torch_compile=_choice(env, "TORCH_COMPILE", ("auto", "on", "off")),
+            cudnn_benchmark=_choice(env, "CUDNN_BENCHMARK", ("on", "off")),
             infer_tta=_choice(env, "INFER_TTA", TTA_MODES),
             infer_cpu_bf16=_choice(env, "INFER_CPU_BF16", CPU_BF16_MODES),
             callback_max_retries=_int(env, "CALLBACK_MAX_RETRIES", 8),

@@ -363,6 +363,13 @@ class Segmenter:
             record what made them. The mask then comes from the checkpoint's
             postprocessing for that mode (its own threshold, chosen on
             validation) when it has one.
+        cudnn_benchmark: on CUDA, set ``torch.backends.cudnn.benchmark``
+            (CUDNN_BENCHMARK; process-wide): cuDNN times its algorithms for
+            each new input shape and keeps the fastest, instead of choosing
+            by heuristics. The frames have one shape (and compiled, one
+            batch), so the timing happens once, in ``warmup``. PyTorch's
+            performance guide recommends it for fixed input sizes; training
+            sets it too. Not yet measured on a GPU for serving.
         cpu_bf16: on a CPU, run the network under bf16 autocast (INFER_CPU_BF16):
             on a CPU with AMX 2.2x (the shipped network) to 3.7x (the thesis
             network) the fp32 rate, docs/benchmarks.md; ``version`` then ends
@@ -378,6 +385,7 @@ class Segmenter:
         channels_last: bool = True,
         flip_tta: bool | str = False,
         cpu_bf16: bool = False,
+        cudnn_benchmark: bool = True,
     ):
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None (automatic), got {batch_size!r}")
@@ -388,6 +396,8 @@ class Segmenter:
             raise ValueError(f"preprocessing size {loaded.preprocessor.size} is not divisible by {config.multiple}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
         self.channels_last = bool(channels_last)
         network = loaded.network.to(self.device).eval()
         if self.channels_last:

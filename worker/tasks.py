@@ -131,7 +131,7 @@ def warm_segmenter(loaded, settings: Settings, cuda: bool):
                     "emulates bf16 there and runs several times slower than fp32; use auto or off")
     compile_network = settings.torch_compile == "on" or (settings.torch_compile == "auto" and cuda)
     kwargs = dict(batch_size=settings.infer_batch_size, flip_tta=serving_tta(settings.infer_tta, loaded),
-                  cpu_bf16=wants_cpu_bf16(settings.infer_cpu_bf16))
+                  cpu_bf16=wants_cpu_bf16(settings.infer_cpu_bf16), cudnn_benchmark=settings.cudnn_benchmark == "on")
     if kwargs["flip_tta"] != "off" and kwargs["flip_tta"] not in loaded.postprocessors_tta:
         log.warning("INFER_TTA=%s: %s has no threshold chosen for that mode; serving it at the plain threshold %g "
                     "(training.thresholds --tta %s chooses one)", settings.infer_tta, loaded.version,

@@ -26,6 +26,7 @@
 #   PYTHON   default python3
 #   SWEEP    forward batches for the network-alone sweep (default 16,64,128; empty: no sweep)
 #   SWEEP_IMAGES  images per batch size in the sweep (default 1024)
+#   CUDNN_AB  1 (default): the sweep again with --cudnn-benchmark off, for the A/B; 0: not
 #
 # What comes back in $OUT: bench-log.txt (everything printed) and bench.json (the compiled run).
 set -uo pipefail
@@ -71,6 +72,13 @@ if [ -n "$SWEEP" ]; then
     timeout -s INT -k 15 "${SWEEP_LIMIT_S:-90}" "$PY" -m bench "${MODEL_ARGS[@]}" --sweep-batches "$SWEEP" --images "${SWEEP_IMAGES:-1024}"
     sweep_rc=$?
     stamp "sweep done (exit $sweep_rc; 124 or 130: stopped at its time limit)"
+    if [ "${CUDNN_AB:-1}" = 1 ]; then
+        # CUDNN_BENCHMARK=on (the default since 2026-12-03) was never measured against cuDNN's heuristics for serving
+        stamp "the same sweep with --cudnn-benchmark off (cuDNN's heuristics, as before 2026-12-03)"
+        timeout -s INT -k 15 "${SWEEP_LIMIT_S:-90}" "$PY" -m bench "${MODEL_ARGS[@]}" --sweep-batches "$SWEEP" \
+            --images "${SWEEP_IMAGES:-1024}" --cudnn-benchmark off
+        stamp "sweep done (exit $?)"
+    fi
 fi
 stamp "model / pipeline / system, compiled, batch $BATCH, $IMAGES images, chunk $CHUNK, $IO io threads"
 timeout -s INT -k 15 "$LIMIT_S" "$PY" -m bench "${MODEL_ARGS[@]}" --compile --batch "$BATCH" --images "$IMAGES" --chunk "$CHUNK" \

@@ -250,6 +250,46 @@ def test_cuda_bf16_matches_cpu(saved):
         assert np.abs(a.prob - b.prob).max() < 0.03
 
 
+def test_cudnn_benchmark_is_a_setting_and_left_alone_off_cuda(saved, monkeypatch):
+    """CUDNN_BENCHMARK (default on) reaches the worker's Segmenter; a CPU Segmenter does not touch cuDNN's flag."""
+    from bonedetect.local import settings_env
+    from bonedetect.settings import Settings
+    from worker.tasks import warm_segmenter
+
+    assert Settings.from_env({}).cudnn_benchmark == "on"
+    assert Settings.from_env({"CUDNN_BENCHMARK": "Off"}).cudnn_benchmark == "off"
+    assert settings_env(Settings.from_env({"CUDNN_BENCHMARK": "off"}))["CUDNN_BENCHMARK"] == "off"
+    with pytest.raises(ValueError, match="CUDNN_BENCHMARK"):
+        Settings.from_env({"CUDNN_BENCHMARK": "fast"})
+    import model.inference as inference
+
+    seen = []
+
+    class Recording(inference.Segmenter):
+        def __init__(self, loaded, **kwargs):
+            seen.append(kwargs["cudnn_benchmark"])
+            super().__init__(loaded, **kwargs)
+
+    monkeypatch.setattr(inference, "Segmenter", Recording)
+    for value in ("on", "off"):
+        warm_segmenter(load_checkpoint(saved[0]), Settings.from_env({"CUDNN_BENCHMARK": value}), cuda=False)
+    assert seen == [True, False]
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    Segmenter(load_checkpoint(saved[0]), device="cpu", cudnn_benchmark=True)
+    assert torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_segmenter_lets_cudnn_time_its_algorithms(saved, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    Segmenter(load_checkpoint(saved[0]), device="cuda")
+    assert torch.backends.cudnn.benchmark is True
+    Segmenter(load_checkpoint(saved[0]), device="cuda", cudnn_benchmark=False)
+    assert torch.backends.cudnn.benchmark is False
+
+
 @pytest.mark.parametrize("tta", ["off", "flip4"])
 def test_compiled_network_pads_partial_batches_and_gives_the_same_probabilities(saved, tta):
     """TORCH_COMPILE: one static shape (the last, partial batch is padded), same numbers (CPU inductor here),
