@@ -15,6 +15,8 @@ thread pool while the network works on the next batch:
 
     prepare(image) -> (frame, geometry)      any thread; numpy and OpenCV
     forward(frames) -> (n, S, S) planes       the network; one caller at a time
+                                              (submit(frames).result() one batch at a time: on CUDA
+                                              the next batch can be launched before reading it)
     finish(plane, geometry) -> Prediction     any thread; numpy and OpenCV
 """
 
@@ -72,6 +74,26 @@ class Prediction:
     # disjoint (top, bottom, left, right) boxes holding every mask pixel, no region in two (``windows``), when
     # the probabilities were restored in windows (``Segmenter.finish_windowed``); for ``tumor_statistics``
     windows: list[tuple[int, int, int, int]] | None = None
+
+
+class Planes:
+    """The probabilities of one ``Segmenter.submit`` batch, ready or on their way from the GPU."""
+
+    def __init__(self, planes: np.ndarray, done=None):
+        self._planes = planes  # (n, S, S) float32; on CUDA pinned memory the GPU copies into until ``done``
+        self._done = done  # a torch.cuda.Event recorded after that copy; None: ready
+
+    @property
+    def ready(self) -> bool:
+        """Whether ``result()`` returns without waiting."""
+        return self._done is None or self._done.query()
+
+    def result(self) -> np.ndarray:
+        """(n, S, S) float32 probabilities, waiting for the GPU if it is not done."""
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
+        return self._planes
 
 
 def postprocess_cropped(postprocessor: Postprocessor, prob: np.ndarray) -> np.ndarray:
@@ -468,33 +490,65 @@ class Segmenter:
             return self.preprocessor.prepare_tensor(image)
         return self.preprocessor(image, shape)
 
+    def submit(self, frames: list) -> "Planes":
+        """Start the network on up to ``batch_size`` frames (numpy, or tensors
+        from ``prepare``); ``Planes.result()`` gives their (n, S, S) float32
+        probabilities on the CPU, in order.
+
+        On a CPU the work is done here and the result is ready. On CUDA it
+        is queued and this returns at once: the frames go into pinned host
+        memory in one copy, and the copies to the GPU and back are
+        asynchronous, so the caller can prepare and launch the next batch
+        while the GPU works on this one. Before, each batch was stacked,
+        copied to pinned memory, run, copied back into pageable memory and
+        copied again on the calling thread while the GPU waited (about as
+        long as a compiled batch's own time, by the copies' sizes: an
+        estimate, not measured). Pinned blocks are PyTorch's caching host
+        allocator's, which reuses one only after the copies that used it
+        are done. One caller at a time."""
+        n = len(frames)
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"submit takes 1 to {self.batch_size} frames, got {n}")
+        size = self.preprocessor.size
+        pad = self.batch_size - n if self.compiled else 0  # one shape, one compilation
+        if any(isinstance(f, torch.Tensor) for f in frames):  # frames prepared on the device
+            if self.cuda:
+                current = torch.cuda.current_stream(self.device)
+                for f in frames:  # made on a pool thread's stream: keep their memory until this stream is done
+                    if isinstance(f, torch.Tensor) and f.is_cuda:
+                        f.record_stream(current)
+            x = torch.stack([torch.as_tensor(f, device=self.device) for f in frames])[:, None]
+            if pad:
+                x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+        else:
+            x = torch.empty((n + pad, 1, size, size), dtype=torch.float32, pin_memory=self.cuda)
+            np.stack(frames, out=x.numpy()[:n, 0])  # (n, S, S) straight into the batch: one copy
+            if pad:
+                x[n:] = 0
+        prob = self.predict_batch_tensor(x)[:n, 0]  # (n, S, S)
+        if not self.cuda:
+            return Planes(prob.numpy())
+        host = torch.empty((n, size, size), dtype=torch.float32, pin_memory=True)
+        host.copy_(prob, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return Planes(host.numpy(), done)
+
     def forward(self, frames: list) -> np.ndarray:
         """Up to any number of (S, S) frames (numpy, or tensors from ``prepare``)
         -> (n, S, S) float32 probabilities on the CPU, in forward passes of at
-        most ``batch_size``."""
+        most ``batch_size``, the next one launched before the last one's
+        result is read (``submit``)."""
         size = self.preprocessor.size
         out = np.empty((len(frames), size, size), np.float32)
+        launched: list[tuple[int, Planes]] = []
         for start in range(0, len(frames), self.batch_size):
-            part = frames[start : start + self.batch_size]
-            n = len(part)
-            pad = self.batch_size - n if self.compiled else 0  # one shape, one compilation
-            if any(isinstance(f, torch.Tensor) for f in part):  # frames prepared on the device
-                if self.cuda:
-                    current = torch.cuda.current_stream(self.device)
-                    for f in part:  # made on a pool thread's stream: keep their memory until this stream is done
-                        if isinstance(f, torch.Tensor) and f.is_cuda:
-                            f.record_stream(current)
-                x = torch.stack([torch.as_tensor(f, device=self.device) for f in part])[:, None]
-                if pad:
-                    x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-            else:
-                batch = np.stack(part)[:, None]  # (n, 1, S, S)
-                if pad:
-                    batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
-                x = torch.from_numpy(batch)
-                if self.cuda:
-                    x = x.pin_memory()
-            out[start : start + n] = self.predict_batch_tensor(x)[:n, 0].cpu().numpy()
+            launched.append((start, self.submit(frames[start : start + self.batch_size])))
+            if len(launched) > 1:
+                at, planes = launched.pop(0)
+                out[at : at + self.batch_size] = planes.result()
+        for at, planes in launched:
+            out[at : at + self.batch_size] = planes.result()
         return out
 
     def finish(self, plane: np.ndarray, geometry: Geometry) -> Prediction:

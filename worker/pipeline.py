@@ -1,6 +1,6 @@
 """The per-chunk inference pipeline: bytes in, masks, overlays and statistics out.
 
-    read + decode + preprocess (thread pool) -> network (Segmenter.forward,
+    read + decode + preprocess (thread pool) -> network (Segmenter.submit,
     this thread) -> restore to full size, postprocess, statistics, mask PNG,
     overlay PNG when overlays are eager (thread pool)
 
@@ -137,7 +137,8 @@ class Pipeline:
     worker's cores go, measured in the run itself (the benchmark prints it).
     The threads a step starts (PyTorch's and OpenCV's own) are not in it.
     ``wall_seconds`` adds up wall-clock time on the calling thread: "forward"
-    (the network ran), "input" (it waited for decoded images), "finishing"
+    (the network ran; on CUDA: launching batches and waiting for their
+    results), "input" (it waited for decoded images), "finishing"
     (it waited for finishing to catch up: backpressure) and "draining" (the
     last images finishing after the network's last batch), so forward over
     the run's time says how well the network was fed (the worker logs it per
@@ -237,7 +238,7 @@ class Pipeline:
         memory that queued work on a shared stream may still read. Blocks
         freed on this thread's stream are reused only by it, and it is
         synchronised before each decode and after each prepare, so a frame
-        is complete before the network's stream reads it (Segmenter.forward
+        is complete before the network's stream reads it (Segmenter.submit
         records that use). A no-op unless JPEGs are decoded on the GPU."""
         if not isinstance(self.decode, GpuJpegDecoder) or not self.segmenter.cuda:
             return contextlib.nullcontext()
@@ -297,12 +298,19 @@ class Pipeline:
             return {"seg_error": f"no DICOM SEG: {err}"}
 
     def run(self, items: Sequence[tuple[str, Callable[[], bytes]]]) -> list[ImageResult]:
-        """Process (image_id, read_bytes) pairs; results come back in input order."""
+        """Process (image_id, read_bytes) pairs; results come back in input order.
+
+        On CUDA a batch's probabilities are read only after the next batch
+        has been launched (``Segmenter.submit``), so the GPU has work queued
+        while this thread hands the last batch to the pool and waits for the
+        next decoded one; on a CPU each batch is finished as soon as it is
+        done, as before."""
         batch = max(1, self.segmenter.batch_size)
         batches = [items[start : start + batch] for start in range(0, len(items), batch)]
         decoding: deque[list[Future[_Decoded]]] = deque()
         pending: deque[Future[ImageResult]] = deque()  # submitted to finish, oldest first
         finished: list[Future[ImageResult] | ImageResult] = []
+        launched = None  # (decoded items, Planes) of the batch on the device, read after the next one is launched
         for k in range(len(batches)):
             # Keep prefetch_batches batches decoding ahead of the network.
             while len(decoding) < self.prefetch_batches and k + len(decoding) < len(batches):
@@ -316,24 +324,39 @@ class Pipeline:
                 pending.popleft().result()
             t2 = time.perf_counter()
             with self._step("forward"):
-                planes = self.segmenter.forward([d.frame for d in good]) if good else []
+                planes = self.segmenter.submit([d.frame for d in good]) if good else None
             self.wall_seconds["input"] += t1 - t0
             self.wall_seconds["finishing"] += t2 - t1
             self.wall_seconds["forward"] += time.perf_counter() - t2
-            planes_of = iter(planes)
-            for d in ready:
-                if d.image is None:
-                    finished.append(ImageResult(d.image_id, error=d.error))
-                else:
-                    d.frame = None  # the network is done with it
-                    future = self.pool.submit(self._finish, d, next(planes_of))
-                    pending.append(future)
-                    finished.append(future)
-            del ready, good, planes, planes_of
+            if launched is not None:
+                self._hand_over(*launched, pending, finished)
+                launched = None
+            if planes is None or planes.ready:
+                self._hand_over(ready, planes, pending, finished)
+            else:
+                launched = (ready, planes)
+            del ready, good, planes
+        if launched is not None:
+            self._hand_over(*launched, pending, finished)
         t0 = time.perf_counter()
         results = [f.result() if isinstance(f, Future) else f for f in finished]
         self.wall_seconds["draining"] += time.perf_counter() - t0
         return results
+
+    def _hand_over(self, ready: list[_Decoded], planes, pending: deque, finished: list) -> None:
+        """One batch's probabilities (waiting for the GPU if need be) to the pool's finishing, in order."""
+        t0 = time.perf_counter()
+        with self._step("forward"):
+            probs = iter(planes.result()) if planes is not None else iter(())
+        self.wall_seconds["forward"] += time.perf_counter() - t0
+        for d in ready:
+            if d.image is None:
+                finished.append(ImageResult(d.image_id, error=d.error))
+            else:
+                d.frame = None  # the network is done with it
+                future = self.pool.submit(self._finish, d, next(probs))
+                pending.append(future)
+                finished.append(future)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -282,6 +282,21 @@ def test_cudnn_benchmark_is_a_setting_and_left_alone_off_cuda(saved, monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_submit_queues_batches_and_gives_forwards_numbers(saved):
+    """Batches launched back to back through pinned memory come back as the CPU computes them (bf16 on the GPU),
+    each its own, with a compiled network's padding too."""
+    frames = [np.random.default_rng(s).normal(size=(32, 32)).astype(np.float32) for s in range(5)]
+    cpu = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=2).forward(frames)
+    for compiled in (False, True):
+        gpu = Segmenter(load_checkpoint(saved[0]), device="cuda", batch_size=2, compile_network=compiled)
+        launched = [gpu.submit(frames[i : i + 2]) for i in range(0, 5, 2)]  # all three queued before any is read
+        got = np.concatenate([p.result() for p in launched])
+        assert got.shape == (5, 32, 32) and np.abs(got - cpu).max() < 0.03
+        np.testing.assert_allclose(gpu.forward(frames), got, rtol=0, atol=1e-3)  # a mixed-up buffer: ~0.1 off
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_segmenter_lets_cudnn_time_its_algorithms(saved, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     Segmenter(load_checkpoint(saved[0]), device="cuda")

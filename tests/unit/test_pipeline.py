@@ -185,3 +185,59 @@ def _upscaled_even(data: bytes) -> bytes:
     buf = io.BytesIO()
     im.resize((2 * im.width, 2 * im.height), Image.BICUBIC).save(buf, "JPEG", quality=92)
     return buf.getvalue()
+
+
+class QueuedPlanes:
+    """Stands in, on the CPU, for a CUDA batch still on its way: not ready until read."""
+
+    def __init__(self, planes, log, k):
+        self.planes, self.log, self.k = planes, log, k
+
+    ready = False
+
+    def result(self):
+        self.log.append(("read", self.k))
+        return self.planes.result()
+
+
+def test_on_cuda_the_next_batch_is_launched_before_the_last_one_is_read(pipeline, monkeypatch):
+    """Segmenter.submit returns at once on CUDA: the pipeline launches batch k+1 before it reads batch k, so the
+    GPU has work queued while the batch is handed to the pool; results stay the same and in order, with a bad
+    file failing alone, and a batch of nothing but bad files in the middle."""
+    sizes = [(40, 50), (64, 64), (33, 90), (120, 70), (48, 48), (200, 100), (37, 41), (90, 90)]
+    items = [(f"img{i}", (lambda d=jpeg(h, w): d)) for i, (h, w) in enumerate(sizes)]
+    items[3:3] = [("bad1", lambda: b"x"), ("bad2", lambda: b"y"), ("bad3", lambda: b"z")]  # batch 1 of 3
+    items.insert(8, ("corrupt", lambda: jpeg(50, 50)[:100]))
+    plain = pipeline.run(items)
+    segmenter, log = pipeline.segmenter, []
+    submit = segmenter.submit
+
+    def queued(frames):
+        k = sum(1 for event in log if event[0] == "submit")
+        log.append(("submit", k))
+        return QueuedPlanes(submit(frames), log, k)
+
+    monkeypatch.setattr(segmenter, "submit", queued)
+    results = pipeline.run(items)
+    assert [r.image_id for r in results] == [i for i, _ in items]
+    for a, b in zip(plain, results):
+        assert a.error == b.error
+        if a.ok:
+            assert a.stats == b.stats and a.mask_png == b.mask_png
+    # four batches of 3: [img0-2] [bad1-3] [img3, img4, corrupt] [img5-7]; the all-bad one launches nothing, so
+    # the batch before it is read then
+    assert len(items) == 12
+    assert log == [("submit", 0), ("read", 0), ("submit", 1), ("submit", 2), ("read", 1), ("read", 2)]
+
+
+def test_forward_in_batches_equals_each_batch_submitted_alone(pipeline):
+    segmenter = pipeline.segmenter  # batch_size 3
+    rng = np.random.default_rng(0)
+    frames = [rng.normal(size=(64, 64)).astype(np.float32) for _ in range(7)]
+    whole = segmenter.forward(frames)
+    assert whole.shape == (7, 64, 64) and whole.dtype == np.float32
+    parts = [segmenter.submit(frames[i : i + 3]) for i in range(0, 7, 3)]
+    assert all(p.ready for p in parts), "on a CPU the work is done in submit"
+    np.testing.assert_array_equal(whole, np.concatenate([p.result() for p in parts]))
+    with pytest.raises(ValueError, match="1 to 3 frames"):
+        segmenter.submit(frames[:4])
