@@ -388,10 +388,13 @@ class Segmenter:
         cudnn_benchmark: on CUDA, set ``torch.backends.cudnn.benchmark``
             (CUDNN_BENCHMARK; process-wide): cuDNN times its algorithms for
             each new input shape and keeps the fastest, instead of choosing
-            by heuristics. The frames have one shape (and compiled, one
-            batch), so the timing happens once, in ``warmup``. PyTorch's
-            performance guide recommends it for fixed input sizes; training
-            sets it too. Not yet measured on a GPU for serving.
+            by heuristics. The frames have one size; compiled, every batch
+            is padded to one shape, timed in the warm-up; uncompiled, each
+            new batch size (a partial last batch) is timed once, when first
+            seen. PyTorch's performance guide recommends it for fixed input
+            sizes; training sets it too. Workers may then run different
+            algorithms, whose results can differ in the last bits. Not yet
+            measured on a GPU for serving.
         cpu_bf16: on a CPU, run the network under bf16 autocast (INFER_CPU_BF16):
             on a CPU with AMX 2.2x (the shipped network) to 3.7x (the thesis
             network) the fp32 rate, docs/benchmarks.md; ``version`` then ends
@@ -530,7 +533,7 @@ class Segmenter:
             return Planes(prob.numpy())
         host = torch.empty((n, size, size), dtype=torch.float32, pin_memory=True)
         host.copy_(prob, non_blocking=True)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(blocking=True)  # result() sleeps instead of spinning a core finishing needs
         done.record(torch.cuda.current_stream(self.device))
         return Planes(host.numpy(), done)
 

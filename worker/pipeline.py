@@ -319,9 +319,9 @@ class Pipeline:
             ready = [f.result() for f in decoding.popleft()]
             good = [d for d in ready if d.image is not None]
             t1 = time.perf_counter()
-            # Backpressure: finishing is the slower side on a GPU; bound what waits for it.
-            while pending and (len(pending) + len(good) > self.max_pending or pending[0].done()):
-                pending.popleft().result()
+            # Backpressure: finishing is the slower side on a GPU; bound what waits for it, counting the batch
+            # still on the device, which is handed over once this one is launched.
+            self._wait_for_finishing(pending, self._good(launched) + len(good))
             t2 = time.perf_counter()
             with self._step("forward"):
                 planes = self.segmenter.submit([d.frame for d in good]) if good else None
@@ -337,11 +337,25 @@ class Pipeline:
                 launched = (ready, planes)
             del ready, good, planes
         if launched is not None:
+            t0 = time.perf_counter()
+            self._wait_for_finishing(pending, self._good(launched))
+            self.wall_seconds["finishing"] += time.perf_counter() - t0
             self._hand_over(*launched, pending, finished)
         t0 = time.perf_counter()
         results = [f.result() if isinstance(f, Future) else f for f in finished]
         self.wall_seconds["draining"] += time.perf_counter() - t0
         return results
+
+    def _wait_for_finishing(self, pending: deque, incoming: int) -> None:
+        """Drop finished futures from the front of ``pending``, and wait for the oldest until ``incoming`` more
+        images fit within ``max_pending`` (or none is left to wait for)."""
+        while pending and (len(pending) + incoming > self.max_pending or pending[0].done()):
+            pending.popleft().result()
+
+    @staticmethod
+    def _good(launched) -> int:
+        """Decodable images in a launched (decoded items, Planes) batch; 0 for None."""
+        return sum(d.image is not None for d in launched[0]) if launched is not None else 0
 
     def _hand_over(self, ready: list[_Decoded], planes, pending: deque, finished: list) -> None:
         """One batch's probabilities (waiting for the GPU if need be) to the pool's finishing, in order."""

@@ -241,3 +241,45 @@ def test_forward_in_batches_equals_each_batch_submitted_alone(pipeline):
     np.testing.assert_array_equal(whole, np.concatenate([p.result() for p in parts]))
     with pytest.raises(ValueError, match="1 to 3 frames"):
         segmenter.submit(frames[:4])
+
+
+def test_images_waiting_to_be_finished_stay_within_max_pending_with_a_batch_on_the_device(pipeline, monkeypatch):
+    """max_pending bounds what waits for finishing, counting the batch still on the device (found in review: a
+    batch of bad files let the launched batch's images in on top of the bound)."""
+    import threading
+    import time
+
+    segmenter = pipeline.segmenter  # batch 3
+    bounded = Pipeline(segmenter, threads=4, max_pending=6)  # two batches: one finishing, one on the device
+    submit, log = segmenter.submit, []
+    monkeypatch.setattr(segmenter, "submit", lambda frames: QueuedPlanes(submit(frames), log, 0))
+    finish, lock, waiting, most = bounded._finish, threading.Lock(), [0], [0]
+
+    def slow_finish(item, plane):
+        time.sleep(0.2)  # finishing is the slow side, as on a GPU
+        try:
+            return finish(item, plane)
+        finally:
+            with lock:
+                waiting[0] -= 1
+
+    real_submit = bounded.pool.submit
+
+    def counting_submit(fn, *args):
+        if fn == slow_finish:
+            with lock:
+                waiting[0] += 1
+                most[0] = max(most[0], waiting[0])
+        return real_submit(fn, *args)
+
+    monkeypatch.setattr(bounded, "_finish", slow_finish)
+    monkeypatch.setattr(bounded.pool, "submit", counting_submit)
+    good = [(f"img{i}", (lambda d=jpeg(40 + i, 50): d)) for i in range(12)]
+    bad = [(f"bad{i}", lambda: b"not an image") for i in range(3)]
+    items = good[:3] + bad + good[3:6] + bad + good[6:]
+    try:
+        results = bounded.run(items)
+    finally:
+        bounded.close()
+    assert [r.ok for r in results] == [not i.startswith("bad") for i, _ in items]
+    assert 3 <= most[0] <= 6, f"{most[0]} images waited to be finished at once"
