@@ -61,7 +61,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from bonedetect.settings import ALLOCATOR_MODES, CPU_BF16_MODES, JPEG_DECODE_MODES, OVERLAY_MODES, TTA_MODES, Settings
+    from bonedetect.settings import (ALLOCATOR_MODES, CPU_BF16_MODES, CUDNN_BENCHMARK_MODES, JPEG_DECODE_MODES,
+                                     OVERLAY_MODES, TTA_MODES, Settings)
 
     s = Settings.from_env()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
                    help="sqlite: the embedded default; redis: Redis on 127.0.0.1:6379 and a fresh PostgreSQL database")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (model and pipeline stages)")
-    p.add_argument("--cudnn-benchmark", choices=("on", "off"), default=s.cudnn_benchmark,
+    p.add_argument("--cudnn-benchmark", choices=CUDNN_BENCHMARK_MODES, default=s.cudnn_benchmark,
                    help=f"CUDNN_BENCHMARK for every stage (now {s.cudnn_benchmark}; CUDA only): cuDNN times its "
                         "algorithms for the frames' shape and keeps the fastest, or chooses by heuristics")
     p.add_argument("--gpu-decode", choices=("auto", "on", "off"), default=os.environ.get("GPU_DECODE") or "auto")

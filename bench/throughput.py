@@ -301,7 +301,7 @@ def frames_of(segmenter, paths: Sequence[Path], k: int) -> list[np.ndarray]:
 
 
 def measure_model(segmenter, frames: list[np.ndarray], n: int) -> StageResult:
-    """The network alone: ``Segmenter.submit`` (stack, to device, forward,
+    """The network alone: ``Segmenter.stream`` (stack, to device, forward,
     sigmoid, back to host) on preprocessed frames, batch_size at a time, n
     images, each batch read after the next is launched (on a CPU: at once)."""
     batch = segmenter.batch_size
@@ -312,13 +312,8 @@ def measure_model(segmenter, frames: list[np.ndarray], n: int) -> StageResult:
 
         torch.cuda.synchronize(segmenter.device)
     start, cpu, ticks = time.perf_counter(), cpu_time(), host_ticks()
-    launched = None
-    for b in batches:  # as the pipeline feeds it: the next batch launched before the last one is read
-        planes = segmenter.submit(b)
-        if launched is not None:
-            launched.result()
-        launched = planes
-    launched.result()
+    for _ in segmenter.stream(batches):  # as the pipeline feeds it: the next batch launched before the last is read
+        pass
     seconds, cpu = time.perf_counter() - start, cpu_time() - cpu
     return StageResult("model", n, seconds, notes={"steal_pct": steal_percent(ticks), "load": load_average()},
                        cpu_seconds=cpu)

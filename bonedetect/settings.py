@@ -37,6 +37,7 @@ def _batch(env: dict, name: str) -> int | None:
 ALLOCATOR_MODES = ("keep", "system")  # ALLOCATOR; the first is the default (bonedetect/allocator.py)
 JPEG_DECODE_MODES = ("reduced", "full")  # JPEG_DECODE; the first is the default (worker/decode.py)
 OVERLAY_MODES = ("lazy", "eager")  # OVERLAYS; the first is the default (worker/overlay.py)
+CUDNN_BENCHMARK_MODES = ("on", "off")  # CUDNN_BENCHMARK; the first is the default (model.inference.Segmenter)
 CPU_BF16_MODES = ("off", "on", "auto")  # INFER_CPU_BF16; the first is the default (model.inference.wants_cpu_bf16)
 # INFER_TTA: auto = the mode the checkpoint was validated to be served with (its "tta"; none: off), or one of
 # model.inference.TTA_FLIPS's modes, which say what each runs
@@ -129,7 +130,7 @@ class Settings:
             jpeg_decode=_choice(env, "JPEG_DECODE", JPEG_DECODE_MODES),
             allocator=_choice(env, "ALLOCATOR", ALLOCATOR_MODES),
             torch_compile=_choice(env, "TORCH_COMPILE", ("auto", "on", "off")),
-            cudnn_benchmark=_choice(env, "CUDNN_BENCHMARK", ("on", "off")),
+            cudnn_benchmark=_choice(env, "CUDNN_BENCHMARK", CUDNN_BENCHMARK_MODES),
             infer_tta=_choice(env, "INFER_TTA", TTA_MODES),
             infer_cpu_bf16=_choice(env, "INFER_CPU_BF16", CPU_BF16_MODES),
             callback_max_retries=_int(env, "CALLBACK_MAX_RETRIES", 8),

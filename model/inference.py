@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -537,21 +538,27 @@ class Segmenter:
         done.record(torch.cuda.current_stream(self.device))
         return Planes(host.numpy(), done)
 
+    def stream(self, batches: Iterable[list]) -> Iterator[np.ndarray]:
+        """Each batch's (n, S, S) probabilities (``submit``), in order, the
+        next batch launched before the last one's result is read."""
+        launched = None
+        for batch in batches:
+            planes = self.submit(batch)
+            if launched is not None:
+                yield launched.result()
+            launched = planes
+        if launched is not None:
+            yield launched.result()
+
     def forward(self, frames: list) -> np.ndarray:
         """Up to any number of (S, S) frames (numpy, or tensors from ``prepare``)
         -> (n, S, S) float32 probabilities on the CPU, in forward passes of at
-        most ``batch_size``, the next one launched before the last one's
-        result is read (``submit``)."""
-        size = self.preprocessor.size
+        most ``batch_size`` (``stream``)."""
+        size, step = self.preprocessor.size, self.batch_size
         out = np.empty((len(frames), size, size), np.float32)
-        launched: list[tuple[int, Planes]] = []
-        for start in range(0, len(frames), self.batch_size):
-            launched.append((start, self.submit(frames[start : start + self.batch_size])))
-            if len(launched) > 1:
-                at, planes = launched.pop(0)
-                out[at : at + self.batch_size] = planes.result()
-        for at, planes in launched:
-            out[at : at + self.batch_size] = planes.result()
+        starts = range(0, len(frames), step)
+        for start, planes in zip(starts, self.stream(frames[start : start + step] for start in starts)):
+            out[start : start + step] = planes
         return out
 
     def finish(self, plane: np.ndarray, geometry: Geometry) -> Prediction:
