@@ -105,6 +105,25 @@ def _host(pixels) -> np.ndarray:
     return pixels if isinstance(pixels, np.ndarray) else pixels.cpu().numpy()
 
 
+class FairLock:
+    """A lock that threads get in the order they asked for it (``threading.Lock`` promises no order: a
+    thread that releases it and asks again at once may get it back before one that has waited)."""
+
+    def __init__(self):
+        self._turns = threading.Condition()
+        self._next = self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._turns:
+            ticket, self._next = self._next, self._next + 1
+            self._turns.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc) -> None:
+        with self._turns:
+            self._serving += 1
+            self._turns.notify_all()
+
+
 class Pipeline:
     """Runs chunks of (image_id, read_bytes) through decode, the network and
     postprocessing (module docstring).
@@ -139,10 +158,18 @@ class Pipeline:
     ``wall_seconds`` adds up wall-clock time on the calling thread: "forward"
     (the network ran; on CUDA: launching batches and waiting for their
     results), "input" (it waited for decoded images), "finishing"
-    (it waited for finishing to catch up: backpressure) and "draining" (the
-    last images finishing after the network's last batch), so forward over
+    (it waited for finishing to catch up: backpressure), "draining" (the
+    last images finishing after the network's last batch) and "network"
+    (it waited while the network ran another chunk's batch), so forward over
     the run's time says how well the network was fed (the worker logs it per
-    chunk).
+    chunk, from ``run``'s ``walls``).
+
+    Several threads may call ``run`` at once (WORKER_CONCURRENCY: a worker
+    holding two chunks): they share the pool and the network, which takes
+    one batch at a time, in the order the chunks ask, so one chunk's
+    decoding, finishing and database writes overlap another's network
+    instead of leaving it idle between chunks. Each run keeps its own
+    ``max_pending`` bound.
     """
 
     STEPS = ("read", "decode", "prepare", "forward", "restore+postprocess", "statistics", "mask PNG", "overlay",
@@ -175,6 +202,9 @@ class Pipeline:
         self.cpu_seconds: Counter[str] = Counter()
         self.wall_seconds: Counter[str] = Counter()
         self._cpu_lock = threading.Lock()
+        # One batch at a time from the runs of concurrent chunks, in the order asked: Segmenter.submit takes one
+        # caller at a time, and a torch.compile'd network is not thread safe (pytorch/pytorch#118260).
+        self._network = FairLock()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bonedetect-io")
 
     @contextlib.contextmanager
@@ -297,14 +327,23 @@ class Pipeline:
             log.warning("image %s: no DICOM SEG: %s", image_id, err)
             return {"seg_error": f"no DICOM SEG: {err}"}
 
-    def run(self, items: Sequence[tuple[str, Callable[[], bytes]]]) -> list[ImageResult]:
+    def run(self, items: Sequence[tuple[str, Callable[[], bytes]]], walls: Counter | None = None) -> list[ImageResult]:
         """Process (image_id, read_bytes) pairs; results come back in input order.
 
         On CUDA a batch's probabilities are read only after the next batch
         has been launched (``Segmenter.submit``), so the GPU has work queued
         while this thread hands the last batch to the pool and waits for the
         next decoded one; on a CPU each batch is finished as soon as it is
-        done, as before."""
+        done, as before. ``walls``: this run's wall-clock seconds are added
+        there too (the class docstring's keys), apart from other threads' runs."""
+        walls = Counter() if walls is None else walls
+        try:
+            return self._run(items, walls)
+        finally:
+            with self._cpu_lock:
+                self.wall_seconds.update(walls)
+
+    def _run(self, items: Sequence[tuple[str, Callable[[], bytes]]], walls: Counter) -> list[ImageResult]:
         batch = max(1, self.segmenter.batch_size)
         batches = [items[start : start + batch] for start in range(0, len(items), batch)]
         decoding: deque[list[Future[_Decoded]]] = deque()
@@ -322,28 +361,33 @@ class Pipeline:
             # Backpressure: finishing is the slower side on a GPU; bound what waits for it, counting the batch
             # still on the device, which is handed over once this one is launched.
             self._wait_for_finishing(pending, self._good(launched) + len(good))
-            t2 = time.perf_counter()
-            with self._step("forward"):
-                planes = self.segmenter.submit([d.frame for d in good]) if good else None
-            self.wall_seconds["input"] += t1 - t0
-            self.wall_seconds["finishing"] += t2 - t1
-            self.wall_seconds["forward"] += time.perf_counter() - t2
+            t2 = t3 = time.perf_counter()
+            planes = None
+            if good:
+                with self._network:
+                    t3 = time.perf_counter()
+                    with self._step("forward"):
+                        planes = self.segmenter.submit([d.frame for d in good])
+            walls["input"] += t1 - t0
+            walls["finishing"] += t2 - t1
+            walls["network"] += t3 - t2
+            walls["forward"] += time.perf_counter() - t3
             if launched is not None:
-                self._hand_over(*launched, pending, finished)
+                self._hand_over(*launched, pending, finished, walls)
                 launched = None
             if planes is None or planes.ready:
-                self._hand_over(ready, planes, pending, finished)
+                self._hand_over(ready, planes, pending, finished, walls)
             else:
                 launched = (ready, planes)
             del ready, good, planes
         if launched is not None:
             t0 = time.perf_counter()
             self._wait_for_finishing(pending, self._good(launched))
-            self.wall_seconds["finishing"] += time.perf_counter() - t0
-            self._hand_over(*launched, pending, finished)
+            walls["finishing"] += time.perf_counter() - t0
+            self._hand_over(*launched, pending, finished, walls)
         t0 = time.perf_counter()
         results = [f.result() if isinstance(f, Future) else f for f in finished]
-        self.wall_seconds["draining"] += time.perf_counter() - t0
+        walls["draining"] += time.perf_counter() - t0
         return results
 
     def _wait_for_finishing(self, pending: deque, incoming: int) -> None:
@@ -357,12 +401,12 @@ class Pipeline:
         """Decodable images in a launched (decoded items, Planes) batch; 0 for None."""
         return sum(d.image is not None for d in launched[0]) if launched is not None else 0
 
-    def _hand_over(self, ready: list[_Decoded], planes, pending: deque, finished: list) -> None:
+    def _hand_over(self, ready: list[_Decoded], planes, pending: deque, finished: list, walls: Counter) -> None:
         """One batch's probabilities (waiting for the GPU if need be) to the pool's finishing, in order."""
         t0 = time.perf_counter()
         with self._step("forward"):
             probs = iter(planes.result()) if planes is not None else iter(())
-        self.wall_seconds["forward"] += time.perf_counter() - t0
+        walls["forward"] += time.perf_counter() - t0
         for d in ready:
             if d.image is None:
                 finished.append(ImageResult(d.image_id, error=d.error))

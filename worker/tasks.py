@@ -384,7 +384,7 @@ def fail(ctx: WorkerContext, claimed: list[Claimed], reason: str) -> None:
 )
 def segment_chunk(self, image_ids: list[str]) -> dict:
     ctx = worker_context()
-    started, walls = time.perf_counter(), Counter(ctx.pipeline.wall_seconds)
+    started, spent = time.perf_counter(), Counter()  # this chunk's wall-clock seconds by what the network did
     patience = ctx.settings.db_retry_s
     try:
         claimed = retry_database(lambda: claim(ctx, image_ids), "claim", patience)
@@ -399,7 +399,7 @@ def segment_chunk(self, image_ids: list[str]) -> dict:
         with LeaseKeeper(ctx, claimed):
             items = [(c.image_id, (lambda key=c.blob_key: ctx.blobs.get_bytes(key))) for c in claimed]
             run_started = time.perf_counter()
-            results = ctx.pipeline.run(items)
+            results = ctx.pipeline.run(items, walls=spent)
             pipeline_s = time.perf_counter() - run_started
             # The work is done: keep it through a database restart rather than redo it.
             written = retry_database(lambda: write_results(ctx, claimed, results), "write results", patience)
@@ -426,8 +426,6 @@ def segment_chunk(self, image_ids: list[str]) -> dict:
             len(results),
         )
     seconds = time.perf_counter() - started
-    spent = Counter(ctx.pipeline.wall_seconds)
-    spent.subtract(walls)
     # Whether the network was fed: its share of the pipeline's time, and where the rest went.
     network_share = spent["forward"] / pipeline_s if pipeline_s > 0 else 0.0
     log.info(
@@ -436,6 +434,7 @@ def segment_chunk(self, image_ids: list[str]) -> dict:
         extra={"images": len(results), "done": done, "seconds": round(seconds, 3), "pipeline_s": round(pipeline_s, 3),
                "network_share": round(network_share, 3), "input_wait_s": round(spent["input"], 3),
                "finish_wait_s": round(spent["finishing"] + spent["draining"], 3),
+               "network_wait_s": round(spent["network"], 3),  # the network ran another chunk's batch (WORKER_CONCURRENCY)
                "database_s": round(max(0.0, seconds - pipeline_s), 3)},
     )  # fmt: skip
     if ctx.settings.allocator == "keep":

@@ -119,7 +119,7 @@ def test_wall_time_says_how_long_the_network_ran_and_waited(pipeline):
     elapsed = time.perf_counter() - start
     assert all(r.ok for r in results)
     walls = dict(pipeline.wall_seconds)
-    assert set(walls) == {"forward", "input", "finishing", "draining"}, walls
+    assert set(walls) == {"forward", "input", "finishing", "draining", "network"}, walls
     assert walls["forward"] > 0 and walls["finishing"] >= 0 and walls["draining"] >= 0
     # reads of 0.15 s on the pool's threads: the network waited for at least the first of them
     assert walls["input"] >= 0.14, walls
@@ -283,3 +283,59 @@ def test_images_waiting_to_be_finished_stay_within_max_pending_with_a_batch_on_t
         bounded.close()
     assert [r.ok for r in results] == [not i.startswith("bad") for i, _ in items]
     assert 3 <= most[0] <= 6, f"{most[0]} images waited to be finished at once"
+
+
+def test_two_chunks_at_once_share_the_network_one_batch_at_a_time(pipeline, monkeypatch):
+    """WORKER_CONCURRENCY=2: two task threads run a chunk each through one Pipeline. The network takes one batch
+    at a time (Segmenter.submit: one caller at a time), results are those of the chunks run one after the other,
+    and each run's wall-clock account is its own: the one that waited for the other's batch says so."""
+    import threading
+    import time
+    from collections import Counter
+
+    segmenter = pipeline.segmenter  # batch 3
+    chunks = [[(f"c{c}-img{i}", (lambda d=jpeg(40 + 9 * i + c, 60 + c): d)) for i in range(7)] for c in range(2)]
+    chunks[1].insert(3, ("c1-corrupt", lambda: jpeg(50, 50)[:100]))
+    alone = [pipeline.run(chunk) for chunk in chunks]
+
+    submit, inside, most, batches = segmenter.submit, [0], [0], []
+    lock = threading.Lock()
+
+    def one_at_a_time(frames):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            batches.append(threading.current_thread().name)
+        time.sleep(0.1)  # a batch long enough for the other chunk to ask for the network meanwhile
+        try:
+            return submit(frames)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(segmenter, "submit", one_at_a_time)
+    pipeline.wall_seconds.clear()
+    walls, results, start = [Counter(), Counter()], [None, None], threading.Barrier(2)
+
+    def task(c):
+        start.wait()
+        results[c] = pipeline.run(chunks[c], walls=walls[c])
+
+    threads = [threading.Thread(target=task, args=(c,), name=f"task-{c}") for c in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert most[0] == 1, "two batches were in the network at once"
+    assert sorted(Counter(batches).values()) == [3, 3], "each chunk ran its three batches"
+    assert batches[:2] in (["task-0", "task-1"], ["task-1", "task-0"]), "the chunks' batches take turns"
+    for got, want in zip(results, alone):
+        assert [r.image_id for r in got] == [r.image_id for r in want]
+        for a, b in zip(got, want):
+            assert a.error == b.error
+            if a.ok:
+                assert a.stats == b.stats and a.mask_png == b.mask_png
+    assert "truncated" in {r.image_id: r for r in results[1]}["c1-corrupt"].error
+    assert walls[0]["network"] + walls[1]["network"] > 0.09, walls
+    for key in ("forward", "input", "finishing", "draining", "network"):
+        assert pipeline.wall_seconds[key] == pytest.approx(walls[0][key] + walls[1][key])
