@@ -1,4 +1,4 @@
-# One image for every role: api (gunicorn), worker (celery, solo pool), migrate.
+# One image for every role: api (gunicorn), worker (celery; pool by WORKER_CONCURRENCY), migrate.
 # The API role does not need torch; it is installed for the workers.
 FROM python:3.11-slim
 

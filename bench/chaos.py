@@ -120,11 +120,13 @@ def _finish(system: System, job_id: str, timeout: float = 240) -> dict:
 # -- scenarios --------------------------------------------------------------------------
 
 
-def worker_killed(env: Env, images: int = 32) -> Result:
-    """SIGKILL one of two workers while it holds a chunk."""
-    result = Result("worker-killed")
+def worker_killed(env: Env, images: int = 32, concurrency: int = 1) -> Result:
+    """SIGKILL one of two workers while it holds a chunk (``concurrency``: WORKER_CONCURRENCY, chunks each
+    worker holds at once)."""
+    result = Result("worker-killed" if concurrency == 1 else f"worker-killed ({concurrency} chunks at once)")
     with PrivateRedis(env.workdir / "redis") as redis:
-        system = start_system(env.workdir, env.database(), redis.url, workers=2, env=FAST, reconciler=RECONCILER)
+        system = start_system(env.workdir, env.database(), redis.url, workers=2,
+                              env={**FAST, "WORKER_CONCURRENCY": str(concurrency)}, reconciler=RECONCILER)
         try:
             system.wait_workers_ready()
             files = radiographs(images, seed=101, size=(300, 600))
@@ -370,6 +372,7 @@ def idempotent_resubmit(env: Env, images: int = 12) -> Result:
 
 SCENARIOS: dict[str, Callable[..., Result]] = {
     "worker-killed": worker_killed,
+    "worker-killed-2-chunks": lambda env, images: worker_killed(env, images, concurrency=2),
     "redis-restarted": lambda env, images: redis_lost(env, images, "restart"),
     "redis-flushed": lambda env, images: redis_lost(env, images, "flush"),
     "postgres-restarted": postgres_restarted,

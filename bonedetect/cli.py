@@ -98,10 +98,10 @@ def cmd_api(settings: Settings, args) -> int:
     return 0
 
 
-def worker_argv(settings: Settings, name: str = "worker@%h", loglevel: str = "INFO") -> list[str]:
+def worker_argv(settings: Settings, name: str = "worker@%h", loglevel: str = "INFO", app: str = "worker.app") -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-        "--pool", "solo", "--concurrency", "1", "--queues", f"{settings.queue_name},{settings.callback_queue}",
+        sys.executable, "-m", "celery", "-A", app, "worker",
+        "--queues", f"{settings.queue_name},{settings.callback_queue}",  # pool and concurrency: WORKER_CONCURRENCY
         "--hostname", name, "--loglevel", loglevel, "--without-gossip", "--without-mingle",
     ]  # fmt: skip
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(fn=cmd_api)
-    p = sub.add_parser("worker", help="run one Celery worker process (solo pool)")
+    p = sub.add_parser("worker", help="run one Celery worker process (WORKER_CONCURRENCY chunks at once)")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(fn=cmd_worker)
     p = sub.add_parser("reconciler", help="periodically re-enqueue images the broker lost or a dead worker held")

@@ -31,6 +31,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         LEASE_S=str(settings.lease_s),
         TORCH_THREADS=str(settings.torch_threads),
         IO_THREADS=str(settings.io_threads),
+        WORKER_CONCURRENCY=str(settings.worker_concurrency or "auto"),
         OPENCV_THREADS=str(settings.opencv_threads),
         OVERLAYS=settings.overlays,
         JPEG_DECODE=settings.jpeg_decode,
@@ -79,14 +80,17 @@ def serve_api(settings: Settings, host: str = "127.0.0.1", port: int = 0, access
     return ApiServer(server, thread)
 
 
-def start_worker(settings: Settings, name: str = "worker", log_path: Path | None = None, **env: str) -> subprocess.Popen:
-    """One real Celery worker process (solo pool), reading `settings` from its environment."""
+def start_worker(settings: Settings, name: str = "worker", log_path: Path | None = None, app: str = "worker.app",
+                 **env: str) -> subprocess.Popen:
+    """One real Celery worker process (pool by WORKER_CONCURRENCY: bonedetect.queue.worker_pool), reading
+    `settings` from its environment; `app`: the Celery app module (the benchmark's stand-in device wraps
+    the worker's own: bench/standin.py)."""
     from bonedetect.cli import worker_argv
 
     settings.ensure_home()
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     return subprocess.Popen(
-        worker_argv(settings, name=f"{name}@%h", loglevel="INFO"),
+        worker_argv(settings, name=f"{name}@%h", loglevel="INFO", app=app),
         env=settings_env(settings, **env),
         stdout=out,
         stderr=subprocess.STDOUT,

@@ -54,6 +54,17 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def worker_pool(concurrency: int) -> dict:
+    """The worker's Celery pool for WORKER_CONCURRENCY chunks at once (worker/app.py sets it): ``solo`` for
+    one (the task runs in the worker's main thread), ``threads`` for more, which share the process's one
+    model (worker/pipeline.py: the network takes one batch at a time). Never prefork: CUDA must not start
+    before a fork, and each child would load a model of its own. Neither pool enforces time limits
+    (Celery's docs): the leases and the reconciler are the guard."""
+    if concurrency < 1:
+        raise ValueError(f"a worker runs at least one chunk at a time, got {concurrency}")
+    return {"worker_pool": "solo" if concurrency == 1 else "threads", "worker_concurrency": concurrency}
+
+
 def use_embedded_polling(seconds: float = EMBEDDED_POLL_S) -> None:
     """Have kombu's SQLAlchemy transport poll every ``seconds`` (EMBEDDED_POLL_S) in this process.
 

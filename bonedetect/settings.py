@@ -23,7 +23,7 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
-def _batch(env: dict, name: str) -> int | None:
+def _positive_or_auto(env: dict, name: str) -> int | None:
     """A positive integer, or None for "auto" (also when unset)."""
     raw = (env.get(name) or "auto").strip().lower()
     if raw == "auto":
@@ -71,6 +71,11 @@ class Settings:
     lease_s: int = 120  # a live worker renews its chunk's leases every lease_s/3; one that lapses means the worker died
     torch_threads: int = 0  # CPU inference threads per worker; 0: PyTorch's default
     io_threads: int = 4  # decode/encode threads that overlap the network
+    # chunks one worker process holds at once, sharing its one loaded model (bonedetect.queue.worker_pool): 1 runs
+    # them one after another (Celery's solo pool); 2 lets one chunk's decoding, finishing and database writes
+    # overlap the next chunk's network, so a GPU is not left idle between chunks (Celery's threads pool).
+    # None (auto): 2 on a worker with a GPU, 1 on a CPU, where the network already keeps the cores busy
+    worker_concurrency: int | None = None
     opencv_threads: int = 1  # OpenCV's own threads per worker; 1: the I/O threads are the parallelism; 0: OpenCV's default
     infer_cpu_bf16: str = "off"  # on: bf16 autocast for the network on CPU workers; auto: on where the CPU has AVX512-BF16 or AMX
     infer_tta: str = "auto"  # the checkpoint's mode; off; flip: mean with the left-right mirrored pass (2x the network's work); flip4: also up-down and both (4x)
@@ -114,7 +119,7 @@ class Settings:
             blob_url=env.get("BLOB_URL") or f"file://{home / 'blobs'}",
             model_checkpoint=env.get("MODEL_CHECKPOINT") or None,
             chunk_size=_int(env, "CHUNK_SIZE", 32),
-            infer_batch_size=_batch(env, "INFER_BATCH_SIZE"),
+            infer_batch_size=_positive_or_auto(env, "INFER_BATCH_SIZE"),
             max_files_per_job=_int(env, "MAX_FILES_PER_JOB", 10_000),
             max_file_bytes=_int(env, "MAX_FILE_BYTES", 64 * 1024**2),
             max_request_bytes=_int(env, "MAX_REQUEST_BYTES", 4 * 1024**3),
@@ -125,6 +130,7 @@ class Settings:
             lease_s=_int(env, "LEASE_S", 120),
             torch_threads=_int(env, "TORCH_THREADS", 0),
             io_threads=_int(env, "IO_THREADS", 4),
+            worker_concurrency=_positive_or_auto(env, "WORKER_CONCURRENCY"),
             opencv_threads=_int(env, "OPENCV_THREADS", 1),
             overlays=_choice(env, "OVERLAYS", OVERLAY_MODES),
             jpeg_decode=_choice(env, "JPEG_DECODE", JPEG_DECODE_MODES),

@@ -18,8 +18,9 @@ def assert_complete(result: chaos.Result, images: int) -> None:
     assert result.observed["unfinished"] == 0, "nothing left queued or processing"
 
 
-def test_killed_worker_loses_no_image_and_writes_each_once(chaos_env):
-    result = chaos.worker_killed(chaos_env, images=24)
+@pytest.mark.parametrize("concurrency", [1, 2], ids=["one-chunk-at-a-time", "two-chunks-at-once"])
+def test_killed_worker_loses_no_image_and_writes_each_once(chaos_env, concurrency):
+    result = chaos.worker_killed(chaos_env, images=24, concurrency=concurrency)
 
     assert result.observed["processing_at_kill"] > 4, "the killed worker held a chunk (CHUNK_SIZE=4) when it died"
     assert result.observed["rerun"] >= 1, "its images were claimed again once their lease ran out"

@@ -85,10 +85,11 @@ class System:
 
 @pytest.fixture
 def start_system(tmp_path: Path):
-    """start_system(database_url, broker_url, tenants=("a",), workers=1) -> System; torn down after the test."""
+    """start_system(database_url, broker_url, tenants=("a",), workers=1, worker_env=None) -> System; torn down
+    after the test. ``worker_env``: more environment for the workers (WORKER_CONCURRENCY=2, say)."""
     started = []
 
-    def start(database_url: str, broker_url: str, tenants=("a",), workers: int = 1) -> System:
+    def start(database_url: str, broker_url: str, tenants=("a",), workers: int = 1, worker_env: dict | None = None) -> System:
         from db.migrate import upgrade
         from db.session import make_engine, make_sessionmaker
         from db.tenants import create_tenant
@@ -117,7 +118,8 @@ def start_system(tmp_path: Path):
         api = serve_api(settings)
         system = System(settings, api.url, keys)
         for i in range(workers):
-            system.workers.append(start_worker(settings, name=f"w{i}-{uuid.uuid4().hex[:6]}", log_path=tmp_path / f"worker{i}.log"))
+            system.workers.append(start_worker(settings, name=f"w{i}-{uuid.uuid4().hex[:6]}", log_path=tmp_path / f"worker{i}.log",
+                                               **(worker_env or {})))
         started.append((api, system))
         return system
 

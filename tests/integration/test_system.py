@@ -21,8 +21,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if a.sum() + b.sum() == 0 else 2 * (a & b).sum() / (a.sum() + b.sum())
 
 
-def check_completed_batch(system, files, truth, expect_failed: dict[str, str] | None = None) -> None:
-    """Everything a client would check once a job is finished."""
+def check_completed_batch(system, files, truth, expect_failed: dict[str, str] | None = None) -> str:
+    """Everything a client would check once a job is finished; returns the job's id."""
     expect_failed = expect_failed or {}
     client = system.client("a")
     job = client.submit(files, label="integration batch", external_ids=[f"acc-{i}" for i in range(len(files))])
@@ -63,6 +63,7 @@ def check_completed_batch(system, files, truth, expect_failed: dict[str, str] | 
         assert by_name[im["filename"]]["status"] == im["status"]
         if im["status"] == "done":
             assert int(by_name[im["filename"]]["area_px"]) == im["area_px"]
+    return job["job_id"]
 
 
 def test_batch_through_http_redis_and_postgres_reaches_done(start_system, pg_url, redis_url):
@@ -75,6 +76,23 @@ def test_batch_through_the_embedded_default_reaches_done(start_system, tmp_path)
     system = start_system(f"sqlite:///{tmp_path / 'bd.sqlite'}", f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}")
     files, truth = synthetic_jpegs(20, seed=12)
     check_completed_batch(system, files, truth)
+
+
+def test_a_worker_holding_two_chunks_at_once_finishes_the_batch_as_one_at_a_time_does(start_system, pg_url, redis_url, tmp_path):
+    """WORKER_CONCURRENCY=2 (what GPU workers run by default): one worker process, Celery's threads pool, two
+    chunks in hand at once sharing one model. The batch ends as it does one chunk at a time, and the chunks'
+    times overlap: the next chunk was claimed before the last one was written."""
+    from datetime import datetime
+
+    system = start_system(pg_url, redis_url, worker_env={"WORKER_CONCURRENCY": "2"})
+    files, truth = synthetic_jpegs(32, seed=13)  # four chunks of 8
+    job_id = check_completed_batch(system, files, truth)
+    spans = sorted({(im["started_at"], im["finished_at"]) for im in system.client("a").images(job_id)})
+    assert len(spans) == 4, spans  # a chunk's images are claimed together and written together
+    spans = [(datetime.fromisoformat(a), datetime.fromisoformat(b)) for a, b in spans]
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), f"no two chunks overlapped: {spans}"
+    log = (tmp_path / "worker0.log").read_text()
+    assert "(pool thread," in log, "the worker ran Celery's threads pool"
 
 
 def test_corrupt_file_fails_alone_with_its_reason(start_system, pg_url, redis_url):

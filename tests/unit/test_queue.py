@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
 from bonedetect.queue import EMBEDDED_POLL_S, make_celery
@@ -32,3 +33,40 @@ def test_redis_options_stay_off_the_embedded_broker(tmp_path):
     redis = make_celery(Settings.from_env({"BONEDETECT_HOME": str(tmp_path), "BROKER_URL": "redis://127.0.0.1:6379/0",
                                            "VISIBILITY_TIMEOUT_S": "9000"}))
     assert redis.conf.broker_transport_options == {"visibility_timeout": 9000}
+
+
+def test_worker_concurrency_picks_a_pool_that_never_forks():
+    """WORKER_CONCURRENCY: one chunk at a time runs in Celery's solo pool, more in its threads pool, whose
+    tasks share the process's one model; never prefork, which would start CUDA before a fork."""
+    from bonedetect.local import settings_env
+    from bonedetect.queue import worker_pool
+
+    assert worker_pool(1) == {"worker_pool": "solo", "worker_concurrency": 1}
+    assert worker_pool(2) == {"worker_pool": "threads", "worker_concurrency": 2}
+    with pytest.raises(ValueError, match="at least one chunk"):
+        worker_pool(0)
+    assert Settings.from_env({}).worker_concurrency is None  # auto: worker.app.default_concurrency
+    assert Settings.from_env({"WORKER_CONCURRENCY": " Auto "}).worker_concurrency is None
+    assert Settings.from_env({"WORKER_CONCURRENCY": "2"}).worker_concurrency == 2
+    assert settings_env(Settings.from_env({}))["WORKER_CONCURRENCY"] == "auto"
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(ValueError, match="WORKER_CONCURRENCY"):
+            Settings.from_env({"WORKER_CONCURRENCY": bad})
+
+
+def test_the_worker_app_holds_one_chunk_at_a_time_on_a_cpu_unless_told(tmp_path):
+    """worker.app reads WORKER_CONCURRENCY (auto: 2 on a GPU, 1 here) into the pool Celery starts."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    auto = ["threads", 2] if torch.cuda.is_available() else ["solo", 1]
+    probe = "import json, worker.app as w; print(json.dumps([w.app.conf.worker_pool, w.app.conf.worker_concurrency]))"
+    env = {**os.environ, "BONEDETECT_HOME": str(tmp_path)}
+    for value, expected in (("auto", auto), ("3", ["threads", 3])):
+        out = subprocess.run([sys.executable, "-c", probe], env={**env, "WORKER_CONCURRENCY": value},
+                             capture_output=True, text=True, check=True).stdout
+        assert json.loads(out.strip().splitlines()[-1]) == expected
