@@ -43,6 +43,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from bonedetect.openmp import prefer_passive_wait
 
 prefer_passive_wait()  # as the workers do (worker/app.py), before this process imports torch
@@ -58,6 +60,18 @@ def parse_size(text: str) -> tuple[int, int]:
     if h < 16 or w < 16:
         raise argparse.ArgumentTypeError(f"size must be at least 16x16, got {text!r}")
     return h, w
+
+
+def positive_or_auto(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer or 'auto', got {text!r}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
                         "auto: 16 on CUDA, 1-16 on a CPU by the network's size)")
     p.add_argument("--chunk", type=int, default=s.chunk_size, help=f"images per task (CHUNK_SIZE, now {s.chunk_size})")
     p.add_argument("--io-threads", type=int, default=s.io_threads, help=f"pipeline decode/encode threads (IO_THREADS, now {s.io_threads})")
+    p.add_argument("--worker-concurrency", type=positive_or_auto, default=s.worker_concurrency,
+                   help=f"chunks each worker holds at once, sharing its model, and chunks the pipeline stage runs at once "
+                        f"(WORKER_CONCURRENCY, now {s.worker_concurrency or 'auto'}; auto: 2 on CUDA, 1 on a CPU)")
     p.add_argument("--broker", choices=("sqlite", "redis"), default="sqlite",
                    help="sqlite: the embedded default; redis: Redis on 127.0.0.1:6379 and a fresh PostgreSQL database")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -107,6 +124,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"INFER_TTA for the model and pipeline stages and the workers (now {s.infer_tta}); auto: the "
                         "checkpoint's own mode (the shipped model's flip4: four passes per image; the full-size "
                         "random network's off)")
+    p.add_argument("--standin-device", type=float, metavar="RATE",
+                   help="replace the network in every stage by a stand-in device of RATE images/s that uses no CPU "
+                        "and hands back the real network's probabilities on the bench's images (bench/standin.py): "
+                        "how well the rest of the system keeps an off-CPU network busy, measured on a CPU")
     p.add_argument("--stages", default="model,pipeline,system", help="comma-separated subset of model,pipeline,system")
     p.add_argument("--quick", action="store_true", help="16 images, the shipped model: under a minute on the 2-core CPU")
     p.add_argument("--sweep-batches", metavar="B,B,...",
@@ -272,7 +293,18 @@ def run(args, argv, tmp: Path) -> int:
                                   cpu_bf16=wants_cpu_bf16(args.cpu_bf16), tta=args.tta,
                                   cudnn_benchmark=args.cudnn_benchmark == "on")
     args.batch = segmenter.batch_size  # auto resolved here, for the model and pipeline stages and the table
+    args.worker_concurrency = args.worker_concurrency or (2 if segmenter.cuda else 1)  # as worker.app.default_concurrency
+    standin_env, worker_app = {}, "worker.app"
+    if args.standin_device:
+        from bench.standin import PLANES_ENV, RATE_ENV, StandInDevice, save_reference
+
+        planes = save_reference(segmenter, tp.frames_of(segmenter, paths, 8), tmp / "standin-planes.npy")
+        segmenter = StandInDevice(segmenter, args.standin_device, np.load(planes))
+        standin_env, worker_app = {RATE_ENV: str(args.standin_device), PLANES_ENV: str(planes)}, "bench.standin"
+        model_text += f", its network replaced by a stand-in device of {args.standin_device:g} img/s (bench/standin.py)"
+        out["model"], out["standin_device"] = model_text, args.standin_device
     out["tta_served"] = segmenter.tta  # INFER_TTA resolved against the checkpoint (auto: its recommended mode)
+    out["worker_concurrency"] = args.worker_concurrency
     device = tp.device_name(segmenter)
     results: dict[str, tp.StageResult] = {}
     if "model" in stages:
@@ -280,10 +312,12 @@ def run(args, argv, tmp: Path) -> int:
         log(f"model: {n_model} images, batch {args.batch}, {args.threads} torch thread(s)")
         results["model"] = tp.measure_model(segmenter, tp.frames_of(segmenter, paths, 8), n_model)
     if "pipeline" in stages:
-        log(f"pipeline: {n} images in chunks of {args.chunk}, {args.io_threads} decode/encode threads")
+        log(f"pipeline: {n} images in chunks of {args.chunk}, {args.worker_concurrency} at once, "
+            f"{args.io_threads} decode/encode threads")
         reduced = args.jpeg_decode == "reduced"
         results["pipeline"] = tp.measure_pipeline(segmenter, paths, args.chunk, args.io_threads, args.gpu_decode,
-                                                  overlays=args.overlays == "eager", reduced_jpeg=reduced)
+                                                  overlays=args.overlays == "eager", reduced_jpeg=reduced,
+                                                  concurrency=args.worker_concurrency)
         costs = tp.step_costs(segmenter, paths, reduced_jpeg=reduced and args.overlays == "lazy")
         out["step_ms"] = {k: round(v, 1) for k, v in costs.items()}
     if "system" in stages and args.workers > 1 and (n % args.chunk or (n // args.chunk) % args.workers):
@@ -294,8 +328,10 @@ def run(args, argv, tmp: Path) -> int:
                   broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays,
                                                              "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode,
                                                              "INFER_CPU_BF16": args.cpu_bf16, "INFER_TTA": args.tta,
-                                                             "CUDNN_BENCHMARK": args.cudnn_benchmark},
-                  pin_workers=args.pin_workers)
+                                                             "CUDNN_BENCHMARK": args.cudnn_benchmark,
+                                                             "WORKER_CONCURRENCY": str(args.worker_concurrency),
+                                                             **standin_env},
+                  pin_workers=args.pin_workers, app=worker_app)
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
             with tp.running_system(ckpt, workers=1, **kw) as system:
@@ -316,6 +352,7 @@ def run(args, argv, tmp: Path) -> int:
     chunks = -(-n // args.chunk)
     print(f"config:   {n} images of {h}x{w} JPEG; forward batch {args.batch}; chunk {args.chunk} ({chunks} chunks); torch threads {args.threads}"
           f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}"
+          f" of {args.worker_concurrency} chunk(s) at once"
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
           f"channels_last {segmenter.channels_last}; compile {args.compile}; "
           f"{f'cudnn.benchmark {args.cudnn_benchmark}; ' if segmenter.cuda else ''}overlays {args.overlays}; "
@@ -361,7 +398,7 @@ def run(args, argv, tmp: Path) -> int:
         other = sum(worker_steps.values())
         if args.overlays == "lazy":
             print("  (overlay and overlay PNG run in the API on an overlay's first request, not in the worker)")
-        if net_ms:
+        if net_ms and not args.standin_device:
             print(f"  all the worker does but the network: {other:.0f} ms; the network: {net_ms:.0f} ms x thread "
                   f"(model stage, {args.threads} thread(s)); on a CPU-only machine system/model is at most "
                   f"{net_ms / (net_ms + other):.2f}")

@@ -321,26 +321,29 @@ def measure_model(segmenter, frames: list[np.ndarray], n: int) -> StageResult:
 
 def measure_pipeline(
     segmenter, paths: Sequence[Path], chunk: int, threads: int, gpu_decode: str | None = None, overlays: bool = True,
-    reduced_jpeg: bool = True,
+    reduced_jpeg: bool = True, concurrency: int = 1,
 ) -> StageResult:
     """``Pipeline.run`` on chunks of ``chunk`` files, as the worker calls it per task
     (``overlays``: render overlay PNGs too, as OVERLAYS=eager workers do;
-    ``reduced_jpeg``: JPEG_DECODE=reduced)."""
+    ``reduced_jpeg``: JPEG_DECODE=reduced; ``concurrency``: chunks run at once
+    from that many threads, as a WORKER_CONCURRENCY worker's task threads do)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from worker.pipeline import Pipeline
 
     pipeline = Pipeline(segmenter, threads=threads, gpu_decode=gpu_decode, overlays=overlays, reduced_jpeg=reduced_jpeg)
+    chunks = [[(f"img-{i + j}", p.read_bytes) for j, p in enumerate(paths[i : i + chunk])] for i in range(0, len(paths), chunk)]
     try:
         pipeline.run([("warm-up", paths[0].read_bytes)])
         pipeline.cpu_seconds.clear()
-        failed, tumors, start, cpu, ticks = 0, 0, time.perf_counter(), cpu_time(), host_ticks()
-        for i in range(0, len(paths), chunk):
-            items = [(f"img-{i + j}", p.read_bytes) for j, p in enumerate(paths[i : i + chunk])]
-            for r in pipeline.run(items):
-                failed += not r.ok
-                tumors += bool(r.ok and r.stats.tumor_detected)
+        start, cpu, ticks = time.perf_counter(), cpu_time(), host_ticks()
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="bench-task") as tasks:
+            results = [r for rs in tasks.map(pipeline.run, chunks) for r in rs]
         seconds, cpu, steal = time.perf_counter() - start, cpu_time() - cpu, steal_percent(ticks)
     finally:
         pipeline.close()
+    failed = sum(not r.ok for r in results)
+    tumors = sum(bool(r.ok and r.stats.tumor_detected) for r in results)
     decoder = pipeline.decode
     name = getattr(getattr(decoder, "func", decoder), "__name__", type(decoder).__name__)
     if pipeline.reduces_jpeg:
@@ -504,6 +507,7 @@ def running_system(
     api_process: bool = False,
     extra_env: dict | None = None,
     pin_workers: bool = False,
+    app: str = "worker.app",
 ) -> Iterator[System]:
     """Start the real system in a temporary BONEDETECT_HOME: the embedded
     default (SQLite database and broker), or with ``broker="redis"`` Redis and
@@ -512,7 +516,8 @@ def running_system(
     ``api_process`` (to measure its memory); the workers are real Celery
     processes (``start_worker``), one torch thread pool of ``threads`` each;
     with ``pin_workers`` worker i may run on this process's i-th core only
-    (round robin), like a worker given one CPU by its container."""
+    (round robin), like a worker given one CPU by its container. ``app``: the
+    workers' Celery app module (bench.standin for the stand-in device)."""
     from sqlalchemy import create_engine, text
 
     from bonedetect.local import serve_api, settings_env, start_worker, stop_process
@@ -563,7 +568,8 @@ def running_system(
         cores = sorted(os.sched_getaffinity(0)) if pin_workers else []
         for i in range(workers):
             with on_core(cores[i % len(cores)] if cores else None):  # the worker inherits the affinity
-                procs.append(start_worker(settings, name=f"bench{i}-{uuid.uuid4().hex[:4]}", log_path=home / f"worker{i}.log", **process_env))
+                procs.append(start_worker(settings, name=f"bench{i}-{uuid.uuid4().hex[:4]}", log_path=home / f"worker{i}.log",
+                                          app=app, **process_env))
         yield System(settings, api, key, procs, home, dbname)
     finally:
         for proc in procs:

@@ -27,8 +27,12 @@
 #   SWEEP    forward batches for the network-alone sweep (default 16,64,128; empty: no sweep)
 #   SWEEP_IMAGES  images per batch size in the sweep (default 1024)
 #   CUDNN_AB  1 (default): the sweep again with --cudnn-benchmark off, for the A/B; 0: not
+#   CONCURRENCY_AB  1 (default): pipeline and system again with one chunk at a time
+#            (--worker-concurrency 1, the solo pool of before 2026-12-06) against the default two
+#            (WORKER_CONCURRENCY=auto on a GPU), for the A/B; 0: not
 #
-# What comes back in $OUT: bench-log.txt (everything printed) and bench.json (the compiled run).
+# What comes back in $OUT: bench-log.txt (everything printed), bench.json (the compiled run) and
+# bench-one-chunk.json (its pipeline and system with one chunk at a time).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-runs/gpu-bench}
@@ -85,4 +89,11 @@ timeout -s INT -k 15 "$LIMIT_S" "$PY" -m bench "${MODEL_ARGS[@]}" --compile --ba
     --io-threads "$IO" --json "$OUT/bench.json"
 rc=$?
 stamp "done (exit $rc; 124 or 130: stopped at its time limit)"
+if [ "${CONCURRENCY_AB:-1}" = 1 ]; then
+    # two chunks at once (the default on a GPU since 2026-12-06) was measured only with a stand-in device on a CPU
+    stamp "pipeline / system again with one chunk at a time (--worker-concurrency 1)"
+    timeout -s INT -k 15 "$LIMIT_S" "$PY" -m bench "${MODEL_ARGS[@]}" --compile --batch "$BATCH" --images "$IMAGES" \
+        --chunk "$CHUNK" --io-threads "$IO" --stages pipeline,system --worker-concurrency 1 --json "$OUT/bench-one-chunk.json"
+    stamp "done (exit $?)"
+fi
 exit $rc

@@ -181,3 +181,56 @@ def test_memory_probes_report_worker_and_api_rss(tmp_path, capsys):
     assert re.search(r"Worker RSS over 6 images of 96x80 \(\S+ s, job done\)", out)
     last = out.strip().splitlines()[-1]
     assert re.match(r"bench memory: worker RSS \S+ -> \S+ MiB over 6 images .*API peak \S+ -> \S+ MiB", last), last
+
+
+def test_a_stand_in_device_queues_batches_at_its_rate_and_hands_back_the_real_networks_planes():
+    """bench/standin.py: submit returns at once, the batch is ready when a device of that rate would be done
+    with it and everything queued before it, and the probabilities are the real network's, in turn."""
+    import time
+
+    from bench.standin import StandInDevice, reference_planes
+
+    segmenter = tp.load_segmenter(SYNTHETIC_CHECKPOINT, batch=2, threads=1, device="cpu")
+    rng = np.random.default_rng(0)
+    size = segmenter.preprocessor.size
+    frames = [rng.normal(size=(size, size)).astype(np.float32) for _ in range(3)]
+    planes = reference_planes(segmenter, frames)
+    np.testing.assert_array_equal(planes, segmenter.forward(frames))
+    device = StandInDevice(segmenter, rate=20.0, planes=planes)  # 50 ms per image
+    assert device.version == segmenter.version + "+stand-in" and device.batch_size == 2
+
+    start = time.perf_counter()
+    first, second = device.submit(frames[:2]), device.submit(frames[:1])
+    assert time.perf_counter() - start < 0.05, "submit queues the batch and returns"
+    assert not first.ready and not second.ready
+    got = first.result()
+    assert 0.09 <= time.perf_counter() - start < 0.3  # two images: 100 ms
+    np.testing.assert_array_equal(got, planes[:2])
+    np.testing.assert_array_equal(second.result(), planes[2:3])  # the next plane in turn
+    assert 0.14 <= time.perf_counter() - start < 0.4  # queued behind the first: 150 ms in all
+    np.testing.assert_array_equal(device.forward(frames[:3]), planes[[0, 1, 2]])  # the turn wraps around
+    with pytest.raises(ValueError, match="1 to 2 frames"):
+        device.submit(frames)
+    with pytest.raises(ValueError, match="positive rate"):
+        StandInDevice(segmenter, 0, planes)
+
+
+def test_bench_with_a_stand_in_device_and_two_chunks_at_once_runs_every_stage(tmp_path, capsys):
+    """--standin-device RATE in every stage (the workers through bench.standin as their Celery app) and
+    --worker-concurrency 2 for the pipeline stage and the workers: every image done, the rows made by the
+    stand-in, and the model stage at the stand-in's rate."""
+    import json
+
+    status = main(["--images", "6", "--size", "120x100", "--batch", "2", "--chunk", "2", "--threads", "1",
+                   "--io-threads", "2", "--standin-device", "40", "--worker-concurrency", "2",
+                   "--checkpoint", str(SYNTHETIC_CHECKPOINT), "--cache", str(tmp_path / "cache"),
+                   "--json", str(tmp_path / "out.json")])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "stand-in device of 40 img/s" in out and "workers 1 of 2 chunk(s) at once" in out
+    system_row = next(line for line in out.splitlines() if line.startswith("system, 1 worker"))
+    assert "status=done" in system_row and "FAILED" not in system_row
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["standin_device"] == 40 and result["worker_concurrency"] == 2
+    assert result["stages"]["model"]["img_s"] == pytest.approx(40, rel=0.15)
+    assert result["stages"]["pipeline"]["failed"] == 0
