@@ -7,6 +7,8 @@
     python -m bench --full --sweep-batches 1,2,4,8,16 --images 16   # the network alone per forward batch
     python -m bench --memory                 # worker RSS over 5,000 images; API RSS against upload size
     python -m bench --broker redis           # Redis + a fresh PostgreSQL database instead of the embedded SQLite
+    python -m bench --batch 16 --chunk 32 --images 192 --standin-device 30 --worker-concurrency 2   # an off-CPU network
+    python -m bench ... --jobs 4 --api-workers 2   # the batch as 4 jobs uploaded at once, the API under gunicorn
 
 On generated radiograph-sized JPEGs (3000x2500 by default, cached under
 var/bench/) it measures, in one run:
@@ -124,6 +126,11 @@ def parser() -> argparse.ArgumentParser:
                    help=f"INFER_TTA for the model and pipeline stages and the workers (now {s.infer_tta}); auto: the "
                         "checkpoint's own mode (the shipped model's flip4: four passes per image; the full-size "
                         "random network's off)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="system stage: the batch as this many jobs of consecutive images, uploaded at once (default 1)")
+    p.add_argument("--api-workers", type=int, default=0,
+                   help="system stage: the API under gunicorn with this many processes of 4 threads, as "
+                        "docker-compose.yml runs it (default 0: the API in a thread of this process)")
     p.add_argument("--standin-device", type=float, metavar="RATE",
                    help="replace the network in every stage by a stand-in device of RATE images/s that uses no CPU "
                         "and hands back the real network's probabilities on the bench's images (bench/standin.py): "
@@ -254,8 +261,9 @@ def run(args, argv, tmp: Path) -> int:
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
     if not stages <= {"model", "pipeline", "system"}:
         raise SystemExit(f"--stages: unknown stage(s) {sorted(stages - {'model', 'pipeline', 'system'})}")
-    if args.workers < 1 or (args.batch is not None and args.batch < 1) or args.chunk < 1 or args.io_threads < 1:
-        raise SystemExit("--workers, --batch, --chunk and --io-threads must be at least 1")
+    if (args.workers < 1 or (args.batch is not None and args.batch < 1) or args.chunk < 1 or args.io_threads < 1
+            or args.jobs < 1 or args.api_workers < 0):
+        raise SystemExit("--workers, --batch, --chunk, --io-threads and --jobs must be at least 1, --api-workers 0 or more")
     import torch
 
     from bonedetect.settings import Settings
@@ -331,14 +339,14 @@ def run(args, argv, tmp: Path) -> int:
                                                              "CUDNN_BENCHMARK": args.cudnn_benchmark,
                                                              "WORKER_CONCURRENCY": str(args.worker_concurrency),
                                                              **standin_env},
-                  pin_workers=args.pin_workers, app=worker_app)
+                  pin_workers=args.pin_workers, app=worker_app, api_workers=args.api_workers)
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
             with tp.running_system(ckpt, workers=1, **kw) as system:
-                results["system-1"] = tp.measure_system(system, paths, "system, 1 worker")
+                results["system-1"] = tp.measure_system(system, paths, "system, 1 worker", jobs=args.jobs)
         log(f"system: {args.workers} worker(s), {args.threads} torch thread(s) each, {args.broker}")
         with tp.running_system(ckpt, workers=args.workers, **kw) as system:
-            results["system"] = tp.measure_system(system, paths, f"system, {args.workers} worker(s)")
+            results["system"] = tp.measure_system(system, paths, f"system, {args.workers} worker(s)", jobs=args.jobs)
 
     by_step = results["pipeline"].notes.pop("cpu_ms_by_step", None) if "pipeline" in results else None
     for r in results.values():
@@ -352,7 +360,8 @@ def run(args, argv, tmp: Path) -> int:
     chunks = -(-n // args.chunk)
     print(f"config:   {n} images of {h}x{w} JPEG; forward batch {args.batch}; chunk {args.chunk} ({chunks} chunks); torch threads {args.threads}"
           f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}"
-          f" of {args.worker_concurrency} chunk(s) at once"
+          f" of {args.worker_concurrency} chunk(s) at once; {args.jobs} job(s) uploaded at once; API "
+          f"{f'gunicorn x{args.api_workers}' if args.api_workers else 'in this process'}"
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
           f"channels_last {segmenter.channels_last}; compile {args.compile}; "
           f"{f'cudnn.benchmark {args.cudnn_benchmark}; ' if segmenter.cuda else ''}overlays {args.overlays}; "

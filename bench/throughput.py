@@ -289,6 +289,16 @@ def cpu_time(pids: Sequence[int] = ()) -> float:
     return total
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (an API under gunicorn: the master and its workers)."""
+    import psutil
+
+    try:
+        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return [pid]
+
+
 def frames_of(segmenter, paths: Sequence[Path], k: int) -> list[np.ndarray]:
     """Preprocessed frames of the first k distinct images (the model stage's input)."""
     from worker.decode import decode_image
@@ -337,8 +347,11 @@ def measure_pipeline(
         pipeline.run([("warm-up", paths[0].read_bytes)])
         pipeline.cpu_seconds.clear()
         start, cpu, ticks = time.perf_counter(), cpu_time(), host_ticks()
-        with ThreadPoolExecutor(concurrency, thread_name_prefix="bench-task") as tasks:
-            results = [r for rs in tasks.map(pipeline.run, chunks) for r in rs]
+        if concurrency == 1:  # in this thread, as a solo worker runs its tasks
+            results = [r for chunk_items in chunks for r in pipeline.run(chunk_items)]
+        else:
+            with ThreadPoolExecutor(concurrency, thread_name_prefix="bench-task") as tasks:
+                results = [r for rs in tasks.map(pipeline.run, chunks) for r in rs]
         seconds, cpu, steal = time.perf_counter() - start, cpu_time() - cpu, steal_percent(ticks)
     finally:
         pipeline.close()
@@ -508,6 +521,7 @@ def running_system(
     extra_env: dict | None = None,
     pin_workers: bool = False,
     app: str = "worker.app",
+    api_workers: int = 0,
 ) -> Iterator[System]:
     """Start the real system in a temporary BONEDETECT_HOME: the embedded
     default (SQLite database and broker), or with ``broker="redis"`` Redis and
@@ -517,7 +531,9 @@ def running_system(
     processes (``start_worker``), one torch thread pool of ``threads`` each;
     with ``pin_workers`` worker i may run on this process's i-th core only
     (round robin), like a worker given one CPU by its container. ``app``: the
-    workers' Celery app module (bench.standin for the stand-in device)."""
+    workers' Celery app module (bench.standin for the stand-in device).
+    ``api_workers``: the API under gunicorn with that many processes of 4
+    threads, as docker-compose.yml runs it (0: ``serve_api`` or ``api_process``)."""
     from sqlalchemy import create_engine, text
 
     from bonedetect.local import serve_api, settings_env, start_worker, stop_process
@@ -561,7 +577,9 @@ def running_system(
     engine.dispose()
     procs, api = [], None
     try:
-        if api_process:
+        if api_workers:
+            api = ApiProcess(settings, settings_env(settings, **process_env), gunicorn_workers=api_workers)
+        elif api_process:
             api = ApiProcess(settings, settings_env(settings, **process_env))
         else:
             api = serve_api(settings)
@@ -587,17 +605,23 @@ def running_system(
 
 
 class ApiProcess:
-    """The API in its own process (``bonedetect api``), so its memory can be measured."""
+    """The API in its own process (``bonedetect api``), so its memory can be measured; with
+    ``gunicorn_workers`` under gunicorn with that many processes of 4 threads (docker-compose.yml's API)."""
 
-    def __init__(self, settings, env: dict):
+    def __init__(self, settings, env: dict, gunicorn_workers: int = 0):
         import socket
         import subprocess
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
+        if gunicorn_workers:
+            argv = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers",
+                    str(gunicorn_workers), "--threads", "4", "--timeout", "600", "api:create_app()"]
+        else:
+            argv = [sys.executable, "-m", "bonedetect.cli", "api", "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bonedetect.cli", "api", "--host", "127.0.0.1", "--port", str(self.port)],
+            argv,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -640,28 +664,48 @@ def warm_up(system: System, path: Path) -> None:
         wait_done(client, job["job_id"], timeout=600)
 
 
-def measure_system(system: System, paths: Sequence[Path], name: str = "system") -> StageResult:
-    """Upload the batch as one job; seconds from the first byte sent until the API says done."""
+def measure_system(system: System, paths: Sequence[Path], name: str = "system", jobs: int = 1) -> StageResult:
+    """Upload the batch as one job, or as ``jobs`` jobs of consecutive images uploaded at once (one
+    connection each, as a hospital sending a night's studies from several clients); seconds from the
+    first byte sent until the API says the last one is done."""
+    from concurrent.futures import ThreadPoolExecutor
+
     warm_up(system, paths[0])
     client = system.client()
-    pids = [w.pid for w in system.workers]
+    workers = [w.pid for w in system.workers]
+    api = process_tree(system.api.pid) if hasattr(system.api, "pid") else []  # an API process (gunicorn's workers too)
+    pids = workers + api
+    parts = [list(p) for p in np.array_split(np.array(paths, dtype=object), max(1, min(jobs, len(paths))))]
     started_at = datetime.now(timezone.utc)
-    start, cpu, ticks = time.perf_counter(), cpu_time(pids), host_ticks()  # this process: the API's threads, uploader, poller
-    per_worker = [cpu_time([pid]) - cpu_time() for pid in pids]
-    job = upload_streaming(system.api.url, system.key, paths)
+    # this process: the uploader and poller, and the API's threads when it runs here
+    start, cpu, ticks = time.perf_counter(), cpu_time(pids), host_ticks()
+    api_cpu = cpu_time(api) - cpu_time()
+    per_worker = [cpu_time([pid]) - cpu_time() for pid in workers]
+    with ThreadPoolExecutor(len(parts), thread_name_prefix="bench-upload") as uploads:
+        job_ids = [job["job_id"] for job in uploads.map(
+            lambda part: upload_streaming(system.api.url, system.key, part, label=f"bench {len(part)}"), parts)]
     uploaded = time.perf_counter() - start
-    final, end = wait_done(client, job["job_id"])
+    finals = [wait_done(client, job_id) for job_id in job_ids]
+    end = max(seen for _, seen in finals)
     cpu, steal = cpu_time(pids) - cpu, steal_percent(ticks)
-    per_worker = [round(cpu_time([pid]) - cpu_time() - before, 1) for pid, before in zip(pids, per_worker)]
-    counts = final["counts"]
-    notes = {"upload_s": round(uploaded, 2), "status": final["status"], "worker_cpu_s": per_worker,
-             **queue_timeline(system, job["job_id"], started_at, end - start), "steal_pct": steal,
+    per_worker = [round(cpu_time([pid]) - cpu_time() - before, 1) for pid, before in zip(workers, per_worker)]
+    counts: dict[str, int] = {}
+    for final, _ in finals:
+        for status, n in final["counts"].items():
+            counts[status] = counts.get(status, 0) + n
+    statuses = sorted({final["status"] for final, _ in finals})
+    notes = {"upload_s": round(uploaded, 2), "status": "/".join(statuses), "worker_cpu_s": per_worker,
+             **queue_timeline(system, job_ids, started_at, end - start), "steal_pct": steal,
              "load": load_average()}
+    if len(parts) > 1:
+        notes = {"jobs": len(parts), **notes}
+    if api:
+        notes["api_cpu_s"] = round(cpu_time(api) - cpu_time() - api_cpu, 1)
     failed = counts.get("failed", 0) + counts.get("queued", 0)
     return StageResult(name, len(paths), end - start, failed, notes, cpu_seconds=cpu)
 
 
-def queue_timeline(system: System, job_id: str, started_at: datetime, seconds: float) -> dict:
+def queue_timeline(system: System, job_ids: str | Sequence[str], started_at: datetime, seconds: float) -> dict:
     """Where the system's wall-clock time went, from the image rows: a chunk
     runs from its claim (started_at, one per chunk) to its commit
     (finished_at). Returns the seconds until the first chunk was claimed
@@ -677,7 +721,8 @@ def queue_timeline(system: System, job_id: str, started_at: datetime, seconds: f
     engine = make_engine(system.settings.database_url)
     try:
         with make_sessionmaker(engine)() as session:
-            rows = session.execute(select(Image.started_at, Image.finished_at).where(Image.job_id == job_id)).all()
+            ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
+            rows = session.execute(select(Image.started_at, Image.finished_at).where(Image.job_id.in_(ids))).all()
     finally:
         engine.dispose()
 

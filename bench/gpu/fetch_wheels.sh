@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Fetch, into the git-ignored .whl/, the Python 3.12 wheels of the service packages that the
 # device machines' image lacks (it has torch, torchvision, numpy, OpenCV, Pillow, Jinja2,
-# Werkzeug, click, prometheus-client; not Flask, Celery, SQLAlchemy, Alembic, redis-py, isal,
+# Werkzeug, click, prometheus-client; not Flask, Celery, SQLAlchemy, Alembic, redis-py, isal, gunicorn,
 # pydicom, highdicom). Versions follow this checkout's .venv, so both machines run the same code.
 # Run from the repository root on the CPU machine; bench/gpu/run_throughput.sh installs them there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 PACKAGES="alembic amqp billiard blinker celery click-didyoumean click-plugins click-repl flask greenlet
-itsdangerous kombu mako prompt-toolkit wcwidth sqlalchemy vine redis isal tzlocal tzdata pydicom highdicom pyjpegls"
+itsdangerous kombu mako prompt-toolkit wcwidth sqlalchemy vine redis isal tzlocal tzdata pydicom highdicom pyjpegls
+gunicorn packaging"
 # (python-dateutil, click, Jinja2, Werkzeug, prometheus-client: already in the device image)
 specs=()
 for p in $PACKAGES; do
