@@ -8,7 +8,7 @@
     python -m bench --memory                 # worker RSS over 5,000 images; API RSS against upload size
     python -m bench --broker redis           # Redis + a fresh PostgreSQL database instead of the embedded SQLite
     python -m bench --batch 16 --chunk 32 --images 192 --standin-device 30 --worker-concurrency 2   # an off-CPU network
-    python -m bench ... --jobs 4 --api-workers 2   # the batch as 4 jobs uploaded at once, the API under gunicorn
+    python -m bench ... --jobs 6 --api-workers 2   # the batch as 6 jobs sent one after another, the API under gunicorn
 
 On generated radiograph-sized JPEGs (3000x2500 by default, cached under
 var/bench/) it measures, in one run:
@@ -127,7 +127,9 @@ def parser() -> argparse.ArgumentParser:
                         "checkpoint's own mode (the shipped model's flip4: four passes per image; the full-size "
                         "random network's off)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="system stage: the batch as this many jobs of consecutive images, uploaded at once (default 1)")
+                   help="system stage: the batch as this many jobs of consecutive images (default 1), sent one after "
+                        "another by each of --uploaders clients")
+    p.add_argument("--uploaders", type=int, default=1, help="system stage: clients uploading --jobs at once (default 1)")
     p.add_argument("--api-workers", type=int, default=0,
                    help="system stage: the API under gunicorn with this many processes of 4 threads, as "
                         "docker-compose.yml runs it (default 0: the API in a thread of this process)")
@@ -262,8 +264,9 @@ def run(args, argv, tmp: Path) -> int:
     if not stages <= {"model", "pipeline", "system"}:
         raise SystemExit(f"--stages: unknown stage(s) {sorted(stages - {'model', 'pipeline', 'system'})}")
     if (args.workers < 1 or (args.batch is not None and args.batch < 1) or args.chunk < 1 or args.io_threads < 1
-            or args.jobs < 1 or args.api_workers < 0):
-        raise SystemExit("--workers, --batch, --chunk, --io-threads and --jobs must be at least 1, --api-workers 0 or more")
+            or args.jobs < 1 or args.uploaders < 1 or args.api_workers < 0):
+        raise SystemExit("--workers, --batch, --chunk, --io-threads, --jobs and --uploaders must be at least 1, "
+                         "--api-workers 0 or more")
     import torch
 
     from bonedetect.settings import Settings
@@ -343,10 +346,12 @@ def run(args, argv, tmp: Path) -> int:
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
             with tp.running_system(ckpt, workers=1, **kw) as system:
-                results["system-1"] = tp.measure_system(system, paths, "system, 1 worker", jobs=args.jobs)
+                results["system-1"] = tp.measure_system(system, paths, "system, 1 worker", jobs=args.jobs,
+                                                        uploaders=args.uploaders)
         log(f"system: {args.workers} worker(s), {args.threads} torch thread(s) each, {args.broker}")
         with tp.running_system(ckpt, workers=args.workers, **kw) as system:
-            results["system"] = tp.measure_system(system, paths, f"system, {args.workers} worker(s)", jobs=args.jobs)
+            results["system"] = tp.measure_system(system, paths, f"system, {args.workers} worker(s)", jobs=args.jobs,
+                                                  uploaders=args.uploaders)
 
     by_step = results["pipeline"].notes.pop("cpu_ms_by_step", None) if "pipeline" in results else None
     for r in results.values():
@@ -360,7 +365,8 @@ def run(args, argv, tmp: Path) -> int:
     chunks = -(-n // args.chunk)
     print(f"config:   {n} images of {h}x{w} JPEG; forward batch {args.batch}; chunk {args.chunk} ({chunks} chunks); torch threads {args.threads}"
           f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}"
-          f" of {args.worker_concurrency} chunk(s) at once; {args.jobs} job(s) uploaded at once; API "
+          f" of {args.worker_concurrency} chunk(s) at once; {args.jobs} job(s) by {min(args.uploaders, args.jobs)} "
+          f"uploader(s); API "
           f"{f'gunicorn x{args.api_workers}' if args.api_workers else 'in this process'}"
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
           f"channels_last {segmenter.channels_last}; compile {args.compile}; "

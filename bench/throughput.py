@@ -664,10 +664,12 @@ def warm_up(system: System, path: Path) -> None:
         wait_done(client, job["job_id"], timeout=600)
 
 
-def measure_system(system: System, paths: Sequence[Path], name: str = "system", jobs: int = 1) -> StageResult:
-    """Upload the batch as one job, or as ``jobs`` jobs of consecutive images uploaded at once (one
-    connection each, as a hospital sending a night's studies from several clients); seconds from the
-    first byte sent until the API says the last one is done."""
+def measure_system(system: System, paths: Sequence[Path], name: str = "system", jobs: int = 1,
+                   uploaders: int = 1) -> StageResult:
+    """Upload the batch as one job, or as ``jobs`` jobs of consecutive images, sent by ``uploaders``
+    clients at once, each sending the next job when its last one was accepted (one: a hospital's
+    script sending a night's studies one job after another, so the first jobs are processed while the
+    later ones upload); seconds from the first byte sent until the API says the last job is done."""
     from concurrent.futures import ThreadPoolExecutor
 
     warm_up(system, paths[0])
@@ -681,7 +683,7 @@ def measure_system(system: System, paths: Sequence[Path], name: str = "system", 
     start, cpu, ticks = time.perf_counter(), cpu_time(pids), host_ticks()
     api_cpu = cpu_time(api) - cpu_time()
     per_worker = [cpu_time([pid]) - cpu_time() for pid in workers]
-    with ThreadPoolExecutor(len(parts), thread_name_prefix="bench-upload") as uploads:
+    with ThreadPoolExecutor(max(1, min(uploaders, len(parts))), thread_name_prefix="bench-upload") as uploads:
         job_ids = [job["job_id"] for job in uploads.map(
             lambda part: upload_streaming(system.api.url, system.key, part, label=f"bench {len(part)}"), parts)]
     uploaded = time.perf_counter() - start
@@ -698,7 +700,7 @@ def measure_system(system: System, paths: Sequence[Path], name: str = "system", 
              **queue_timeline(system, job_ids, started_at, end - start), "steal_pct": steal,
              "load": load_average()}
     if len(parts) > 1:
-        notes = {"jobs": len(parts), **notes}
+        notes = {"jobs": len(parts), "uploaders": min(uploaders, len(parts)), **notes}
     if api:
         notes["api_cpu_s"] = round(cpu_time(api) - cpu_time() - api_cpu, 1)
     failed = counts.get("failed", 0) + counts.get("queued", 0)

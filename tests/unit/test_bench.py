@@ -218,20 +218,20 @@ def test_a_stand_in_device_queues_batches_at_its_rate_and_hands_back_the_real_ne
 def test_bench_with_a_stand_in_device_two_chunks_at_once_and_jobs_uploaded_at_once_runs_every_stage(tmp_path, capsys):
     """--standin-device RATE in every stage (the workers through bench.standin as their Celery app),
     --worker-concurrency 2 for the pipeline stage and the workers, and the system stage's batch as two
-    jobs uploaded at once to the API under gunicorn: every image of both jobs done, and the model stage
+    jobs uploaded at once by two clients to the API under gunicorn: every image of both jobs done, and the model stage
     at the stand-in's rate."""
     import json
 
     status = main(["--images", "6", "--size", "120x100", "--batch", "2", "--chunk", "2", "--threads", "1",
                    "--io-threads", "2", "--standin-device", "40", "--worker-concurrency", "2", "--jobs", "2",
-                   "--api-workers", "2", "--checkpoint", str(SYNTHETIC_CHECKPOINT), "--cache", str(tmp_path / "cache"),
+                   "--uploaders", "2", "--api-workers", "2", "--checkpoint", str(SYNTHETIC_CHECKPOINT), "--cache", str(tmp_path / "cache"),
                    "--json", str(tmp_path / "out.json")])
     out = capsys.readouterr().out
     assert status == 0
     assert "stand-in device of 40 img/s" in out and "workers 1 of 2 chunk(s) at once" in out
-    assert "2 job(s) uploaded at once; API gunicorn x2" in out
+    assert "2 job(s) by 2 uploader(s); API gunicorn x2" in out
     system_row = next(line for line in out.splitlines() if line.startswith("system, 1 worker"))
-    assert "jobs=2," in system_row and "status=done," in system_row and "FAILED" not in system_row
+    assert "jobs=2, uploaders=2," in system_row and "status=done," in system_row and "FAILED" not in system_row
     assert re.search(r"chunks=4, ", system_row), system_row  # two jobs of 3 images, each in chunks of 2 and 1
     assert re.search(r"api_cpu_s=\d", system_row), system_row
     result = json.loads((tmp_path / "out.json").read_text())
