@@ -133,8 +133,9 @@ def worker_killed(env: Env, images: int = 32, concurrency: int = 1) -> Result:
             t0 = time.monotonic()
             job_id = system.client().submit(files, label="chaos: worker killed")["job_id"]
             chunk = system.settings.chunk_size
-            # Both workers hold a chunk when more than one chunk's images are processing.
-            wait_for(lambda: _count(system, job_id, "processing") > chunk, 60, "both workers to hold a chunk", 0.01)
+            # Both workers hold a chunk when more than one worker's worth of chunks is processing.
+            wait_for(lambda: _count(system, job_id, "processing") > chunk * concurrency, 60, "both workers to hold a chunk",
+                     0.01)
             result.observed["killed_pid"] = system.kill_worker(0)
             result.observed["processing_at_kill"] = _count(system, job_id, "processing")
             final = _finish(system, job_id)

@@ -76,7 +76,9 @@ class StandInDevice(Segmenter):
         n = len(frames)
         if not 0 < n <= self.batch_size:
             raise ValueError(f"submit takes 1 to {self.batch_size} frames, got {n}")
-        np.stack([np.asarray(f, np.float32) for f in frames])  # the host's part: the batch assembled, as on CUDA
+        host = [f for f in frames if isinstance(f, np.ndarray)]  # frames prepared on a GPU are stacked there
+        if host:
+            np.stack(host)  # the host's part: the batch assembled, as on CUDA
         with self._lock:
             start = max(time.perf_counter(), self._free_at)
             self._free_at = start + n / self.rate

@@ -112,16 +112,30 @@ class FairLock:
     def __init__(self):
         self._turns = threading.Condition()
         self._next = self._serving = 0
+        self._abandoned: set[int] = set()  # tickets whose thread stopped waiting (an exception while it waited)
 
     def __enter__(self) -> None:
         with self._turns:
             ticket, self._next = self._next, self._next + 1
-            self._turns.wait_for(lambda: self._serving == ticket)
+            try:
+                self._turns.wait_for(lambda: self._serving == ticket)
+            except BaseException:  # the turn must not wait for a thread that is gone
+                if self._serving == ticket:
+                    self._pass_turn()
+                else:
+                    self._abandoned.add(ticket)
+                raise
 
     def __exit__(self, *exc) -> None:
         with self._turns:
+            self._pass_turn()
+
+    def _pass_turn(self) -> None:
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
             self._serving += 1
-            self._turns.notify_all()
+        self._turns.notify_all()
 
 
 class Pipeline:
@@ -160,9 +174,13 @@ class Pipeline:
     results), "input" (it waited for decoded images), "finishing"
     (it waited for finishing to catch up: backpressure), "draining" (the
     last images finishing after the network's last batch) and "network"
-    (it waited while the network ran another chunk's batch), so forward over
-    the run's time says how well the network was fed (the worker logs it per
-    chunk, from ``run``'s ``walls``).
+    (it waited for its turn at the network while another chunk had it), so
+    forward over the run's time says how well the network was fed (the
+    worker logs it per chunk, from ``run``'s ``walls``). With two chunks at
+    once on a CPU, "network" is the other chunk's batches; on CUDA, where a
+    turn only launches a batch, the GPU time of the other chunk's batches
+    lands in "forward" instead (waiting for this chunk's results), so the two
+    chunks' forward shares can add up to more than one.
 
     Several threads may call ``run`` at once (WORKER_CONCURRENCY: a worker
     holding two chunks): they share the pool and the network, which takes

@@ -64,6 +64,8 @@ class WorkerContext:
 
 _context: WorkerContext | None = None
 _context_lock = threading.Lock()
+_in_hand = 0  # chunks this process is running (WORKER_CONCURRENCY: up to 2 at once)
+_in_hand_lock = threading.Lock()
 
 
 def worker_context() -> WorkerContext:
@@ -383,7 +385,24 @@ def fail(ctx: WorkerContext, claimed: list[Claimed], reason: str) -> None:
     max_retries=5,
 )
 def segment_chunk(self, image_ids: list[str]) -> dict:
+    global _in_hand
     ctx = worker_context()
+    with _in_hand_lock:
+        _in_hand += 1
+    try:
+        result = _segment_chunk(self, ctx, image_ids)
+    finally:
+        with _in_hand_lock:
+            _in_hand -= 1
+            last_out = _in_hand == 0
+    if last_out and ctx.settings.allocator == "keep":
+        # What the chunks freed goes back to the kernel once none is in hand: memory between chunks stays flat.
+        # Not while another chunk runs: its threads would fault the pages straight back in (bonedetect/allocator.py).
+        allocator.release_free_memory()
+    return result
+
+
+def _segment_chunk(self, ctx: WorkerContext, image_ids: list[str]) -> dict:
     started, spent = time.perf_counter(), Counter()  # this chunk's wall-clock seconds by what the network did
     patience = ctx.settings.db_retry_s
     try:
@@ -434,9 +453,7 @@ def segment_chunk(self, image_ids: list[str]) -> dict:
         extra={"images": len(results), "done": done, "seconds": round(seconds, 3), "pipeline_s": round(pipeline_s, 3),
                "network_share": round(network_share, 3), "input_wait_s": round(spent["input"], 3),
                "finish_wait_s": round(spent["finishing"] + spent["draining"], 3),
-               "network_wait_s": round(spent["network"], 3),  # the network ran another chunk's batch (WORKER_CONCURRENCY)
+               "network_wait_s": round(spent["network"], 3),  # its turn at the network waited for another chunk's
                "database_s": round(max(0.0, seconds - pipeline_s), 3)},
     )  # fmt: skip
-    if ctx.settings.allocator == "keep":
-        allocator.release_free_memory()  # what this chunk freed goes back: memory between chunks stays flat
     return {"processed": len(results), "done": done, "written": written}

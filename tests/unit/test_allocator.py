@@ -86,3 +86,36 @@ print(kept, rss_mib())
     kept, released = float(out[0]), float(out[1])
     assert kept - released > 200, (kept, released)
 
+
+
+def test_a_worker_gives_freed_memory_back_only_when_no_chunk_is_in_hand(monkeypatch):
+    """ALLOCATOR=keep: what chunks freed goes back to the kernel after a chunk, but not while another chunk of
+    the same worker is still running (WORKER_CONCURRENCY=2), whose threads would fault it straight back in."""
+    import threading
+    from types import SimpleNamespace
+
+    from worker import tasks
+
+    trims, started = [], threading.Semaphore(0)
+    gates = {"a": threading.Event(), "b": threading.Event()}
+    monkeypatch.setattr(tasks.allocator, "release_free_memory", lambda: trims.append(1) or True)
+    monkeypatch.setattr(tasks, "worker_context", lambda: SimpleNamespace(settings=SimpleNamespace(allocator="keep")))
+
+    def chunk(task, ctx, image_ids):
+        started.release()
+        assert gates[image_ids[0]].wait(10)
+        return {"processed": 0}
+
+    monkeypatch.setattr(tasks, "_segment_chunk", chunk)
+    runs = {k: threading.Thread(target=tasks.segment_chunk, args=([k],)) for k in gates}
+    for t in runs.values():
+        t.start()
+    assert started.acquire(timeout=10) and started.acquire(timeout=10)  # both chunks in hand
+    gates["a"].set()
+    runs["a"].join(10)
+    assert trims == [], "memory given back while the other chunk ran"
+    gates["b"].set()
+    runs["b"].join(10)
+    assert trims == [1]
+    tasks.segment_chunk(["a"])  # one chunk at a time (solo): after each
+    assert trims == [1, 1]

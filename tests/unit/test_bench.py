@@ -196,18 +196,19 @@ def test_a_stand_in_device_queues_batches_at_its_rate_and_hands_back_the_real_ne
     frames = [rng.normal(size=(size, size)).astype(np.float32) for _ in range(3)]
     planes = reference_planes(segmenter, frames)
     np.testing.assert_array_equal(planes, segmenter.forward(frames))
-    device = StandInDevice(segmenter, rate=20.0, planes=planes)  # 50 ms per image
+    device = StandInDevice(segmenter, rate=5.0, planes=planes)  # 200 ms per image
     assert device.version == segmenter.version + "+stand-in" and device.batch_size == 2
 
     start = time.perf_counter()
     first, second = device.submit(frames[:2]), device.submit(frames[:1])
-    assert time.perf_counter() - start < 0.05, "submit queues the batch and returns"
+    assert time.perf_counter() - start < 0.2, "submit queues the batch and returns"
     assert not first.ready and not second.ready
     got = first.result()
-    assert 0.09 <= time.perf_counter() - start < 0.3  # two images: 100 ms
+    assert 0.39 <= time.perf_counter() - start  # two images: 400 ms
     np.testing.assert_array_equal(got, planes[:2])
     np.testing.assert_array_equal(second.result(), planes[2:3])  # the next plane in turn
-    assert 0.14 <= time.perf_counter() - start < 0.4  # queued behind the first: 150 ms in all
+    assert 0.59 <= time.perf_counter() - start  # queued behind the first: 600 ms in all
+    assert first.ready and second.ready
     np.testing.assert_array_equal(device.forward(frames[:3]), planes[[0, 1, 2]])  # the turn wraps around
     with pytest.raises(ValueError, match="1 to 2 frames"):
         device.submit(frames)
@@ -236,5 +237,5 @@ def test_bench_with_a_stand_in_device_two_chunks_at_once_and_jobs_uploaded_at_on
     assert re.search(r"api_cpu_s=\d", system_row), system_row
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["standin_device"] == 40 and result["worker_concurrency"] == 2
-    assert result["stages"]["model"]["img_s"] == pytest.approx(40, rel=0.15)
+    assert 20 < result["stages"]["model"]["img_s"] <= 40.5  # never faster than the device
     assert result["stages"]["pipeline"]["failed"] == 0

@@ -54,6 +54,25 @@ def test_worker_concurrency_picks_a_pool_that_never_forks():
             Settings.from_env({"WORKER_CONCURRENCY": bad})
 
 
+def test_auto_is_two_chunks_where_the_driver_shows_a_gpu_that_is_not_hidden(tmp_path):
+    """WORKER_CONCURRENCY=auto without importing torch: an NVIDIA device node or ROCm's /dev/kfd means a GPU,
+    unless CUDA_VISIBLE_DEVICES hides every device."""
+    from worker.app import default_concurrency
+
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "nvidiactl").touch()  # the driver without a device: no GPU
+    assert default_concurrency({}, str(devices)) == 1
+    (devices / "nvidia0").touch()
+    assert default_concurrency({}, str(devices)) == 2
+    assert default_concurrency({"CUDA_VISIBLE_DEVICES": "0"}, str(devices)) == 2
+    assert default_concurrency({"CUDA_VISIBLE_DEVICES": ""}, str(devices)) == 1
+    assert default_concurrency({"CUDA_VISIBLE_DEVICES": "-1"}, str(devices)) == 1
+    (devices / "nvidia0").unlink()
+    (devices / "kfd").touch()
+    assert default_concurrency({}, str(devices)) == 2
+
+
 def test_the_worker_app_holds_one_chunk_at_a_time_on_a_cpu_unless_told(tmp_path):
     """worker.app reads WORKER_CONCURRENCY (auto: 2 on a GPU, 1 here) into the pool Celery starts."""
     import json
@@ -61,9 +80,9 @@ def test_the_worker_app_holds_one_chunk_at_a_time_on_a_cpu_unless_told(tmp_path)
     import subprocess
     import sys
 
-    import torch
+    from worker.app import default_concurrency
 
-    auto = ["threads", 2] if torch.cuda.is_available() else ["solo", 1]
+    auto = ["threads", 2] if default_concurrency() == 2 else ["solo", 1]
     probe = "import json, worker.app as w; print(json.dumps([w.app.conf.worker_pool, w.app.conf.worker_concurrency]))"
     env = {**os.environ, "BONEDETECT_HOME": str(tmp_path)}
     for value, expected in (("auto", auto), ("3", ["threads", 3])):
