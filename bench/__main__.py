@@ -64,16 +64,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def positive_or_auto(text: str) -> int | None:
-    if text.strip().lower() == "auto":
-        return None
+def concurrency_arg(text: str) -> int | None:
+    """--worker-concurrency: parsed as WORKER_CONCURRENCY is (None: auto)."""
+    from bonedetect.settings import positive_or_auto
+
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a positive integer or 'auto', got {text!r}")
-    return value
+        return positive_or_auto({"--worker-concurrency": text}, "--worker-concurrency")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,9 +98,9 @@ def parser() -> argparse.ArgumentParser:
                         "auto: 16 on CUDA, 1-16 on a CPU by the network's size)")
     p.add_argument("--chunk", type=int, default=s.chunk_size, help=f"images per task (CHUNK_SIZE, now {s.chunk_size})")
     p.add_argument("--io-threads", type=int, default=s.io_threads, help=f"pipeline decode/encode threads (IO_THREADS, now {s.io_threads})")
-    p.add_argument("--worker-concurrency", type=positive_or_auto, default=s.worker_concurrency,
+    p.add_argument("--worker-concurrency", type=concurrency_arg, default=s.worker_concurrency,
                    help=f"chunks each worker holds at once, sharing its model, and chunks the pipeline stage runs at once "
-                        f"(WORKER_CONCURRENCY, now {s.worker_concurrency or 'auto'}; auto: 2 on CUDA, 1 on a CPU)")
+                        f"(WORKER_CONCURRENCY, now {s.worker_concurrency or 'auto'}; auto: 2 on a GPU host, 1 on a CPU)")
     p.add_argument("--broker", choices=("sqlite", "redis"), default="sqlite",
                    help="sqlite: the embedded default; redis: Redis on 127.0.0.1:6379 and a fresh PostgreSQL database")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -304,7 +302,9 @@ def run(args, argv, tmp: Path) -> int:
                                   cpu_bf16=wants_cpu_bf16(args.cpu_bf16), tta=args.tta,
                                   cudnn_benchmark=args.cudnn_benchmark == "on")
     args.batch = segmenter.batch_size  # auto resolved here, for the model and pipeline stages and the table
-    args.worker_concurrency = args.worker_concurrency or (2 if segmenter.cuda else 1)  # as worker.app.default_concurrency
+    from worker.app import default_concurrency
+
+    args.worker_concurrency = args.worker_concurrency or default_concurrency()  # auto, as the workers resolve it
     standin_env, worker_app = {}, "worker.app"
     if args.standin_device:
         from bench.standin import PLANES_ENV, RATE_ENV, StandInDevice, save_reference

@@ -23,8 +23,8 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
-def _positive_or_auto(env: dict, name: str) -> int | None:
-    """A positive integer, or None for "auto" (also when unset)."""
+def positive_or_auto(env: dict, name: str) -> int | None:
+    """env[name]: a positive integer, or None for "auto" (also when unset); ValueError naming ``name`` otherwise."""
     raw = (env.get(name) or "auto").strip().lower()
     if raw == "auto":
         return None
@@ -119,7 +119,7 @@ class Settings:
             blob_url=env.get("BLOB_URL") or f"file://{home / 'blobs'}",
             model_checkpoint=env.get("MODEL_CHECKPOINT") or None,
             chunk_size=_int(env, "CHUNK_SIZE", 32),
-            infer_batch_size=_positive_or_auto(env, "INFER_BATCH_SIZE"),
+            infer_batch_size=positive_or_auto(env, "INFER_BATCH_SIZE"),
             max_files_per_job=_int(env, "MAX_FILES_PER_JOB", 10_000),
             max_file_bytes=_int(env, "MAX_FILE_BYTES", 64 * 1024**2),
             max_request_bytes=_int(env, "MAX_REQUEST_BYTES", 4 * 1024**3),
@@ -130,7 +130,7 @@ class Settings:
             lease_s=_int(env, "LEASE_S", 120),
             torch_threads=_int(env, "TORCH_THREADS", 0),
             io_threads=_int(env, "IO_THREADS", 4),
-            worker_concurrency=_positive_or_auto(env, "WORKER_CONCURRENCY"),
+            worker_concurrency=positive_or_auto(env, "WORKER_CONCURRENCY"),
             opencv_threads=_int(env, "OPENCV_THREADS", 1),
             overlays=_choice(env, "OVERLAYS", OVERLAY_MODES),
             jpeg_decode=_choice(env, "JPEG_DECODE", JPEG_DECODE_MODES),
