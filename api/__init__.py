@@ -88,12 +88,14 @@ def index():
 
 def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = None) -> Flask:
     from api import health, images, jobs, metrics, web
+    from api.uploads import UploadRequest
     from bonedetect.logs import configure_logging, init_request_logging
 
     settings = settings or Settings.from_env()
     settings.ensure_home()
     configure_logging(settings.log_level, settings.log_format)
     app = Flask(__name__)
+    app.request_class = UploadRequest  # file parts written straight into a local blob store's folder
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
         # one part per file, one per external_id, a few more for label and friends

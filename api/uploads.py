@@ -1,8 +1,11 @@
 """Reading a job submission: multipart fields, file names, file types.
 
-Werkzeug spools every file part past 500 KB to a temporary file while it
-parses, so a batch is never whole in memory; files are then copied to the
-blob store in 1 MiB chunks.
+A batch is never whole in memory. With a local blob store each file part is
+written, as werkzeug parses it, straight into the store's folder as an
+unnamed file, and storing it is a hard link (UploadRequest,
+LocalBlobStore.staging_file): its bytes are written once. Otherwise
+werkzeug spools each part past 500 KB to a temporary file, which is then
+copied to the blob store in 1 MiB chunks.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from flask import Request
+from flask import Request, current_app
 from werkzeug.datastructures import FileStorage
 
 from api.errors import ApiError
@@ -26,6 +29,18 @@ FIELD = "files"
 MAX_FILENAME = 300  # Image.filename
 MAX_TEXT = 200  # Image.external_id, Job.label, Job.idempotency_key
 CHUNK = 1024 * 1024
+
+
+class UploadRequest(Request):
+    """Flask's request, with each file part written where the blob store can
+    take it without a copy (the app's request_class)."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        stage = getattr(current_app.extensions["bonedetect"].blobs, "staging_file", None)
+        staged = stage() if stage is not None else None
+        if staged is not None:
+            return staged
+        return super()._get_file_stream(total_content_length, content_type, filename, content_length)
 
 
 @dataclass

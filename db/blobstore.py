@@ -10,9 +10,11 @@ S3, MinIO: the endpoint from `S3_ENDPOINT_URL`, credentials from the usual
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
@@ -36,6 +38,17 @@ class TooLarge(ValueError):
     pass
 
 
+class StagedFile(io.BufferedRandom):
+    """An incoming upload written straight into a LocalBlobStore's folder as an
+    unnamed file (Linux O_TMPFILE): put_stream gives it its name with a hard
+    link instead of copying its bytes. Closed unnamed, or with the process
+    killed, it is gone."""
+
+    def __init__(self, raw: io.FileIO, root: Path):
+        super().__init__(raw)
+        self.root = root
+
+
 class LocalBlobStore:
     """Blobs as files under one root; every write is atomic (temp file + rename),
     so a reader never sees half a file and rewriting a key is idempotent."""
@@ -43,6 +56,7 @@ class LocalBlobStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._can_stage = hasattr(os, "O_TMPFILE")
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -50,10 +64,29 @@ class LocalBlobStore:
             raise ValueError(f"blob key escapes the store: {key!r}")
         return path
 
+    def staging_file(self) -> StagedFile | None:
+        """An empty file for an incoming upload, unnamed, on the store's own
+        filesystem, so that put_stream links it into place rather than copying
+        it; None where the OS or filesystem has no O_TMPFILE (NFS, say): the
+        caller then spools the upload elsewhere and put_stream copies it."""
+        if not self._can_stage:
+            return None
+        try:
+            fd = os.open(self.root, os.O_TMPFILE | os.O_RDWR, 0o600)  # not O_EXCL: it may be linked
+        except OSError:
+            self._can_stage = False
+            return None
+        return StagedFile(io.FileIO(fd, "r+"), self.root)
+
     def put_stream(self, key: str, fileobj: BinaryIO, max_bytes: int | None = None) -> int:
-        """Copy a stream in 1 MiB chunks (never whole in memory); TooLarge past max_bytes."""
+        """Copy a stream in 1 MiB chunks (never whole in memory); TooLarge past max_bytes.
+        A StagedFile of this store, at its start, is linked into place, not copied."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(fileobj, StagedFile) and fileobj.root == self.root and fileobj.tell() == 0:
+            size = self._link_staged(fileobj, path, max_bytes)
+            if size is not None:
+                return size
         size = 0
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
         try:
@@ -66,6 +99,33 @@ class LocalBlobStore:
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
+            raise
+        return size
+
+    @staticmethod
+    def _link_staged(staged: StagedFile, path: Path, max_bytes: int | None) -> int | None:
+        """The staged file's size once it is named `path`; None where the link
+        cannot be made (no /proc), for put_stream to copy it instead."""
+        staged.flush()
+        size = os.fstat(staged.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise TooLarge(f"file is larger than the limit of {max_bytes} bytes")
+        tmp = path.parent / f".upload-{uuid.uuid4().hex}"
+        try:
+            # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd names an O_TMPFILE file (open(2)).
+            # A dir fd makes CPython call linkat with that flag; without one it calls link(2),
+            # which links the /proc symlink itself and fails (EXDEV).
+            parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.link(f"/proc/self/fd/{staged.fileno()}", tmp.name, dst_dir_fd=parent, follow_symlinks=True)
+            finally:
+                os.close(parent)
+        except OSError:
+            return None
+        try:
+            os.replace(tmp, path)  # as every write here: the key appears whole, or rewritten whole
+        except BaseException:
+            tmp.unlink(missing_ok=True)
             raise
         return size
 

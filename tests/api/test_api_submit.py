@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -293,3 +294,34 @@ def test_concurrent_submissions_get_distinct_jobs(api):
         t.join()
     assert sorted(r.status_code for r in results) == [202] * 6
     assert len({r.json["job_id"] for r in results}) == 6
+
+
+def test_uploads_are_written_once_into_the_blob_store(tmp_path, sqlite_url, monkeypatch):
+    """Each file part goes straight into the local store's folder as an unnamed
+    file and is stored by a link; the parts of a refused request, or rejected
+    files, are closed with the request and leave nothing on disk."""
+    small = build_api(tmp_path, sqlite_url, MAX_FILE_BYTES="20000")
+    blobs = small.app.extensions["bonedetect"].blobs
+    made, inodes, real = [], [], blobs.staging_file
+
+    def recording():
+        made.append(real())
+        inodes.append(os.fstat(made[-1].fileno()).st_ino)
+        return made[-1]
+
+    monkeypatch.setattr(blobs, "staging_file", recording)
+    try:
+        files = [("a.png", png_bytes(seed=1)), ("notes.txt", TEXT), ("b.jpg", jpeg_bytes(seed=2))]
+        resp = small.submit(files)
+        assert resp.status_code == 202 and len(made) == 3
+        stored = [os.stat(blobs.root / r.blob_key).st_ino for r in small.rows(resp.json["job_id"]) if r.blob_key]
+        assert stored == [inodes[0], inodes[2]], "the stored blobs are the parts as written, not copies"
+        assert all(f.closed for f in made), "every part is closed when the request ends"
+
+        made.clear()
+        resp = small.submit([("a.png", png_bytes(seed=3)), ("big.png", png_bytes(200, 200))])
+        assert resp.status_code == 413 and len(made) == 2 and all(f.closed for f in made)
+        on_disk = sorted(p.relative_to(blobs.root).parts[-1] for p in blobs.root.rglob("*") if p.is_file())
+        assert on_disk == ["source", "source"], "the two stored files only: nothing of the refused request"
+    finally:
+        small.close()
