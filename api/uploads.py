@@ -1,11 +1,12 @@
 """Reading a job submission: multipart fields, file names, file types.
 
-A batch is never whole in memory. With a local blob store each file part is
-written, as werkzeug parses it, straight into the store's folder as an
-unnamed file, and storing it is a hard link (UploadRequest,
-LocalBlobStore.staging_file): its bytes are written once. Otherwise
-werkzeug spools each part past 500 KB to a temporary file, which is then
-copied to the blob store in 1 MiB chunks.
+A batch is never whole in memory. With a local blob store each file part
+past 500 KB is written, as werkzeug parses it, straight into the store's
+folder as an unnamed file, and storing it is a hard link (UploadRequest,
+LocalBlobStore.staging_file): a radiograph's bytes are written once.
+Otherwise werkzeug spools each part past 500 KB to a temporary file, which
+is then copied to the blob store in 1 MiB chunks; smaller parts stay in
+memory either way.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ S3, MinIO: the endpoint from `S3_ENDPOINT_URL`, credentials from the usual
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -38,15 +39,35 @@ class TooLarge(ValueError):
     pass
 
 
-class StagedFile(io.BufferedRandom):
-    """An incoming upload written straight into a LocalBlobStore's folder as an
-    unnamed file (Linux O_TMPFILE): put_stream gives it its name with a hard
-    link instead of copying its bytes. Closed unnamed, or with the process
-    killed, it is gone."""
+# what open(O_TMPFILE) fails with where the filesystem or kernel has none (open(2))
+_NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT}
+STAGE_IN_MEMORY = 500 * 1024  # werkzeug's own threshold: smaller uploads stay in memory, as they did
 
-    def __init__(self, raw: io.FileIO, root: Path):
-        super().__init__(raw)
-        self.root = root
+
+class StagedFile(tempfile.SpooledTemporaryFile):
+    """An incoming upload for a LocalBlobStore. Up to 500 KB it is held in
+    memory, as werkzeug's spool holds it (no file handle; stored by a copy);
+    past that it continues as an unnamed file in the store's own folder
+    (Linux O_TMPFILE), which put_stream names with a hard link instead of
+    copying its bytes. Closed unnamed, or with the process killed, it is gone."""
+
+    def __init__(self, store: LocalBlobStore):
+        super().__init__(max_size=STAGE_IN_MEMORY, mode="w+b")
+        self.root = store.root
+        self._store = store
+        self.unnamed_fd: int | None = None  # the O_TMPFILE's descriptor, once rolled over into the store
+
+    def rollover(self) -> None:
+        if self._rolled:
+            return
+        fd = self._store._open_unnamed()
+        if fd is None:
+            return super().rollover()  # a temporary file under TMPDIR, to be copied, as werkzeug's spool does
+        memory, self._file = self._file, io.open(fd, "w+b")
+        position = memory.tell()
+        self._file.write(memory.getvalue())
+        self._file.seek(position)
+        self._rolled, self.unnamed_fd = True, fd
 
 
 class LocalBlobStore:
@@ -65,25 +86,29 @@ class LocalBlobStore:
         return path
 
     def staging_file(self) -> StagedFile | None:
-        """An empty file for an incoming upload, unnamed, on the store's own
-        filesystem, so that put_stream links it into place rather than copying
-        it; None where the OS or filesystem has no O_TMPFILE (NFS, say): the
-        caller then spools the upload elsewhere and put_stream copies it."""
+        """A file for an incoming upload (StagedFile), which put_stream links
+        into place rather than copying once it is past 500 KB; None once the
+        store's filesystem has said it has no O_TMPFILE (NFS, say): the caller
+        then spools uploads elsewhere and put_stream copies them."""
+        return StagedFile(self) if self._can_stage else None
+
+    def _open_unnamed(self) -> int | None:
         if not self._can_stage:
             return None
         try:
-            fd = os.open(self.root, os.O_TMPFILE | os.O_RDWR, 0o600)  # not O_EXCL: it may be linked
-        except OSError:
-            self._can_stage = False
-            return None
-        return StagedFile(io.FileIO(fd, "r+"), self.root)
+            return os.open(self.root, os.O_TMPFILE | os.O_RDWR, 0o600)  # not O_EXCL: it may be linked
+        except OSError as err:
+            if err.errno in _NO_TMPFILE:
+                self._can_stage = False  # the filesystem's answer: ask once
+            return None  # out of file handles or space, say: this upload, the ordinary way
 
     def put_stream(self, key: str, fileobj: BinaryIO, max_bytes: int | None = None) -> int:
         """Copy a stream in 1 MiB chunks (never whole in memory); TooLarge past max_bytes.
-        A StagedFile of this store, at its start, is linked into place, not copied."""
+        A StagedFile of this store past 500 KB, at its start, is linked into place, not copied."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(fileobj, StagedFile) and fileobj.root == self.root and fileobj.tell() == 0:
+        if (isinstance(fileobj, StagedFile) and fileobj.unnamed_fd is not None and fileobj.root == self.root
+                and fileobj.tell() == 0):
             size = self._link_staged(fileobj, path, max_bytes)
             if size is not None:
                 return size
@@ -107,7 +132,7 @@ class LocalBlobStore:
         """The staged file's size once it is named `path`; None where the link
         cannot be made (no /proc), for put_stream to copy it instead."""
         staged.flush()
-        size = os.fstat(staged.fileno()).st_size
+        size = os.fstat(staged.unnamed_fd).st_size
         if max_bytes is not None and size > max_bytes:
             raise TooLarge(f"file is larger than the limit of {max_bytes} bytes")
         tmp = path.parent / f".upload-{uuid.uuid4().hex}"
@@ -117,7 +142,7 @@ class LocalBlobStore:
             # which links the /proc symlink itself and fails (EXDEV).
             parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                os.link(f"/proc/self/fd/{staged.fileno()}", tmp.name, dst_dir_fd=parent, follow_symlinks=True)
+                os.link(f"/proc/self/fd/{staged.unnamed_fd}", tmp.name, dst_dir_fd=parent, follow_symlinks=True)
             finally:
                 os.close(parent)
         except OSError:

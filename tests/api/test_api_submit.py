@@ -297,31 +297,55 @@ def test_concurrent_submissions_get_distinct_jobs(api):
 
 
 def test_uploads_are_written_once_into_the_blob_store(tmp_path, sqlite_url, monkeypatch):
-    """Each file part goes straight into the local store's folder as an unnamed
-    file and is stored by a link; the parts of a refused request, or rejected
-    files, are closed with the request and leave nothing on disk."""
-    small = build_api(tmp_path, sqlite_url, MAX_FILE_BYTES="20000")
+    """A file part past 500 KB goes straight into the local store's folder as an
+    unnamed file and is stored by a link; the parts of a refused request, or
+    rejected files, are closed with the request and leave nothing on disk."""
+    small = build_api(tmp_path, sqlite_url, MAX_FILE_BYTES="2000000")
     blobs = small.app.extensions["bonedetect"].blobs
-    made, inodes, real = [], [], blobs.staging_file
+    made, real = [], blobs.staging_file
+    monkeypatch.setattr(blobs, "staging_file", lambda: made.append(real()) or made[-1])
+    inodes, real_open = [], blobs._open_unnamed
 
-    def recording():
-        made.append(real())
-        inodes.append(os.fstat(made[-1].fileno()).st_ino)
-        return made[-1]
+    def open_unnamed():
+        fd = real_open()
+        inodes.append(fd is not None and os.fstat(fd).st_ino)
+        return fd
 
-    monkeypatch.setattr(blobs, "staging_file", recording)
+    monkeypatch.setattr(blobs, "_open_unnamed", open_unnamed)
+    big = [b"\x89PNG\r\n\x1a\n" + bytes([i]) * 1_500_000 for i in range(3)]  # radiograph-sized; decoded by workers
     try:
-        files = [("a.png", png_bytes(seed=1)), ("notes.txt", TEXT), ("b.jpg", jpeg_bytes(seed=2))]
+        files = [("a.png", big[0]), ("small.png", png_bytes(seed=1)), ("notes.txt", TEXT), ("b.png", big[1])]
         resp = small.submit(files)
-        assert resp.status_code == 202 and len(made) == 3
-        stored = [os.stat(blobs.root / r.blob_key).st_ino for r in small.rows(resp.json["job_id"]) if r.blob_key]
-        assert stored == [inodes[0], inodes[2]], "the stored blobs are the parts as written, not copies"
+        assert resp.status_code == 202 and len(made) == 4
+        if made[0].unnamed_fd is None:
+            pytest.skip("the blob store's filesystem has no O_TMPFILE")
+        rows = small.rows(resp.json["job_id"])
+        stored = [os.stat(blobs.root / r.blob_key) for r in rows if r.blob_key]
+        assert [blobs.get_bytes(r.blob_key) for r in rows if r.blob_key] == [big[0], files[1][1], big[1]]
+        assert [f.unnamed_fd is not None for f in made] == [True, False, False, True], "staged past 500 KB only"
         assert all(f.closed for f in made), "every part is closed when the request ends"
+        assert [st.st_ino for st in stored] == [inodes[0], stored[1].st_ino, inodes[1]], "the big ones linked"
+        assert {st.st_nlink for st in stored} == {1}, "no temporary names left beside them"
+
+        # a file fails to store after others were linked: the request answers 500 and leaves nothing
+        made.clear()
+        real_put, calls = blobs.put_stream, []
+
+        def put_then_fail(key, f, max_bytes=None):
+            calls.append(key)
+            if len(calls) == 2:
+                raise OSError("disk full")
+            return real_put(key, f, max_bytes)
+
+        monkeypatch.setattr(blobs, "put_stream", put_then_fail)
+        resp = small.submit([("c.png", big[2]), ("d.png", big[2])])
+        assert resp.status_code == 500 and len(made) == 2 and all(f.closed for f in made)
+        monkeypatch.setattr(blobs, "put_stream", real_put)
 
         made.clear()
-        resp = small.submit([("a.png", png_bytes(seed=3)), ("big.png", png_bytes(200, 200))])
+        resp = small.submit([("e.png", big[2]), ("huge.png", big[2] * 2)])
         assert resp.status_code == 413 and len(made) == 2 and all(f.closed for f in made)
         on_disk = sorted(p.relative_to(blobs.root).parts[-1] for p in blobs.root.rglob("*") if p.is_file())
-        assert on_disk == ["source", "source"], "the two stored files only: nothing of the refused request"
+        assert on_disk == ["source"] * 3, "the first job's three files only: nothing of the refused requests"
     finally:
         small.close()
