@@ -88,12 +88,13 @@ def index():
 
 def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = None) -> Flask:
     from api import health, images, jobs, metrics, web
-    from api.uploads import UploadRequest
+    from api.uploads import UploadRequest, raise_open_file_limit
     from bonedetect.logs import configure_logging, init_request_logging
 
     settings = settings or Settings.from_env()
     settings.ensure_home()
     configure_logging(settings.log_level, settings.log_format)
+    raise_open_file_limit(settings)  # every file past 500 KB of a request in flight holds a handle
     app = Flask(__name__)
     app.request_class = UploadRequest  # file parts written straight into a local blob store's folder
     app.config.update(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import unicodedata
@@ -25,6 +26,8 @@ from werkzeug.datastructures import FileStorage
 from api.errors import ApiError
 from bonedetect.formats import CONTENT_TYPES, HEAD_BYTES, UNSUPPORTED, sniff_format
 from bonedetect.settings import Settings
+
+log = logging.getLogger(__name__)
 
 FIELD = "files"
 MAX_FILENAME = 300  # Image.filename
@@ -42,6 +45,29 @@ class UploadRequest(Request):
         if staged is not None:
             return staged
         return super()._get_file_stream(total_content_length, content_type, filename, content_length)
+
+
+def raise_open_file_limit(settings: Settings, requests_at_once: int = 4) -> int:
+    """Lift this process's soft limit on open files toward its hard limit, so
+    that `requests_at_once` submissions of MAX_FILES_PER_JOB files past 500 KB
+    (each holds a handle until its request ends) fit; returns the limit.
+    Containers often start with a soft limit of 1,024 under a hard one of
+    half a million: a 1,000-radiograph job failed there with EMFILE."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = requests_at_once * settings.max_files_per_job + 1024
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as err:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, err)
+    if soft != resource.RLIM_INFINITY and soft < settings.max_files_per_job + 256:
+        log.warning("open-file limit %d is below MAX_FILES_PER_JOB=%d: a job of that many radiographs will fail "
+                    "(raise the API's nofile limit, or lower MAX_FILES_PER_JOB)", soft, settings.max_files_per_job)
+    return soft
 
 
 @dataclass
