@@ -147,8 +147,8 @@ def test_limits_answer_json(tmp_path, sqlite_url):
         small.close()
 
 
-def test_failure_before_commit_leaves_no_rows_and_no_blobs(api, monkeypatch):
-    blobs = api.app.extensions["bonedetect"].blobs
+def fail_second_put(blobs, monkeypatch) -> list[str]:
+    """The blob store's second put_stream raises OSError("disk full"); returns the keys it was asked for."""
     real_put, calls = blobs.put_stream, []
 
     def put_then_fail(key, stream, max_bytes=None):
@@ -158,6 +158,12 @@ def test_failure_before_commit_leaves_no_rows_and_no_blobs(api, monkeypatch):
         return real_put(key, stream, max_bytes)
 
     monkeypatch.setattr(blobs, "put_stream", put_then_fail)
+    return calls
+
+
+def test_failure_before_commit_leaves_no_rows_and_no_blobs(api, monkeypatch):
+    blobs = api.app.extensions["bonedetect"].blobs
+    calls = fail_second_put(blobs, monkeypatch)
     resp = api.submit([("a.png", png_bytes()), ("b.png", png_bytes()), ("c.png", png_bytes())])
     assert resp.status_code == 500 and resp.json == {"error": "internal server error"}
     with api.sessions() as session:
@@ -329,15 +335,8 @@ def test_uploads_are_written_once_into_the_blob_store(tmp_path, sqlite_url, monk
 
         # a file fails to store after others were linked: the request answers 500 and leaves nothing
         made.clear()
-        real_put, calls = blobs.put_stream, []
-
-        def put_then_fail(key, f, max_bytes=None):
-            calls.append(key)
-            if len(calls) == 2:
-                raise OSError("disk full")
-            return real_put(key, f, max_bytes)
-
-        monkeypatch.setattr(blobs, "put_stream", put_then_fail)
+        real_put = blobs.put_stream
+        fail_second_put(blobs, monkeypatch)
         resp = small.submit([("c.png", big[2]), ("d.png", big[2])])
         assert resp.status_code == 500 and len(made) == 2 and all(f.closed for f in made)
         monkeypatch.setattr(blobs, "put_stream", real_put)
