@@ -53,8 +53,10 @@ def raise_open_file_limit(settings: Settings, requests_at_once: int = 4) -> int:
     (each holds a handle until its request ends) fit; returns the limit.
     Containers often start with a soft limit of 1,024 under a hard one of
     half a million: a 1,000-radiograph job failed there with EMFILE."""
-    import resource
-
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: nothing to lift
+        return -1
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = requests_at_once * settings.max_files_per_job + 1024
     if soft != resource.RLIM_INFINITY and soft < wanted:
