@@ -47,7 +47,7 @@ class UploadRequest(Request):
         return super()._get_file_stream(total_content_length, content_type, filename, content_length)
 
 
-def raise_open_file_limit(settings: Settings, requests_at_once: int = 4) -> int:
+def raise_open_file_limit(settings: Settings, requests_at_once: int = 4) -> int:  # 4: compose's gunicorn --threads
     """Lift this process's soft limit on open files toward its hard limit, so
     that `requests_at_once` submissions of MAX_FILES_PER_JOB files past 500 KB
     (each holds a handle until its request ends) fit; returns the limit.
@@ -66,7 +66,7 @@ def raise_open_file_limit(settings: Settings, requests_at_once: int = 4) -> int:
             soft = target
         except (ValueError, OSError) as err:
             log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, err)
-    if soft != resource.RLIM_INFINITY and soft < settings.max_files_per_job + 256:
+    if soft != resource.RLIM_INFINITY and soft < settings.max_files_per_job + 256:  # one job, and room beside it
         log.warning("open-file limit %d is below MAX_FILES_PER_JOB=%d: a job of that many radiographs will fail "
                     "(raise the API's nofile limit, or lower MAX_FILES_PER_JOB)", soft, settings.max_files_per_job)
     return soft

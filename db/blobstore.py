@@ -98,7 +98,7 @@ class LocalBlobStore:
         try:
             return os.open(self.root, os.O_TMPFILE | os.O_RDWR, 0o600)  # not O_EXCL: it may be linked
         except OSError as err:
-            if err.errno in _NO_TMPFILE:
+            if err.errno in _NO_TMPFILE and self.root.is_dir():  # (ENOENT: also a folder not mounted yet)
                 self._can_stage = False  # the filesystem's answer: ask once
             return None  # out of file handles or space, say: this upload, the ordinary way
 

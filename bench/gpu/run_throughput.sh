@@ -24,8 +24,8 @@
 #   LIMIT_S  seconds the end-to-end run may take (default 200; the A/B runs 150 each; SWEEP_LIMIT_S,
 #            each sweep, 75)
 #   DEADLINE_S  seconds the whole script may take (default 540, under the device tool's 600 s per
-#            command): every step's limit is cut to what is left, and a step that would get under
-#            45 s is skipped. Steps run in order of what the issue asks: the compiled end-to-end
+#            command): every step's limit is cut to what is left less 45 s, and a step that would get
+#            under 45 s (and less than it asked for) is skipped, exit 99 for the first one. Steps run in order of what the issue asks: the compiled end-to-end
 #            run, the same batch as 8 jobs from 4 clients to 4 API processes, one chunk at a time,
 #            the sweep, the sweep with cuDNN's heuristics
 #   OUT      where the results go (the device tool sets it; default runs/gpu-bench)
@@ -59,29 +59,33 @@ DEADLINE_S=${DEADLINE_S:-540}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/bench-log.txt") 2>&1
+TEE=$!
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
-# limit WANTED: WANTED seconds, or what is left before DEADLINE_S less 15 s of margin; 0 to skip (< 45 s)
+# limit WANTED: WANTED seconds, or what is left before DEADLINE_S less 45 s of margin (a stopped step's
+# clean-up, -k 30, and the log); 0 to skip: under 45 s left and fewer than WANTED
 limit() {
-    local left=$(( DEADLINE_S - ($(date +%s) - T0) - 15 ))
-    local l=$(( $1 < left ? $1 : left ))
-    echo $(( l < 45 ? 0 : l ))
+    local left=$(( DEADLINE_S - ($(date +%s) - T0) - 45 ))
+    if (( $1 <= left )); then echo "$1"; elif (( left < 45 )); then echo 0; else echo "$left"; fi
 }
-# step NAME WANTED_S ARGS...: python -m bench ARGS under the limit, or skipped with a line saying so
+# step NAME WANTED_S ARGS...: python -m bench ARGS under the limit; a step skipped for time returns 99
 step() {
     local name=$1 l
     l=$(limit "$2")
     shift 2
     if [ "$l" = 0 ]; then
-        stamp "SKIPPED (DEADLINE_S=$DEADLINE_S reached): $name"
-        return 0
+        stamp "SKIPPED (DEADLINE_S=$DEADLINE_S: too little time left): $name"
+        return 99
     fi
     stamp "$name (limit ${l}s)"
-    timeout -s INT -k 15 "$l" "$PY" -m bench "$@"
+    timeout -s INT -k 30 "$l" "$PY" -m bench "$@"
     local rc=$?
-    stamp "done: $name (exit $rc; 124 or 130: stopped at its time limit)"
+    stamp "done: $name (exit $rc; 124 or 137: stopped at its time limit)"
     return $rc
 }
+for v in LIMIT_S DEADLINE_S SWEEP_LIMIT_S; do
+    [[ "${!v:-0}" =~ ^[0-9]+$ ]] || { echo "$v must be a whole number of seconds, got '${!v}'"; exit 2; }
+done
 
 if ls .whl/*.whl > /dev/null 2>&1; then
     stamp "installing the carried wheels into /tmp/site"
@@ -128,4 +132,6 @@ if [ -n "$SWEEP" ]; then
     fi
 fi
 stamp "all done"
+exec >&- 2>&-
+wait "$TEE"  # bench-log.txt complete before the device tool collects $OUT
 exit $rc
