@@ -2,6 +2,15 @@
 
 A submission is committed whole or not at all: blobs first, then the job
 and all its image rows in one transaction, and only then the chunk tasks.
+
+A large batch may instead be sent as one job in parts: `POST /v1/jobs` with
+`open=true` makes a job that is "receiving"; each `POST /v1/jobs/<id>/images`
+adds a part, committed whole or not at all as a submission is, and queued at
+once, so the first radiographs are processed while the rest still arrive
+(several parts may be sent at once, through several API processes);
+`POST /v1/jobs/<id>/close` says there is no more. Until then the job cannot
+finish nor its callback fire. Positions are given to a part when it commits,
+under the job row's lock, so parts sent at once never share one.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from api.uploads import (
 )
 from db.blobstore import TooLarge, image_prefix, job_prefix
 from db.jobs import job_progress
-from db.models import CANCELLED, FAILED, IMAGE_STATUSES, QUEUED, UNFINISHED, Image, Job, new_id, utcnow
+from db.models import CANCELLED, FAILED, IMAGE_STATUSES, QUEUED, UNFINISHED, Image, Job, JobPart, new_id, utcnow
 from db.retention import delete_job_blobs, delete_job_rows
 
 log = logging.getLogger(__name__)
@@ -71,28 +80,56 @@ def job_json(session: Session, job: Job) -> dict:
         "started_at": iso(p.started_at),
         "finished_at": iso(p.finished_at),
         "cancelled_at": iso(job.cancelled_at),
+        "closed_at": iso(job.closed_at),
         "model_versions": p.model_versions,
         "links": links(job.id),
         "callback": callback_json(session, job),
     }
 
 
-def submitted(session: Session, job: Job, status: int):
-    """The answer to a submission; the same for its idempotent replays."""
-    rejected = session.execute(
+def rejected_in(session: Session, job_id: str, first: int, count: int) -> list[dict]:
+    rows = session.execute(
         select(Image.position, Image.filename, Image.error)
-        .where(Image.job_id == job.id, Image.blob_key.is_(None))
+        .where(Image.job_id == job_id, Image.blob_key.is_(None), Image.position >= first, Image.position < first + count)
         .order_by(Image.position)
     ).all()
+    return [{"position": r.position, "filename": r.filename, "error": r.error} for r in rows]
+
+
+def submitted(session: Session, job: Job, status: int):
+    """The answer to a submission; the same for its idempotent replays. For a job opened for parts,
+    the files of the opening request only (the job's image count less its parts', in one statement)."""
+    count = session.scalar(
+        select(Job.image_count - func.coalesce(select(func.sum(JobPart.image_count)).where(JobPart.job_id == Job.id)
+                                               .scalar_subquery(), 0)).where(Job.id == job.id)
+    )
+    rejected = rejected_in(session, job.id, 0, count)
     status_url = url_for("jobs.get_job", job_id=job.id)
     body = {
         "job_id": job.id,
         "status_url": status_url,
-        "image_count": job.image_count,
-        "accepted": job.image_count - len(rejected),
-        "rejected": [{"position": r.position, "filename": r.filename, "error": r.error} for r in rejected],
+        "image_count": count,
+        "accepted": count - len(rejected),
+        "rejected": rejected,
     }
+    if job.receiving:
+        body["parts_url"] = url_for("jobs.add_images", job_id=job.id)
+        body["close_url"] = url_for("jobs.close_job", job_id=job.id)
     return body, status, {"Location": status_url}
+
+
+def part_answer(session: Session, job: Job, part: JobPart, status: int):
+    """The answer to a part of an open job; the same for its idempotent replays."""
+    rejected = rejected_in(session, job.id, part.first_position, part.image_count)
+    return {
+        "job_id": job.id,
+        "part_id": part.id,
+        "first_position": part.first_position,
+        "image_count": part.image_count,
+        "accepted": part.image_count - len(rejected),
+        "rejected": rejected,
+        "status_url": url_for("jobs.get_job", job_id=job.id),
+    }, status
 
 
 # -- pagination ------------------------------------------------------------------
@@ -137,11 +174,14 @@ def submit_job():
     digest = submission_digest(sub, callback_url) if key else None
     if key and existing:
         return _replay(session, existing, digest)
-    job = Job(id=new_id(), tenant_id=tenant_id(), label=sub.label, idempotency_key=key, image_count=len(sub.files))
+    job = Job(id=new_id(), tenant_id=tenant_id(), label=sub.label, idempotency_key=key, image_count=len(sub.files),
+              receiving=sub.open)
     job.callback_url, job.request_sha256 = callback_url, digest
     try:
         session.add(job)
-        queued = _store_images(session, svc, job, sub)
+        images, queued = _store_images(svc, job, sub)
+        session.add_all(images)
+        job.image_count = len(images)
         session.commit()
     except IntegrityError:
         _discard(session, svc, job)
@@ -180,15 +220,17 @@ def _discard(session: Session, svc: Services, job: Job) -> None:
         svc.blobs.delete_prefix(job_prefix(job.tenant_id, job.id))
 
 
-def _store_images(session: Session, svc: Services, job: Job, sub: Submission) -> list[str]:
-    """Copy each file to the blob store and add its row; returns the queued ids.
+def _store_images(svc: Services, job: Job, sub: Submission, stored: list[Image] | None = None) -> tuple[list[Image], list[str]]:
+    """Copy each file to the blob store and make its row (positions from 0); returns the rows, not
+    yet added to a session, and the queued ids. `stored`, when given, collects the rows as they
+    are made, so a caller can delete the blobs of a part that failed half-way.
 
     A file that is not PNG, JPEG or DICOM becomes a failed row with its reason;
     the rest of the batch goes on. A zip archive becomes one row per member
     file (api/archives.py).
     """
     queued = []
-    position = -1
+    images = [] if stored is None else stored
     for position, entry in enumerate(expand_uploads(sub, svc.settings)):
         filename = entry.filename
         image = Image(id=new_id(), job_id=job.id, tenant_id=job.tenant_id, position=position)
@@ -209,9 +251,108 @@ def _store_images(session: Session, svc: Services, job: Job, sub: Submission) ->
         else:
             image.status, image.content_type, image.blob_key = QUEUED, content_type, blob_key
             queued.append(image.id)
-        session.add(image)
-    job.image_count = position + 1
-    return queued
+        images.append(image)
+    return images, queued
+
+
+@bp.post("/<job_id>/images")
+def add_images(job_id: str):
+    """Add a part to a job opened with open=true: committed whole or not at all, queued at once.
+    Several parts may be sent at once; each gets the next free positions when it commits.
+    An Idempotency-Key (per job) makes a part safe to send again after a lost answer."""
+    session, svc = db_session(), services()
+    job = owned(Job, job_id, "job")
+    key = idempotency_key(request)
+    sub = parse_submission(request, svc.settings, part=True)
+    digest = submission_digest(sub, None) if key else None
+    if key and (existing := _part_by_key(session, job.id, key)):
+        return _replay_part(session, job, existing, digest)
+    _check_open(job)
+    stored: list[Image] = []
+    try:
+        images, queued = _store_images(svc, job, sub, stored)
+        # The job row's lock (PostgreSQL) or the database's write lock (SQLite) is held from here to the
+        # commit: parts sent at once get consecutive ranges, and a close waits for a part in flight.
+        end = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.receiving.is_(True))
+            .values(image_count=Job.image_count + len(images))
+            .returning(Job.image_count)
+            .execution_options(synchronize_session=False)
+        ).scalar()
+        if end is None:
+            session.rollback()
+            session.refresh(job)
+            _check_open(job)
+            raise ApiError(409, "this job takes no more files")  # pragma: no cover (closed between the two reads)
+        first = end - len(images)
+        for image in images:
+            image.position += first
+        part = JobPart(id=new_id(), job_id=job.id, idempotency_key=key, request_sha256=digest,
+                       first_position=first, image_count=len(images))
+        session.add_all([*images, part])
+        session.commit()
+    except IntegrityError:
+        _discard_part(session, svc, job, stored)
+        existing = _part_by_key(session, job.id, key) if key else None
+        if existing is None:
+            raise
+        return _replay_part(session, job, existing, digest)  # the same part, sent twice at once: the other won
+    except BaseException:
+        _discard_part(session, svc, job, stored)
+        raise
+    try:
+        if queued:
+            svc.enqueue(queued)
+    except Exception:
+        log.exception("job %s: could not enqueue %d images; left queued for the reconciler", job.id, len(queued))
+    session.refresh(job)
+    return part_answer(session, job, part, 202)
+
+
+def _check_open(job: Job) -> None:
+    if job.cancelled_at is not None:
+        raise ApiError(409, "this job was cancelled: it takes no more files")
+    if not job.receiving:
+        how = "is closed" if job.closed_at is not None else "was submitted whole"
+        raise ApiError(409, f"this job {how}: it takes no more files (open a job with open=true to send it in parts)")
+
+
+def _part_by_key(session: Session, job_id: str, key: str) -> JobPart | None:
+    return session.scalar(select(JobPart).where(JobPart.job_id == job_id, JobPart.idempotency_key == key))
+
+
+def _replay_part(session: Session, job: Job, part: JobPart, digest: str | None):
+    if digest != part.request_sha256:
+        raise ApiError(422, f"this Idempotency-Key was already used for a different part of job {job.id} "
+                            f"(positions {part.first_position}-{part.first_position + part.image_count - 1}); "
+                            "use a new key for a new part")
+    return part_answer(session, job, part, 200)
+
+
+def _discard_part(session: Session, svc: Services, job: Job, images: list[Image]) -> None:
+    try:
+        session.rollback()
+    finally:
+        for image in images:
+            if image.blob_key:
+                svc.blobs.delete_prefix(image_prefix(job.tenant_id, job.id, image.id))
+
+
+@bp.post("/<job_id>/close")
+def close_job(job_id: str):
+    """No more parts: the job finishes when its images have. Idempotent. When every image is already
+    finished, the job's callback is sent by the reconciler's next round (worker/callbacks.py)."""
+    session = db_session()
+    job = owned(Job, job_id, "job")
+    # Waits for a part still committing (the row's lock), so the job's count is final when this returns.
+    session.execute(
+        update(Job).where(Job.id == job.id, Job.receiving.is_(True)).values(receiving=False, closed_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    session.refresh(job)
+    return job_json(session, job)
 
 
 @bp.get("")
@@ -266,6 +407,8 @@ def cancel_job(job_id: str):
     unfinished = session.scalar(select(func.count()).where(Image.job_id == job.id, Image.status.in_(UNFINISHED)))
     if unfinished and job.cancelled_at is None:
         job.cancelled_at = now
+    if job.receiving:  # a job receiving parts takes no more once cancelled
+        job.receiving, job.closed_at = False, now
     session.execute(
         update(Image)
         .where(Image.job_id == job.id, Image.status == QUEUED)

@@ -77,6 +77,7 @@ class Submission:
     files: list[FileStorage]
     external_ids: list[str | None]  # one per file
     label: str | None
+    open: bool = False  # the job takes more files (POST /v1/jobs/<id>/images) until it is closed
 
 
 def sniff(stream: BinaryIO) -> tuple[str | None, str | None]:
@@ -134,6 +135,8 @@ def submission_digest(sub: Submission, callback_url: str | None) -> str:
 
     field(sub.label)
     field(callback_url)
+    if sub.open:  # after the fields every submission has, so the fingerprints of whole jobs are as before
+        field("open")
     for f, external_id in zip(sub.files, sub.external_ids):
         field(f.filename)
         field(external_id)
@@ -150,18 +153,35 @@ def discard_body(request: Request) -> None:
         pass
 
 
-def parse_submission(request: Request, settings: Settings) -> Submission:
-    """Validate the request's shape and limits; raises ApiError (400/413/415)."""
+def flag(value: str | None, what: str) -> bool:
+    raw = (value or "false").strip().lower()
+    if raw not in ("true", "1", "false", "0"):
+        raise ApiError(400, f"{what} must be true or false")
+    return raw in ("true", "1")
+
+
+JOB_FIELDS = ("label", "callback_url", "open")  # a job's own fields: sent when it is made, not with a part
+
+
+def parse_submission(request: Request, settings: Settings, part: bool = False) -> Submission:
+    """Validate the request's shape and limits; raises ApiError (400/413/415).
+
+    A job's submission (POST /v1/jobs) may set `open=true`, and then needs no files yet; a part of an
+    open job (`part`: POST /v1/jobs/<id>/images) carries files and their external ids only."""
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, f"send multipart/form-data with the images under the field '{FIELD}'")
+    if part and (sent := [k for k in JOB_FIELDS if k in request.form]):
+        raise ApiError(400, f"{', '.join(sent)}: set when the job is opened (POST /v1/jobs), not with a part")
+    opening = False if part else flag(request.form.get("open"), "open")
     # A form whose file input was left empty sends a part without a name or bytes.
     files = [f for f in request.files.getlist(FIELD) if f.filename or stream_size(f.stream)]
-    if not files:
+    if not files and not opening:
         other = sorted(k for k in request.files if k != FIELD)
         hint = f" (got file fields {other})" if other else ""
         raise ApiError(400, f"no files: send the images under the multipart field '{FIELD}'{hint}")
     if len(files) > settings.max_files_per_job:
-        raise ApiError(400, f"{len(files)} files is above the limit of {settings.max_files_per_job} per job")
+        per = "per request" if part or opening else "per job"
+        raise ApiError(400, f"{len(files)} files is above the limit of {settings.max_files_per_job} {per}")
     from api.archives import is_zip_stream  # a zip's members are checked one by one (api/archives.py)
 
     for f in files:
@@ -182,4 +202,4 @@ def parse_submission(request: Request, settings: Settings) -> Submission:
     if raw_ids and len(raw_ids) != len(files):
         raise ApiError(400, f"got {len(raw_ids)} external ids for {len(files)} files: send one per file, in order")
     external_ids = [_text(None if v is None else str(v), f"external id #{i + 1}") for i, v in enumerate(raw_ids)]
-    return Submission(files, external_ids or [None] * len(files), _text(request.form.get("label"), "label"))
+    return Submission(files, external_ids or [None] * len(files), _text(request.form.get("label"), "label"), opening)

@@ -2,6 +2,7 @@
 
     client = Client("http://127.0.0.1:8000", api_key)
     job = client.submit([("a.jpg", jpeg_bytes), ...], label="night batch")
+    job = client.submit_in_parts(paths_of_a_night, part_size=256, uploaders=4)   # or in parts, sent at once
     status = client.wait(job["job_id"])
     for image in client.images(job["job_id"]): ...
 """
@@ -98,7 +99,8 @@ def encode_multipart(fields: list[tuple[str, str]], files: list[tuple[str, str, 
     return b"".join(bytes(chunk) for chunk in body), body.content_type
 
 
-RETRY_STATUSES = (502, 503, 504)  # the API (or its load balancer) says: not now, try again
+RETRY_STATUSES = (502, 503, 504)
+FINISHED = ("done", "done_with_errors", "cancelled")  # a job in any other state (receiving, queued, processing) goes on  # the API (or its load balancer) says: not now, try again
 
 
 class Client:
@@ -110,8 +112,9 @@ class Client:
 
             - a refused connection, always (the request never reached the API);
             - 502/503/504 answers and dropped connections, for GET and HEAD,
-              and for a POST that carries an Idempotency-Key (``submit``
-              always sends one: a repeat is answered with the first job);
+              for a POST that carries an Idempotency-Key (``submit``,
+              ``open_job`` and ``add_images`` always send one: a repeat is
+              answered with the first job or part), and for ``close_job``;
             - a timeout waiting for the answer, for GET and HEAD only: a big
               upload the API is still storing is not sent a second time.
 
@@ -126,10 +129,12 @@ class Client:
         self.retries = retries
         self.max_wait_s = max_wait_s
 
-    def request(self, method: str, path: str, body: "bytes | MultipartBody | None" = None, headers: dict | None = None) -> bytes:
+    def request(self, method: str, path: str, body: "bytes | MultipartBody | None" = None, headers: dict | None = None,
+                idempotent: bool = False) -> bytes:
+        """``idempotent``: a POST that may be repeated as a GET may (closing a job)."""
         headers = headers or {}
         reads = method in ("GET", "HEAD")
-        keyed = reads or (method == "POST" and "Idempotency-Key" in headers)
+        keyed = reads or idempotent or (method == "POST" and "Idempotency-Key" in headers)
         for attempt in range(self.retries + 1):
             # a streamed body is a fresh generator per attempt, closed after it (its file with it)
             data = iter(body) if isinstance(body, MultipartBody) else body
@@ -197,6 +202,60 @@ class Client:
                    "Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
         return json.loads(self.request("POST", "/v1/jobs", body, headers))
 
+    def open_job(self, label: str | None = None, callback_url: str | None = None, idempotency_key: str | None = None) -> dict:
+        """A job that takes files in parts (``add_images``) until ``close_job``: its first
+        radiographs are processed while the rest are still being sent."""
+        fields = [("open", "true")] + ([("label", label)] if label else [])
+        fields += [("callback_url", callback_url)] if callback_url else []
+        body = MultipartBody(fields, [])
+        headers = {"Content-Type": body.content_type, "Content-Length": str(len(body)),
+                   "Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
+        return json.loads(self.request("POST", "/v1/jobs", body, headers))
+
+    def add_images(
+        self,
+        job_id: str,
+        files: Iterable[tuple[str, "bytes | str | os.PathLike"]],
+        external_ids: list[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict:
+        """One part of an open job: committed whole and queued at once. Sent again after a lost answer
+        with the same key, it is answered with the first part's positions, never added twice."""
+        body = MultipartBody([("external_id", e) for e in external_ids or []],
+                             [("files", name, data) for name, data in files])
+        headers = {"Content-Type": body.content_type, "Content-Length": str(len(body)),
+                   "Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
+        return json.loads(self.request("POST", f"/v1/jobs/{job_id}/images", body, headers))
+
+    def close_job(self, job_id: str) -> dict:
+        """No more parts: the job finishes when its images have. Safe to repeat."""
+        return json.loads(self.request("POST", f"/v1/jobs/{job_id}/close", b"", idempotent=True))
+
+    def submit_in_parts(
+        self,
+        files: Iterable[tuple[str, "bytes | str | os.PathLike"]],
+        label: str | None = None,
+        callback_url: str | None = None,
+        part_size: int = 256,
+        uploaders: int = 4,
+    ) -> dict:
+        """One job of ``files``, sent as parts of ``part_size`` files by ``uploaders`` connections at
+        once, then closed; returns the open job's answer. Workers start on the first part while the
+        others are sent, and several connections reach several API processes. A part that fails
+        (after the retries) fails the call; the job is left open for the parts already in, and the
+        reconciler closes it after OPEN_JOB_IDLE_HOURS."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        files = list(files)
+        job = self.open_job(label=label, callback_url=callback_url)
+        base = f"part-{uuid.uuid4().hex}"
+        parts = [files[i : i + part_size] for i in range(0, len(files), part_size)]
+        with ThreadPoolExecutor(max(1, min(uploaders, len(parts))), thread_name_prefix="bonedetect-part") as pool:
+            list(pool.map(lambda ip: self.add_images(job["job_id"], ip[1], idempotency_key=f"{base}-{ip[0]}"),
+                          enumerate(parts)))
+        self.close_job(job["job_id"])
+        return job
+
     def job(self, job_id: str) -> dict:
         return self.get_json(f"/v1/jobs/{job_id}")
 
@@ -206,7 +265,7 @@ class Client:
             job = self.job(job_id)
             if on_poll:
                 on_poll(job)
-            if job["status"] in ("done", "done_with_errors", "cancelled"):
+            if job["status"] in FINISHED:
                 return job
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s: {job['counts']}")

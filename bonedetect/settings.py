@@ -97,6 +97,7 @@ class Settings:
     db_retry_s: int = 600  # a worker retries a database that went away this long (backoff) before giving work back
     retention_days: int = 0  # the reconciler purges jobs (rows and blobs) older than this; 0: keep forever
     orphan_blob_hours: int = 24  # blob folders without a job row (an upload cut off by a crash) are purged after this
+    open_job_idle_hours: int = 24  # a job opened for parts that got none for this long is closed by the reconciler
     extra: dict = field(default_factory=dict)
 
     @property
@@ -152,6 +153,7 @@ class Settings:
             db_retry_s=_int(env, "DB_RETRY_S", 600),
             retention_days=_int(env, "RETENTION_DAYS", 0),
             orphan_blob_hours=_int(env, "ORPHAN_BLOB_HOURS", 24),
+            open_job_idle_hours=_int(env, "OPEN_JOB_IDLE_HOURS", 24),
         )
 
     def ensure_home(self) -> None:

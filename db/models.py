@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -104,9 +105,35 @@ class Job(Base):
     callback_state: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[timestamp]
     cancelled_at: Mapped[optional_timestamp]
+    # A job opened for parts (POST /v1/jobs with open=true) takes more files (POST /v1/jobs/<id>/images)
+    # while this is true: its status is "receiving", and it cannot finish nor its callback fire. Closing
+    # it (or cancelling, or the reconciler after OPEN_JOB_IDLE_HOURS) sets it false, once, by a
+    # conditional UPDATE, and sets closed_at. A job submitted whole is made false (the server default:
+    # what code from before parts inserts too), with no closed_at.
+    receiving: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    closed_at: Mapped[optional_timestamp]
 
     images: Mapped[list[Image]] = relationship(back_populates="job", passive_deletes=True)
     deliveries: Mapped[list[CallbackDelivery]] = relationship(back_populates="job", passive_deletes=True)
+    parts: Mapped[list[JobPart]] = relationship(back_populates="job", passive_deletes=True)
+
+
+class JobPart(Base):
+    """One request that added files to an open job: its positions, and its Idempotency-Key and
+    fingerprint, so a part sent again after a lost answer is answered with the first one."""
+
+    __tablename__ = "job_parts"
+    __table_args__ = (UniqueConstraint("job_id", "idempotency_key", name="uq_job_parts_job_idempotency"),)
+
+    id: Mapped[pk_id]
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_sha256: Mapped[str | None] = mapped_column(String(64))
+    first_position: Mapped[int] = mapped_column(Integer)
+    image_count: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[timestamp]
+
+    job: Mapped[Job] = relationship(back_populates="parts")
 
 
 class Image(Base):

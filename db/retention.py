@@ -31,7 +31,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.blobstore import BlobStore, job_prefix
-from db.models import Image, Job, utcnow
+from db.models import Image, Job, JobPart, utcnow
 
 log = logging.getLogger("bonedetect.retention")
 
@@ -51,6 +51,7 @@ def delete_job_rows(session: Session, job: Job) -> PurgedJob:
     images = session.scalar(select(func.count()).select_from(Image).where(Image.job_id == job.id)) or 0
     # Images first: SQLite's cascade needs PRAGMA foreign_keys, which another tool may not set.
     session.execute(delete(Image).where(Image.job_id == job.id).execution_options(synchronize_session=False))
+    session.execute(delete(JobPart).where(JobPart.job_id == job.id).execution_options(synchronize_session=False))
     session.execute(delete(Job).where(Job.id == job.id).execution_options(synchronize_session=False))
     return PurgedJob(job.id, job.tenant_id, images)
 

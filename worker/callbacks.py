@@ -78,11 +78,14 @@ def _context() -> tuple[Settings, sessionmaker[Session]]:
 
 def claim_finished(session: Session, job_ids: list[str] | None) -> list[str]:
     """Mark 'pending' the jobs among `job_ids` (None: all jobs) that have a callback URL, no callback
-    yet and no unfinished image; returns their ids. One conditional UPDATE: exactly one caller wins a job."""
+    yet, are closed (take no more parts) and have no unfinished image; returns their ids. One
+    conditional UPDATE: exactly one caller wins a job."""
     if job_ids is not None and not job_ids:
         return []
     unfinished = exists().where(Image.job_id == Job.id, Image.status.in_(UNFINISHED))
-    query = update(Job).where(Job.callback_url.is_not(None), Job.callback_state.is_(None), ~unfinished)
+    query = update(Job).where(
+        Job.callback_url.is_not(None), Job.callback_state.is_(None), Job.receiving.is_(False), ~unfinished
+    )
     if job_ids is not None:
         query = query.where(Job.id.in_(job_ids))
     return list(session.execute(query.values(callback_state=PENDING).returning(Job.id)).scalars())

@@ -9,6 +9,8 @@ unless something looks. Every RECONCILE_INTERVAL_S seconds the reconciler:
   runs; the task's claim accepts them again);
 - when the broker's queue is empty, re-enqueues `queued` images of
   uncancelled jobs that were last enqueued more than RECONCILE_GRACE_S ago;
+- closes jobs opened for parts that got none for OPEN_JOB_IDLE_HOURS (their
+  client died before closing them), so they can finish;
 - sends the job-completion callbacks nothing else will (`sweep_callbacks`:
   jobs finished by a cancellation, or whose callback task was lost);
 - once an hour, when RETENTION_DAYS is set, purges jobs older than that
@@ -129,6 +131,17 @@ class Reconciler(threading.Thread):
 
     def round(self) -> dict:
         result = reconcile_once(self.sessions, self.app, self.settings, self.grace_s)
+        try:
+            from db.jobs import close_idle_jobs
+
+            with self.sessions.begin() as session:
+                closed = close_idle_jobs(session, self.settings.open_job_idle_hours)
+            if closed:
+                log.warning("reconciler: closed %d jobs that got no part for %d hours: %s", len(closed),
+                            self.settings.open_job_idle_hours, ", ".join(closed))
+            result["closed_idle_jobs"] = len(closed)
+        except Exception:
+            log.exception("closing idle open jobs failed")
         try:  # job-completion callbacks nothing else will send (worker/callbacks.py)
             from worker.callbacks import sweep_callbacks
 

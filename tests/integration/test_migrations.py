@@ -71,3 +71,30 @@ def test_downgrade_keeps_rows_on_sqlite(tmp_path):
 @pytest.mark.integration
 def test_downgrade_keeps_rows_on_postgresql(pg_url):
     check_rows_survive_a_round_trip(pg_url)
+
+
+def check_older_code_inserts_whole_jobs(url: str) -> None:
+    """Code from before 0003 inserts jobs without `receiving`: they are jobs submitted whole (the
+    server default), so API replicas and workers can be upgraded one by one."""
+    import uuid
+
+    from sqlalchemy import text
+
+    upgrade(url)
+    engine = make_engine(url)
+    tenant, job = str(uuid.uuid4()), str(uuid.uuid4())
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES (:id, 'old', CURRENT_TIMESTAMP)"), {"id": tenant})
+        conn.execute(text("INSERT INTO jobs (id, tenant_id, image_count, created_at) VALUES (:id, :t, 0, CURRENT_TIMESTAMP)"),
+                     {"id": job, "t": tenant})
+        assert conn.execute(text("SELECT receiving, closed_at FROM jobs")).one() == (False, None)
+    engine.dispose()
+
+
+def test_older_code_inserts_whole_jobs_on_sqlite(tmp_path):
+    check_older_code_inserts_whole_jobs(f"sqlite:///{tmp_path / 'old.sqlite'}")
+
+
+@pytest.mark.integration
+def test_older_code_inserts_whole_jobs_on_postgresql(pg_url):
+    check_older_code_inserts_whole_jobs(pg_url)

@@ -134,3 +134,37 @@ def test_two_tenants_cannot_see_each_other(start_system, pg_url, redis_url):
     assert a.job(job_a)["status"] == "done", "b's cancel attempt changed nothing"
     assert [j["job_id"] for j in b.get_json("/v1/jobs")["jobs"]] == [job_b]
     assert [j["job_id"] for j in a.get_json("/v1/jobs")["jobs"]] == [job_a]
+
+
+def test_one_job_sent_in_parts_is_processed_while_it_arrives(start_system, pg_url, redis_url):
+    """A job opened for parts: its first part is segmented before the second is sent (the job says
+    "receiving" meanwhile), and once closed it ends like a job sent whole: every image in the order
+    sent, masks that match the drawn lesions. Then the client's submit_in_parts, two parts at once."""
+    import time
+
+    system = start_system(pg_url, redis_url)
+    client = system.client("a")
+    files, truth = synthetic_jpegs(20, seed=15)
+    job_id = client.open_job(label="in parts")["job_id"]
+    first = client.add_images(job_id, files[:8], external_ids=[f"acc-{i}" for i in range(8)])
+    assert (first["first_position"], first["accepted"]) == (0, 8)
+    deadline = time.monotonic() + 300
+    while (job := client.job(job_id))["counts"]["done"] < 8:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "receiving" and job["finished_at"] is None, "all done so far, but the job is open"
+    second = client.add_images(job_id, files[8:], external_ids=[f"acc-{i}" for i in range(8, 20)])
+    assert (second["first_position"], second["accepted"]) == (8, 12)
+    assert client.close_job(job_id)["total"] == 20
+    final = client.wait(job_id, timeout=300)
+    assert final["status"] == "done" and final["counts"]["done"] == 20
+    images = list(client.images(job_id))
+    assert [im["filename"] for im in images] == [name for name, _ in files]
+    assert [im["external_id"] for im in images] == [f"acc-{i}" for i in range(20)]
+    dices = [dice(np.array(Image.open(io.BytesIO(client.mask_png(im["image_id"])))), truth[im["filename"]]) for im in images]
+    assert np.mean(dices) > 0.5, f"mean Dice against drawn lesions {np.mean(dices):.3f}"
+
+    job = client.submit_in_parts(files, label="helper", part_size=6, uploaders=2)  # parts of 6, 6, 6, 2
+    final = client.wait(job["job_id"], timeout=300)
+    assert final["status"] == "done" and final["total"] == 20
+    assert sorted(im["filename"] for im in client.images(job["job_id"])) == sorted(name for name, _ in files)

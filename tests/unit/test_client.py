@@ -91,6 +91,17 @@ def test_submit_always_sends_an_idempotency_key_so_its_retries_are_one_job(flaky
     assert api.seen[0][1] == "night-42"
 
 
+def test_a_part_and_a_close_are_retried_as_one(flaky):
+    """A part always carries a key (the same on every try); closing a job is retried without one."""
+    api = flaky(2)
+    Client(api.url, "k").add_images("j1", [("a.jpg", b"\xff\xd8" + b"x" * 100)])
+    keys = {key for _, key, _ in api.seen}
+    assert len(api.seen) == 3 and len(keys) == 1 and None not in keys
+    api = flaky(2)
+    Client(api.url, "k").close_job("j1")
+    assert [(m, key) for m, key, _ in api.seen] == [("POST", None)] * 3
+
+
 def test_a_post_without_a_key_is_not_repeated(flaky):
     api = flaky(1)
     with pytest.raises(ApiError) as err:
