@@ -9,6 +9,7 @@
     python -m bench --broker redis           # Redis + a fresh PostgreSQL database instead of the embedded SQLite
     python -m bench --batch 16 --chunk 32 --images 192 --standin-device 30 --worker-concurrency 2   # an off-CPU network
     python -m bench ... --jobs 6 --api-workers 2   # the batch as 6 jobs sent one after another, the API under gunicorn
+    python -m bench ... --parts 6 --uploaders 2    # the batch as one job in 6 parts, two sent at once
 
 On generated radiograph-sized JPEGs (3000x2500 by default, cached under
 var/bench/) it measures, in one run:
@@ -127,7 +128,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="system stage: the batch as this many jobs of consecutive images (default 1), sent one after "
                         "another by each of --uploaders clients")
-    p.add_argument("--uploaders", type=int, default=1, help="system stage: clients uploading --jobs at once (default 1)")
+    p.add_argument("--parts", type=int, default=1,
+                   help="system stage: the batch as one job opened for parts, sent as this many parts of consecutive "
+                        "images by --uploaders clients at once, then closed (default 1: sent whole)")
+    p.add_argument("--uploaders", type=int, default=1,
+                   help="system stage: clients uploading --jobs (or --parts) at once (default 1)")
     p.add_argument("--api-workers", type=int, default=0,
                    help="system stage: the API under gunicorn with this many processes of 4 threads, as "
                         "docker-compose.yml runs it (default 0: the API in a thread of this process)")
@@ -262,9 +267,11 @@ def run(args, argv, tmp: Path) -> int:
     if not stages <= {"model", "pipeline", "system"}:
         raise SystemExit(f"--stages: unknown stage(s) {sorted(stages - {'model', 'pipeline', 'system'})}")
     if (args.workers < 1 or (args.batch is not None and args.batch < 1) or args.chunk < 1 or args.io_threads < 1
-            or args.jobs < 1 or args.uploaders < 1 or args.api_workers < 0):
-        raise SystemExit("--workers, --batch, --chunk, --io-threads, --jobs and --uploaders must be at least 1, "
+            or args.jobs < 1 or args.parts < 1 or args.uploaders < 1 or args.api_workers < 0):
+        raise SystemExit("--workers, --batch, --chunk, --io-threads, --jobs, --parts and --uploaders must be at least 1, "
                          "--api-workers 0 or more")
+    if args.parts > 1 and args.jobs > 1:
+        raise SystemExit("--parts sends one job in parts: not with --jobs")
     import torch
 
     from bonedetect.settings import Settings
@@ -347,11 +354,11 @@ def run(args, argv, tmp: Path) -> int:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
             with tp.running_system(ckpt, workers=1, **kw) as system:
                 results["system-1"] = tp.measure_system(system, paths, "system, 1 worker", jobs=args.jobs,
-                                                        uploaders=args.uploaders)
+                                                        uploaders=args.uploaders, parts=args.parts)
         log(f"system: {args.workers} worker(s), {args.threads} torch thread(s) each, {args.broker}")
         with tp.running_system(ckpt, workers=args.workers, **kw) as system:
             results["system"] = tp.measure_system(system, paths, f"system, {args.workers} worker(s)", jobs=args.jobs,
-                                                  uploaders=args.uploaders)
+                                                  uploaders=args.uploaders, parts=args.parts)
 
     by_step = results["pipeline"].notes.pop("cpu_ms_by_step", None) if "pipeline" in results else None
     for r in results.values():
@@ -365,8 +372,9 @@ def run(args, argv, tmp: Path) -> int:
     chunks = -(-n // args.chunk)
     print(f"config:   {n} images of {h}x{w} JPEG; forward batch {args.batch}; chunk {args.chunk} ({chunks} chunks); torch threads {args.threads}"
           f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}"
-          f" of {args.worker_concurrency} chunk(s) at once; {args.jobs} job(s) by {min(args.uploaders, args.jobs)} "
-          f"uploader(s); API "
+          f" of {args.worker_concurrency} chunk(s) at once; "
+          f"{f'1 job in {args.parts} parts' if args.parts > 1 else f'{args.jobs} job(s)'} by "
+          f"{min(args.uploaders, max(args.jobs, args.parts))} uploader(s); API "
           f"{f'gunicorn x{args.api_workers}' if args.api_workers else 'in this process'}"
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
           f"channels_last {segmenter.channels_last}; compile {args.compile}; "

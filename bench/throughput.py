@@ -431,26 +431,29 @@ def step_costs(segmenter, paths: Sequence[Path], k: int = 6, reduced_jpeg: bool 
 # -- the system ------------------------------------------------------------------------------
 
 
-def upload_streaming(base_url: str, api_key: str, paths: Sequence[Path], label: str = "bench") -> dict:
-    """POST /v1/jobs with the files streamed from disk (multipart with a
-    Content-Length), so the uploader never holds the batch in memory."""
+def upload_streaming(base_url: str, api_key: str, paths: Sequence[Path], label: str | None = "bench",
+                     path: str = "/v1/jobs", first: int = 0) -> dict:
+    """POST /v1/jobs (or, with ``path``, a part of an open job: POST /v1/jobs/<id>/images, no label)
+    with the files streamed from disk (multipart with a Content-Length), so the uploader never holds
+    the batch in memory. Files are named by their index in the batch, from ``first``."""
     boundary = uuid.uuid4().hex
     label_part = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="label"\r\n\r\n{label}\r\n'.encode()
+        if label is not None else b""
     )
     heads = [
         (
             f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{i:05d}-{p.name}"\r\n'
             "Content-Type: image/jpeg\r\n\r\n"
         ).encode()
-        for i, p in enumerate(paths)
+        for i, p in enumerate(paths, start=first)
     ]
     closing = f"--{boundary}--\r\n".encode()
     length = len(label_part) + sum(len(h) + p.stat().st_size + 2 for h, p in zip(heads, paths)) + len(closing)
     url = urllib.parse.urlsplit(base_url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=3600)
     try:
-        conn.putrequest("POST", "/v1/jobs")
+        conn.putrequest("POST", path)
         conn.putheader("Authorization", f"Bearer {api_key}")
         conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
         conn.putheader("Content-Length", str(length))
@@ -665,27 +668,40 @@ def warm_up(system: System, path: Path) -> None:
 
 
 def measure_system(system: System, paths: Sequence[Path], name: str = "system", jobs: int = 1,
-                   uploaders: int = 1) -> StageResult:
+                   uploaders: int = 1, parts: int = 1) -> StageResult:
     """Upload the batch as one job, or as ``jobs`` jobs of consecutive images, sent by ``uploaders``
     clients at once, each sending the next job when its last one was accepted (one: a hospital's
     script sending a night's studies one job after another, so the first jobs are processed while the
-    later ones upload); seconds from the first byte sent until the API says the last job is done."""
+    later ones upload); or (``parts`` > 1, one job) as one job opened for parts, its ``parts`` parts
+    of consecutive images sent by ``uploaders`` clients at once, then closed. Seconds from the first
+    byte sent until the API says the last job is done."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if parts > 1 and jobs > 1:
+        raise ValueError("parts: one job sent in parts, or several jobs sent whole, not both")
     warm_up(system, paths[0])
     client = system.client()
     workers = [w.pid for w in system.workers]
     api = process_tree(system.api.pid) if hasattr(system.api, "pid") else []  # an API process (gunicorn's workers too)
     pids = workers + api
-    parts = [list(p) for p in np.array_split(np.array(paths, dtype=object), max(1, min(jobs, len(paths))))]
+    pieces = max(1, min(parts if parts > 1 else jobs, len(paths)))
+    batches = [list(p) for p in np.array_split(np.array(paths, dtype=object), pieces)]
+    starts = np.cumsum([0] + [len(b) for b in batches])[:-1].tolist()
     started_at = datetime.now(timezone.utc)
     # this process: the uploader and poller, and the API's threads when it runs here
     start, cpu, ticks = time.perf_counter(), cpu_time(pids), host_ticks()
     api_cpu = cpu_time(api) - cpu_time()
     per_worker = [cpu_time([pid]) - cpu_time() for pid in workers]
-    with ThreadPoolExecutor(max(1, min(uploaders, len(parts))), thread_name_prefix="bench-upload") as uploads:
-        job_ids = [job["job_id"] for job in uploads.map(
-            lambda part: upload_streaming(system.api.url, system.key, part, label=f"bench {len(part)}"), parts)]
+    with ThreadPoolExecutor(max(1, min(uploaders, len(batches))), thread_name_prefix="bench-upload") as uploads:
+        if parts > 1:
+            job_ids = [client.open_job(label=f"bench {len(paths)} in {len(batches)} parts")["job_id"]]
+            url = f"/v1/jobs/{job_ids[0]}/images"
+            list(uploads.map(lambda b: upload_streaming(system.api.url, system.key, b[1], label=None, path=url,
+                                                        first=b[0]), zip(starts, batches)))
+            client.close_job(job_ids[0])
+        else:
+            job_ids = [job["job_id"] for job in uploads.map(
+                lambda b: upload_streaming(system.api.url, system.key, b, label=f"bench {len(b)}"), batches)]
     uploaded = time.perf_counter() - start
     finals = [wait_done(client, job_id) for job_id in job_ids]
     end = max(seen for _, seen in finals)
@@ -699,8 +715,8 @@ def measure_system(system: System, paths: Sequence[Path], name: str = "system", 
     notes = {"upload_s": round(uploaded, 2), "status": "/".join(statuses), "worker_cpu_s": per_worker,
              **queue_timeline(system, job_ids, started_at, end - start), "steal_pct": steal,
              "load": load_average()}
-    if len(parts) > 1:
-        notes = {"jobs": len(parts), "uploaders": min(uploaders, len(parts)), **notes}
+    if len(batches) > 1:
+        notes = {("parts" if parts > 1 else "jobs"): len(batches), "uploaders": min(uploaders, len(batches)), **notes}
     if api:
         notes["api_cpu_s"] = round(cpu_time(api) - cpu_time() - api_cpu, 1)
     failed = counts.get("failed", 0) + counts.get("queued", 0)

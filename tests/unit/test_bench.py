@@ -239,3 +239,19 @@ def test_bench_with_a_stand_in_device_two_chunks_at_once_and_jobs_uploaded_at_on
     assert result["standin_device"] == 40 and result["worker_concurrency"] == 2
     assert 20 < result["stages"]["model"]["img_s"] <= 40.5  # never faster than the device
     assert result["stages"]["pipeline"]["failed"] == 0
+
+
+def test_bench_sends_one_job_in_parts(tmp_path, capsys):
+    """--parts 3 --uploaders 2: the system stage's batch as one job opened for parts, three parts sent
+    by two clients at once, then closed; every image done, one job."""
+    status = main(["--images", "6", "--size", "120x100", "--batch", "2", "--chunk", "2", "--threads", "1",
+                   "--io-threads", "2", "--standin-device", "40", "--stages", "model,system", "--parts", "3",
+                   "--uploaders", "2", "--checkpoint", str(SYNTHETIC_CHECKPOINT), "--cache", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "1 job in 3 parts by 2 uploader(s)" in out
+    system_row = next(line for line in out.splitlines() if line.startswith("system, 1 worker"))
+    assert "parts=3, uploaders=2," in system_row and "status=done," in system_row and "FAILED" not in system_row
+    assert re.search(r"chunks=3, ", system_row), system_row  # three parts of 2 images, a chunk each
+    with pytest.raises(SystemExit, match="not with --jobs"):
+        main(["--parts", "2", "--jobs", "2", "--stages", "system"])
