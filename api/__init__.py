@@ -67,7 +67,10 @@ def index():
         "service": "bonedetect",
         "auth": "Authorization: Bearer <key> on every /v1 call",
         "endpoints": {
-            "POST /v1/jobs": "submit radiographs: multipart 'files' (PNG/JPEG), 'external_id' per file, 'label'",
+            "POST /v1/jobs": "submit radiographs: multipart 'files' (PNG/JPEG/DICOM, zip), 'external_id' per file, "
+                             "'label', 'callback_url'; open=true: a job sent in parts",
+            "POST /v1/jobs/<job_id>/images": "a part of a job opened with open=true: its 'files', queued at once",
+            "POST /v1/jobs/<job_id>/close": "no more parts: the job finishes when its images have",
             "GET /v1/jobs": "this tenant's jobs, newest first (?limit=&cursor=)",
             "GET /v1/jobs/<job_id>": "status, counts and progress",
             "DELETE /v1/jobs/<job_id>": "cancel the images not yet processed",

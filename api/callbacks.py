@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from api.images import iso
+from db.jobs import CALLBACK_HELD
 from db.models import CallbackDelivery, Job
 
 FIELD = "callback_url"
@@ -57,7 +58,7 @@ def callback_json(session: Session, job: Job) -> dict | None:
     ).all()
     return {
         "url": job.callback_url,
-        "state": job.callback_state or "waiting",
+        "state": "waiting" if job.callback_state in (None, CALLBACK_HELD) else job.callback_state,
         "attempts": [
             {"attempt": r.attempt, "status": r.status, "http_status": r.http_status, "error": r.error, "at": iso(r.created_at)}
             for r in rows

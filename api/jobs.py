@@ -44,7 +44,7 @@ from api.uploads import (
     sniff,
 )
 from db.blobstore import TooLarge, image_prefix, job_prefix
-from db.jobs import job_progress
+from db.jobs import CALLBACK_HELD, close_job as close_open_job, job_progress
 from db.models import CANCELLED, FAILED, IMAGE_STATUSES, QUEUED, UNFINISHED, Image, Job, JobPart, new_id, utcnow
 from db.retention import delete_job_blobs, delete_job_rows
 
@@ -97,8 +97,9 @@ def rejected_in(session: Session, job_id: str, first: int, count: int) -> list[d
 
 
 def submitted(session: Session, job: Job, status: int):
-    """The answer to a submission; the same for its idempotent replays. For a job opened for parts,
-    the files of the opening request only (the job's image count less its parts', in one statement)."""
+    """The answer to a submission; the same for its idempotent replays (a job opened for parts: the
+    files of the opening request only, the job's image count less its parts', in one statement; the
+    parts' and close URLs while it is receiving)."""
     count = session.scalar(
         select(Job.image_count - func.coalesce(select(func.sum(JobPart.image_count)).where(JobPart.job_id == Job.id)
                                                .scalar_subquery(), 0)).where(Job.id == job.id)
@@ -118,17 +119,17 @@ def submitted(session: Session, job: Job, status: int):
     return body, status, {"Location": status_url}
 
 
-def part_answer(session: Session, job: Job, part: JobPart, status: int):
+def part_answer(session: Session, job_id: str, part: JobPart, status: int):
     """The answer to a part of an open job; the same for its idempotent replays."""
-    rejected = rejected_in(session, job.id, part.first_position, part.image_count)
+    rejected = rejected_in(session, job_id, part.first_position, part.image_count)
     return {
-        "job_id": job.id,
+        "job_id": job_id,
         "part_id": part.id,
         "first_position": part.first_position,
         "image_count": part.image_count,
         "accepted": part.image_count - len(rejected),
         "rejected": rejected,
-        "status_url": url_for("jobs.get_job", job_id=job.id),
+        "status_url": url_for("jobs.get_job", job_id=job_id),
     }, status
 
 
@@ -177,6 +178,8 @@ def submit_job():
     job = Job(id=new_id(), tenant_id=tenant_id(), label=sub.label, idempotency_key=key, image_count=len(sub.files),
               receiving=sub.open)
     job.callback_url, job.request_sha256 = callback_url, digest
+    if sub.open and callback_url:
+        job.callback_state = CALLBACK_HELD
     try:
         session.add(job)
         images, queued = _store_images(svc, job, sub)
@@ -263,11 +266,15 @@ def add_images(job_id: str):
     session, svc = db_session(), services()
     job = owned(Job, job_id, "job")
     key = idempotency_key(request)
+    if not job.receiving and not (key and _part_by_key(session, job.id, key)):
+        discard_body(request)  # refused before a byte is stored: the client reads the 409 at once
+        _check_open(job)
     sub = parse_submission(request, svc.settings, part=True)
     digest = submission_digest(sub, None) if key else None
     if key and (existing := _part_by_key(session, job.id, key)):
-        return _replay_part(session, job, existing, digest)
+        return _replay_part(session, job.id, existing, digest)
     _check_open(job)
+    job_id, tenant = job.id, job.tenant_id  # the row may be purged meanwhile: not read from it again
     stored: list[Image] = []
     try:
         images, queued = _store_images(svc, job, sub, stored)
@@ -280,11 +287,12 @@ def add_images(job_id: str):
             .returning(Job.image_count)
             .execution_options(synchronize_session=False)
         ).scalar()
-        if end is None:
+        if end is None:  # closed, cancelled or purged while the part was arriving
             session.rollback()
-            session.refresh(job)
-            _check_open(job)
-            raise ApiError(409, "this job takes no more files")  # pragma: no cover (closed between the two reads)
+            now = session.get(Job, job_id, populate_existing=True)
+            if now is None:
+                raise ApiError(404, "job not found")
+            _check_open(now)
         first = end - len(images)
         for image in images:
             image.position += first
@@ -293,21 +301,20 @@ def add_images(job_id: str):
         session.add_all([*images, part])
         session.commit()
     except IntegrityError:
-        _discard_part(session, svc, job, stored)
-        existing = _part_by_key(session, job.id, key) if key else None
+        _discard_part(session, svc, tenant, job_id, stored)
+        existing = _part_by_key(session, job_id, key) if key else None
         if existing is None:
             raise
-        return _replay_part(session, job, existing, digest)  # the same part, sent twice at once: the other won
+        return _replay_part(session, job_id, existing, digest)  # the same part, sent twice at once: the other won
     except BaseException:
-        _discard_part(session, svc, job, stored)
+        _discard_part(session, svc, tenant, job_id, stored)
         raise
     try:
         if queued:
             svc.enqueue(queued)
     except Exception:
-        log.exception("job %s: could not enqueue %d images; left queued for the reconciler", job.id, len(queued))
-    session.refresh(job)
-    return part_answer(session, job, part, 202)
+        log.exception("job %s: could not enqueue %d images; left queued for the reconciler", job_id, len(queued))
+    return part_answer(session, job_id, part, 202)
 
 
 def _check_open(job: Job) -> None:
@@ -322,21 +329,21 @@ def _part_by_key(session: Session, job_id: str, key: str) -> JobPart | None:
     return session.scalar(select(JobPart).where(JobPart.job_id == job_id, JobPart.idempotency_key == key))
 
 
-def _replay_part(session: Session, job: Job, part: JobPart, digest: str | None):
+def _replay_part(session: Session, job_id: str, part: JobPart, digest: str | None):
     if digest != part.request_sha256:
-        raise ApiError(422, f"this Idempotency-Key was already used for a different part of job {job.id} "
+        raise ApiError(422, f"this Idempotency-Key was already used for a different part of job {job_id} "
                             f"(positions {part.first_position}-{part.first_position + part.image_count - 1}); "
                             "use a new key for a new part")
-    return part_answer(session, job, part, 200)
+    return part_answer(session, job_id, part, 200)
 
 
-def _discard_part(session: Session, svc: Services, job: Job, images: list[Image]) -> None:
+def _discard_part(session: Session, svc: Services, tenant: str, job_id: str, images: list[Image]) -> None:
     try:
         session.rollback()
     finally:
         for image in images:
             if image.blob_key:
-                svc.blobs.delete_prefix(image_prefix(job.tenant_id, job.id, image.id))
+                svc.blobs.delete_prefix(image_prefix(tenant, job_id, image.id))
 
 
 @bp.post("/<job_id>/close")
@@ -345,11 +352,7 @@ def close_job(job_id: str):
     finished, the job's callback is sent by the reconciler's next round (worker/callbacks.py)."""
     session = db_session()
     job = owned(Job, job_id, "job")
-    # Waits for a part still committing (the row's lock), so the job's count is final when this returns.
-    session.execute(
-        update(Job).where(Job.id == job.id, Job.receiving.is_(True)).values(receiving=False, closed_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    close_open_job(session, job.id)  # waits for a part still committing (the row's lock): the count is final
     session.commit()
     session.refresh(job)
     return job_json(session, job)
@@ -404,11 +407,13 @@ def cancel_job(job_id: str):
             log.exception("job %s purged, but its blobs could not be deleted now", job.id)
         return {"job_id": purged.job_id, "purged": True, "images": purged.images}
     now = utcnow()
+    # A job receiving parts is cut short first (the row's lock: a part still committing lands before,
+    # and is cancelled below with the rest), and always ends "cancelled": its batch is not whole.
+    if close_open_job(session, job.id, cancel=True):
+        session.refresh(job)
     unfinished = session.scalar(select(func.count()).where(Image.job_id == job.id, Image.status.in_(UNFINISHED)))
     if unfinished and job.cancelled_at is None:
         job.cancelled_at = now
-    if job.receiving:  # a job receiving parts takes no more once cancelled
-        job.receiving, job.closed_at = False, now
     session.execute(
         update(Image)
         .where(Image.job_id == job.id, Image.status == QUEUED)

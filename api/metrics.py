@@ -146,7 +146,7 @@ class SystemCollector:
         rows = session.execute(
             select(Job.created_at, func.max(Image.finished_at))
             .join(Image, Image.job_id == Job.id)
-            .where(Job.cancelled_at.is_(None), Image.status != CANCELLED)
+            .where(Job.cancelled_at.is_(None), Job.receiving.is_(False), Image.status != CANCELLED)
             .group_by(Job.id, Job.created_at)
             .having(unfinished == 0)
         ).all()

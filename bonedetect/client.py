@@ -32,6 +32,18 @@ class ApiError(RuntimeError):
         super().__init__(f"HTTP {status}: {message}")
 
 
+class PartsFailed(RuntimeError):
+    """Parts of ``submit_in_parts`` that failed after their retries; the job is still open. Call
+    ``submit_in_parts`` again with the same files and ``idempotency_key=err.idempotency_key`` to
+    finish it, or cancel it (``DELETE /v1/jobs/<job_id>``)."""
+
+    def __init__(self, job_id: str, idempotency_key: str, failed: list[tuple[int, Exception]]):
+        self.job_id, self.idempotency_key, self.failed = job_id, idempotency_key, failed
+        first = failed[0][1]
+        super().__init__(f"job {job_id}: {len(failed)} part(s) failed ({', '.join(str(i) for i, _ in failed)}), "
+                         f"the first with {first}; the job is still open (idempotency key {idempotency_key!r})")
+
+
 def _retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header given in seconds (dates are not used by the API)."""
     try:
@@ -99,8 +111,8 @@ def encode_multipart(fields: list[tuple[str, str]], files: list[tuple[str, str, 
     return b"".join(bytes(chunk) for chunk in body), body.content_type
 
 
-RETRY_STATUSES = (502, 503, 504)
-FINISHED = ("done", "done_with_errors", "cancelled")  # a job in any other state (receiving, queued, processing) goes on  # the API (or its load balancer) says: not now, try again
+RETRY_STATUSES = (502, 503, 504)  # the API (or its load balancer) says: not now, try again
+FINISHED = ("done", "done_with_errors", "cancelled")  # a job in any other state (receiving, queued, processing) goes on
 
 
 class Client:
@@ -238,21 +250,37 @@ class Client:
         callback_url: str | None = None,
         part_size: int = 256,
         uploaders: int = 4,
+        idempotency_key: str | None = None,
     ) -> dict:
         """One job of ``files``, sent as parts of ``part_size`` files by ``uploaders`` connections at
         once, then closed; returns the open job's answer. Workers start on the first part while the
-        others are sent, and several connections reach several API processes. A part that fails
-        (after the retries) fails the call; the job is left open for the parts already in, and the
-        reconciler closes it after OPEN_JOB_IDLE_HOURS."""
+        others are sent, and several connections reach several API processes.
+
+        Every request carries a key made from ``idempotency_key`` (the job's; the parts' are it plus
+        their index), so a call that failed part-way (``PartsFailed``, after the retries) can be made
+        again with the same key and files: the same job, the parts already in answered, not added
+        again, the rest sent, then closed. A job never closed is cut short ("cancelled") by the
+        reconciler after OPEN_JOB_IDLE_HOURS without a part."""
         from concurrent.futures import ThreadPoolExecutor
 
         files = list(files)
-        job = self.open_job(label=label, callback_url=callback_url)
-        base = f"part-{uuid.uuid4().hex}"
+        if not files or part_size < 1:
+            raise ValueError("submit_in_parts needs files, and a part_size of at least 1")
+        key = idempotency_key or f"client-{uuid.uuid4().hex}"
+        job = self.open_job(label=label, callback_url=callback_url, idempotency_key=key)
         parts = [files[i : i + part_size] for i in range(0, len(files), part_size)]
+
+        def send(index: int):
+            try:
+                self.add_images(job["job_id"], parts[index], idempotency_key=f"{key}-part-{index}")
+            except Exception as err:  # noqa: BLE001  (reported together, below)
+                return index, err
+            return None
+
         with ThreadPoolExecutor(max(1, min(uploaders, len(parts))), thread_name_prefix="bonedetect-part") as pool:
-            list(pool.map(lambda ip: self.add_images(job["job_id"], ip[1], idempotency_key=f"{base}-{ip[0]}"),
-                          enumerate(parts)))
+            failed = [f for f in pool.map(send, range(len(parts))) if f]
+        if failed:
+            raise PartsFailed(job["job_id"], key, failed)
         self.close_job(job["job_id"])
         return job
 

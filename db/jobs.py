@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import CANCELLED, DONE, FAILED, IMAGE_STATUSES, PROCESSING, QUEUED, Image, Job, JobPart, utcnow
@@ -77,16 +77,55 @@ def job_progress(session: Session, job: Job) -> JobProgress:
     )
 
 
+# A job opened for parts with a callback URL holds its callback_state at this, not NULL, until it is
+# closed: code from before parts (a worker or reconciler not yet upgraded) claims a callback only from
+# NULL, so it cannot announce a batch that is still arriving. Shown as "waiting" (api/callbacks.py).
+CALLBACK_HELD = "receiving"
+
+
+def closing(cancel: bool = False) -> dict:
+    """The values of the one UPDATE that closes a job receiving parts (always with
+    `WHERE receiving`: whoever closes it first wins, and the row's lock makes a close wait for a part
+    still committing). `cancel`: the batch was cut short, so the job ends "cancelled"."""
+    now = utcnow()
+    values = {
+        "receiving": False,
+        "closed_at": now,
+        "callback_state": case((Job.callback_state == CALLBACK_HELD, None), else_=Job.callback_state),
+    }
+    if cancel:
+        values["cancelled_at"] = func.coalesce(Job.cancelled_at, now)
+    return values
+
+
+def close_job(session: Session, job_id: str, cancel: bool = False) -> bool:
+    """Close (or with `cancel`, cut short) a job receiving parts; False when it was not receiving."""
+    closed = session.execute(
+        update(Job).where(Job.id == job_id, Job.receiving.is_(True)).values(**closing(cancel))
+        .returning(Job.id).execution_options(synchronize_session=False)
+    ).scalar()
+    return closed is not None
+
+
 def close_idle_jobs(session: Session, idle_hours: float) -> list[str]:
-    """Close the jobs opened for parts that got no part (nor were made) in the last `idle_hours`: a
-    client that died before its close. Their images finish, and their callbacks fire, as if the client
-    had closed them. Returns their ids (for the reconciler's round)."""
+    """Cut short the jobs opened for parts that got no part (nor were made) in the last `idle_hours`:
+    their client died, or gave up, before closing them, so the batch is not known to be whole. They
+    end "cancelled" (what is still queued is cancelled, what was processed stays), and their callbacks
+    fire. `idle_hours` <= 0: never. Returns their ids (for the reconciler's round)."""
+    if idle_hours <= 0:
+        return []
     cutoff = utcnow() - timedelta(hours=idle_hours)
     recent_part = select(JobPart.id).where(JobPart.job_id == Job.id, JobPart.created_at >= cutoff).exists()
-    return list(session.execute(
+    ids = list(session.execute(
         update(Job)
         .where(Job.receiving.is_(True), Job.created_at < cutoff, ~recent_part)
-        .values(receiving=False, closed_at=utcnow())
+        .values(**closing(cancel=True))
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).scalars())
+    if ids:
+        session.execute(
+            update(Image).where(Image.job_id.in_(ids), Image.status == QUEUED)
+            .values(status=CANCELLED, finished_at=utcnow()).execution_options(synchronize_session=False)
+        )
+    return ids

@@ -69,14 +69,40 @@ def test_a_closed_or_whole_job_takes_no_part_and_keeps_no_blob_of_it(api):
     job_id = open_job(api)["job_id"]
     add_part(api, job_id, pngs("a", 1))
     api.client.post(f"/v1/jobs/{job_id}/close", headers=api.auth())
-    before = blob_files(api)
+    whole = api.submit(pngs("w", 1)).json["job_id"]
+    before = sorted(blob_files(api))
     late = add_part(api, job_id, pngs("late", 2))
     assert late.status_code == 409 and "is closed" in late.json["error"]
-    whole = api.submit(pngs("w", 1)).json["job_id"]
     refused = add_part(api, whole, pngs("x", 1))
     assert refused.status_code == 409 and "submitted whole" in refused.json["error"]
     assert len(api.rows(job_id)) == 1 and len(api.rows(whole)) == 1
-    assert sorted(blob_files(api)) == sorted(before + [p for p in blob_files(api) if whole in str(p)])
+    assert sorted(blob_files(api)) == before
+
+
+def test_a_part_whose_job_is_closed_while_it_arrives_is_refused_and_leaves_no_blob(any_db_api, monkeypatch):
+    """The close lands after the part was checked and while its files are being stored: the part's
+    UPDATE finds the job closed, answers 409 and deletes what it stored."""
+    api = any_db_api
+    job_id = open_job(api)["job_id"]
+    blobs = api.app.extensions["bonedetect"].blobs
+    real_put, calls = blobs.put_stream, []
+
+    def put_then_close(key, stream, max_bytes=None):
+        calls.append(key)
+        if len(calls) == 1:  # another client closes the job, from its own thread and connection
+            closed = []
+            other = threading.Thread(target=lambda: closed.append(
+                api.app.test_client().post(f"/v1/jobs/{job_id}/close", headers=api.auth()).status_code))
+            other.start()
+            other.join()
+            assert closed == [200]
+        return real_put(key, stream, max_bytes)
+
+    monkeypatch.setattr(blobs, "put_stream", put_then_close)
+    resp = add_part(api, job_id, pngs("a", 2))
+    monkeypatch.undo()
+    assert resp.status_code == 409 and "is closed" in resp.json["error"] and len(calls) == 2
+    assert blob_files(api) == [] and api.rows(job_id) == [] and api.broker.tasks == []
 
 
 def test_the_opening_request_may_carry_the_first_part(api):
@@ -126,35 +152,58 @@ def test_a_part_takes_files_only_and_only_for_its_own_tenant(api):
     assert api.rows(job_id) == []
 
 
-def test_cancelling_an_open_job_closes_it(api):
+def test_cancelling_an_open_job_closes_it_and_it_ends_cancelled(api):
     job_id = open_job(api)["job_id"]
     add_part(api, job_id, pngs("a", 2))
     cancelled = api.client.delete(f"/v1/jobs/{job_id}", headers=api.auth())
     assert cancelled.status_code == 202 and cancelled.json["status"] == "cancelled"
+    assert cancelled.json["counts"]["cancelled"] == 2
     late = add_part(api, job_id, pngs("b", 1))
     assert late.status_code == 409 and "cancelled" in late.json["error"]
+    # with nothing unfinished (every image so far processed, or none sent): still cut short, not "done"
+    done_so_far = open_job(api)["job_id"]
+    add_part(api, done_so_far, pngs("c", 1))
+    api.set_images([r.id for r in api.rows(done_so_far)], status="done", finished_at=utcnow())
+    empty = open_job(api)["job_id"]
+    for job in (done_so_far, empty):
+        got = api.client.delete(f"/v1/jobs/{job}", headers=api.auth()).json
+        assert got["status"] == "cancelled" and got["cancelled_at"] is not None, got
 
 
-def test_the_callback_waits_for_the_close(api):
+def test_the_callback_waits_for_the_close_even_for_code_from_before_parts(api):
     job = open_job(api, fields=[("callback_url", "https://hospital.example/hook")])
     add_part(api, job["job_id"], pngs("a", 2))
     api.set_images([r.id for r in api.rows(job["job_id"])], status="done", finished_at=utcnow())
+    assert api.get(f"/v1/jobs/{job['job_id']}").json["callback"]["state"] == "waiting"
+
+    def claim_as_before_parts(session) -> list[str]:  # worker/callbacks.py's claim before 0003: no `receiving`
+        unfinished = select(Image.id).where(Image.job_id == Job.id, Image.status.in_(["queued", "processing"])).exists()
+        return list(session.execute(
+            update(Job).where(Job.callback_url.is_not(None), Job.callback_state.is_(None), ~unfinished)
+            .values(callback_state="pending").returning(Job.id)).scalars())
+
     with api.sessions.begin() as session:
         assert claim_finished(session, [job["job_id"]]) == [], "every image is done, but more may come"
+        assert claim_as_before_parts(session) == [], "a worker not yet upgraded does not announce it either"
     api.client.post(f"/v1/jobs/{job['job_id']}/close", headers=api.auth())
     with api.sessions.begin() as session:
         assert claim_finished(session, None) == [job["job_id"]]
 
 
-def test_a_job_left_open_is_closed_after_its_idle_hours(api):
+def test_a_job_left_open_is_cut_short_after_its_idle_hours(api):
     idle, busy, whole = open_job(api)["job_id"], open_job(api)["job_id"], api.submit(pngs("w", 1)).json["job_id"]
+    add_part(api, idle, pngs("a", 2))
     long_ago = utcnow() - timedelta(hours=30)
     with api.sessions.begin() as session:
         session.execute(update(Job).where(Job.id.in_([idle, busy])).values(created_at=long_ago))
-    add_part(api, busy, pngs("a", 1))  # a part an hour ago would count too: a recent one keeps it open
+        session.execute(update(JobPart).where(JobPart.job_id == idle).values(created_at=long_ago))
+    api.set_images([api.rows(idle)[0].id], status="done", finished_at=utcnow())
+    add_part(api, busy, pngs("b", 1))  # a recent part keeps it open
     with api.sessions.begin() as session:
+        assert close_idle_jobs(session, 0) == [], "0: never"
         assert close_idle_jobs(session, 24) == [idle]
-    assert api.get(f"/v1/jobs/{idle}").json["status"] == "done"  # closed with no image: nothing to do
+    got = api.get(f"/v1/jobs/{idle}").json
+    assert got["status"] == "cancelled" and got["counts"]["done"] == 1 and got["counts"]["cancelled"] == 1
     assert api.get(f"/v1/jobs/{busy}").json["status"] == "receiving"
     assert api.job_row(whole).receiving is False and api.job_row(whole).closed_at is None
 

@@ -40,7 +40,7 @@ def check_rows_survive_a_round_trip(url: str) -> None:
     """Down to 0001 and up again with data in the tables: nothing is lost on the way."""
     from sqlalchemy import func, select
 
-    from db.models import Image, Job, Tenant
+    from db.models import Image, Job, JobPart, Tenant
     from db.session import make_sessionmaker
 
     upgrade(url)
@@ -49,10 +49,11 @@ def check_rows_survive_a_round_trip(url: str) -> None:
         tenant = Tenant(name="t")
         session.add(tenant)
         session.flush()
-        job = Job(tenant_id=tenant.id, image_count=2, request_sha256="a" * 64)
+        job = Job(tenant_id=tenant.id, image_count=2, request_sha256="a" * 64, receiving=True)  # a job in parts
         session.add(job)
         session.flush()
         session.add_all([Image(job_id=job.id, tenant_id=tenant.id, position=i, status="queued") for i in range(2)])
+        session.add(JobPart(job_id=job.id, first_position=0, image_count=2, idempotency_key="p0"))
     engine.dispose()
     downgrade(url, "0001")
     upgrade(url)

@@ -164,7 +164,11 @@ def test_one_job_sent_in_parts_is_processed_while_it_arrives(start_system, pg_ur
     dices = [dice(np.array(Image.open(io.BytesIO(client.mask_png(im["image_id"])))), truth[im["filename"]]) for im in images]
     assert np.mean(dices) > 0.5, f"mean Dice against drawn lesions {np.mean(dices):.3f}"
 
-    job = client.submit_in_parts(files, label="helper", part_size=6, uploaders=2)  # parts of 6, 6, 6, 2
-    final = client.wait(job["job_id"], timeout=300)
+    job = client.submit_in_parts(files, label="helper", part_size=6, uploaders=2, idempotency_key="night-15")
+    final = client.wait(job["job_id"], timeout=300)  # parts of 6, 6, 6, 2
     assert final["status"] == "done" and final["total"] == 20
     assert sorted(im["filename"] for im in client.images(job["job_id"])) == sorted(name for name, _ in files)
+    # the same call again (a script resumed after a failure): the same job, nothing added twice
+    again = client.submit_in_parts(files, label="helper", part_size=6, uploaders=2, idempotency_key="night-15")
+    assert again["job_id"] == job["job_id"]
+    assert client.job(job["job_id"])["total"] == 20

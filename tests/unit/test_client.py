@@ -188,3 +188,52 @@ def test_a_file_that_changes_size_after_the_body_was_made_is_an_error_not_a_bad_
     path.write_bytes(b"x" * 2000)
     with pytest.raises(OSError, match="grew"):
         b"".join(bytes(c) for c in body)
+
+
+def test_submit_in_parts_reports_the_parts_that_failed_with_the_job_to_resume_and_does_not_close_it():
+    """Part 1 of 3 is refused: the call raises PartsFailed with the job id and the key to call it
+    again with; the other parts were sent, the job was not closed. The same call again with that key
+    sends the same keys (the API answers the parts already in without adding them)."""
+    from bonedetect.client import PartsFailed
+
+    seen, refuse = [], {"on": True}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            key = self.headers.get("Idempotency-Key")
+            seen.append((self.path, key))
+            code = 400 if refuse["on"] and key and key.endswith("-part-1") else (200 if self.path.endswith("/close") else 202)
+            payload = json.dumps({"job_id": "j1"} if code != 400 else {"error": "no"}).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = Client(f"http://127.0.0.1:{server.server_address[1]}", "k", retries=0)
+        files = [(f"{i}.jpg", b"\xff\xd8" + bytes([i])) for i in range(5)]
+        with pytest.raises(PartsFailed) as err:
+            client.submit_in_parts(files, part_size=2, uploaders=2, idempotency_key="night-7")
+        assert err.value.job_id == "j1" and err.value.idempotency_key == "night-7"
+        assert [i for i, _ in err.value.failed] == [1] and "HTTP 400" in str(err.value)
+        assert sorted(k for p, k in seen if p.endswith("/images")) == ["night-7-part-0", "night-7-part-1", "night-7-part-2"]
+        assert not any(p.endswith("/close") for p, _ in seen), "an incomplete batch is not closed"
+        first_round = list(seen)
+        refuse["on"] = False
+        assert client.submit_in_parts(files, part_size=2, idempotency_key="night-7")["job_id"] == "j1"
+        again = seen[len(first_round):]
+        assert again[0] == ("/v1/jobs", "night-7") and again[-1][0] == "/v1/jobs/j1/close"
+        assert sorted(k for p, k in again if p.endswith("/images")) == ["night-7-part-0", "night-7-part-1", "night-7-part-2"]
+        with pytest.raises(ValueError):
+            client.submit_in_parts([])
+    finally:
+        server.shutdown()
+        server.server_close()
