@@ -91,7 +91,7 @@ def index():
 
 def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = None) -> Flask:
     from api import health, images, jobs, metrics, web
-    from api.uploads import UploadRequest, raise_open_file_limit
+    from api.uploads import UploadRequest, buffered_body, raise_open_file_limit
     from bonedetect.logs import configure_logging, init_request_logging
 
     settings = settings or Settings.from_env()
@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     raise_open_file_limit(settings)  # every file past 500 KB of a request in flight holds a handle
     app = Flask(__name__)
     app.request_class = UploadRequest  # file parts written straight into a local blob store's folder
+    app.wsgi_app = buffered_body(app.wsgi_app)  # large bodies read from the server 1 MiB at a time
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
         # one part per file, one per external_id, a few more for label and friends
