@@ -26,7 +26,8 @@
 #   DEADLINE_S  seconds the whole script may take (default 540, under the device tool's 600 s per
 #            command): every step's limit is cut to what is left less 45 s, and a step that would get
 #            under 45 s (and less than it asked for) is skipped, exit 99 for the first one. Steps run in order of what the issue asks: the compiled end-to-end
-#            run, the same batch as 8 jobs from 4 clients to 4 API processes, one chunk at a time,
+#            run, the same batch as one job in 8 parts from 4 clients to 4 API processes, one chunk
+#            at a time,
 #            the sweep, the sweep with cuDNN's heuristics
 #   OUT      where the results go (the device tool sets it; default runs/gpu-bench)
 #   PYTHON   default python3
@@ -36,12 +37,15 @@
 #   CONCURRENCY_AB  1 (default): pipeline and system again with one chunk at a time
 #            (--worker-concurrency 1, the solo pool of before 2026-12-06) against the default two
 #            (WORKER_CONCURRENCY=auto on a GPU), for the A/B; 0: not
-#   JOBS_AB  1 (default): the system again with the batch sent as 8 jobs by 4 clients to the API
-#            under gunicorn with 4 processes (--jobs 8 --uploaders 4 --api-workers 4): one job
-#            cannot be processed faster than one request is uploaded (docs/benchmarks.md); 0: not
+#   PARTS_AB  1 (default): the system again with the batch sent as one job in 8 parts by 4 clients
+#            to the API under gunicorn with 4 processes (--parts 8 --uploaders 4 --api-workers 4):
+#            a job sent whole cannot be processed faster than one request is uploaded, nor before
+#            its last byte has arrived (docs/benchmarks.md); 0: not
+#   JOBS_AB  0 (default): 1: the same as 8 jobs sent whole (--jobs 8), as measured before parts
 #
 # What comes back in $OUT: bench-log.txt (everything printed), bench.json (the compiled run),
-# bench-jobs.json (its system as 8 jobs) and bench-one-chunk.json (its pipeline and system with one
+# bench-parts.json (its system as one job in 8 parts), bench-jobs.json (as 8 jobs, with JOBS_AB=1)
+# and bench-one-chunk.json (its pipeline and system with one
 # chunk at a time).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -111,8 +115,12 @@ END_TO_END=("${MODEL_ARGS[@]}" --compile --batch "$BATCH" --images "$IMAGES" --c
 step "model / pipeline / system, compiled, batch $BATCH, $IMAGES images, chunk $CHUNK, $IO io threads" "$LIMIT_S" \
     "${END_TO_END[@]}" --json "$OUT/bench.json"
 rc=$?
-if [ "${JOBS_AB:-1}" = 1 ]; then
-    # a single job is capped by its own upload (about 300 MB/s, 370 radiographs/s, on 2026-11-27 and 2026-12-06)
+if [ "${PARTS_AB:-1}" = 1 ]; then
+    # a job sent whole is capped by its own upload (about 300 MB/s, 370 radiographs/s, on 2026-11-27 and 2026-12-06)
+    step "system again, the batch as one job in 8 parts by 4 clients, API under gunicorn x4" 150 \
+        "${END_TO_END[@]}" --stages system --parts 8 --uploaders 4 --api-workers 4 --json "$OUT/bench-parts.json"
+fi
+if [ "${JOBS_AB:-0}" = 1 ]; then
     step "system again, the batch as 8 jobs by 4 clients, API under gunicorn x4" 150 \
         "${END_TO_END[@]}" --stages system --jobs 8 --uploaders 4 --api-workers 4 --json "$OUT/bench-jobs.json"
 fi
