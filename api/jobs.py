@@ -293,6 +293,7 @@ def add_images(job_id: str):
             if now is None:
                 raise ApiError(404, "job not found")
             _check_open(now)
+            raise ApiError(409, "this job takes no more files")
         first = end - len(images)
         for image in images:
             image.position += first
@@ -409,8 +410,8 @@ def cancel_job(job_id: str):
     now = utcnow()
     # A job receiving parts is cut short first (the row's lock: a part still committing lands before,
     # and is cancelled below with the rest), and always ends "cancelled": its batch is not whole.
-    if close_open_job(session, job.id, cancel=True):
-        session.refresh(job)
+    close_open_job(session, job.id, cancel=True)
+    session.refresh(job)  # as the row is now (closed by another client meanwhile, say)
     unfinished = session.scalar(select(func.count()).where(Image.job_id == job.id, Image.status.in_(UNFINISHED)))
     if unfinished and job.cancelled_at is None:
         job.cancelled_at = now

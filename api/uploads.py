@@ -64,12 +64,15 @@ def buffered_body(wsgi_app, buffer_size: int = BODY_BUFFER):
 
     Why: gunicorn 27 reads ahead up to 1 MiB from the socket for a body of known length, but each
     64 KiB read then copies what it holds ahead (`Unreader.read`: getvalue, slice, write back), so a
-    1 MiB read-ahead is copied ~16 times over; that was 31% of the API's CPU on an upload, and one
-    upload ran at half the rate of the same API under Flask's own server (docs/benchmarks.md)."""
+    1 MiB read-ahead is copied ~16 times over; those copies were 31% of the API's samples in a profile
+    of uploads (py-spy), and one
+    upload ran at half the rate of the same API under Flask's own server (docs/benchmarks.md).
+    Chunked bodies are left as the server gives them."""
 
     def app(environ, start_response):
         length = environ.get("CONTENT_LENGTH") or ""
-        if length.isdigit() and int(length) > buffer_size:
+        chunked = "HTTP_TRANSFER_ENCODING" in environ  # the server de-chunks it: Content-Length is not its end
+        if not chunked and length.isascii() and length.isdigit() and int(length) > buffer_size:
             environ["wsgi.input"] = io.BufferedReader(_BoundedBody(environ["wsgi.input"], int(length)), buffer_size)
         return wsgi_app(environ, start_response)
 

@@ -33,15 +33,24 @@ class ApiError(RuntimeError):
 
 
 class PartsFailed(RuntimeError):
-    """Parts of ``submit_in_parts`` that failed after their retries; the job is still open. Call
-    ``submit_in_parts`` again with the same files and ``idempotency_key=err.idempotency_key`` to
-    finish it, or cancel it (``DELETE /v1/jobs/<job_id>``)."""
+    """Parts of ``submit_in_parts`` that failed after their retries. ``resumable``: the job still
+    takes parts: call ``submit_in_parts`` again with the same files, part_size and
+    ``idempotency_key=err.idempotency_key`` to finish it, or cancel it (``DELETE /v1/jobs/<job_id>``).
+    Not resumable: the job takes no more parts (closed or cancelled meanwhile): send the batch again
+    as a new job."""
 
     def __init__(self, job_id: str, idempotency_key: str, failed: list[tuple[int, Exception]]):
         self.job_id, self.idempotency_key, self.failed = job_id, idempotency_key, failed
-        first = failed[0][1]
+        self.resumable = not any(isinstance(e, ApiError) and e.status == 409 for _, e in failed)
+        what = (f"the job is still open: call again with idempotency_key={idempotency_key!r}" if self.resumable
+                else "the job takes no more parts (closed or cancelled): send the batch as a new job")
         super().__init__(f"job {job_id}: {len(failed)} part(s) failed ({', '.join(str(i) for i, _ in failed)}), "
-                         f"the first with {first}; the job is still open (idempotency key {idempotency_key!r})")
+                         f"the first with {failed[0][1]}; {what}")
+
+
+class JobNotOpen(RuntimeError):
+    """``submit_in_parts`` called again for a job that was cancelled (by a DELETE, or cut short by the
+    reconciler after OPEN_JOB_IDLE_HOURS without a part): send the batch as a new job."""
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -258,17 +267,25 @@ class Client:
 
         Every request carries a key made from ``idempotency_key`` (the job's; the parts' are it plus
         their index), so a call that failed part-way (``PartsFailed``, after the retries) can be made
-        again with the same key and files: the same job, the parts already in answered, not added
-        again, the rest sent, then closed. A job never closed is cut short ("cancelled") by the
-        reconciler after OPEN_JOB_IDLE_HOURS without a part."""
+        again with the same key, files, label and part_size: the same job, the parts already in
+        answered, not added again, the rest sent, then closed. A job never closed is cut short
+        ("cancelled") by the reconciler after OPEN_JOB_IDLE_HOURS without a part; calling again for
+        it raises ``JobNotOpen``."""
         from concurrent.futures import ThreadPoolExecutor
 
         files = list(files)
         if not files or part_size < 1:
             raise ValueError("submit_in_parts needs files, and a part_size of at least 1")
         key = idempotency_key or f"client-{uuid.uuid4().hex}"
-        job = self.open_job(label=label, callback_url=callback_url, idempotency_key=key)
         parts = [files[i : i + part_size] for i in range(0, len(files), part_size)]
+        if len(f"{key}-part-{len(parts)}") > 200:  # the API's limit on an Idempotency-Key
+            raise ValueError("idempotency_key is too long: at most 200 characters with '-part-<index>' added")
+        job = self.open_job(label=label, callback_url=callback_url, idempotency_key=key)
+        if "parts_url" not in job:  # called again for a job that takes no more parts
+            now = self.job(job["job_id"])
+            if now["cancelled_at"] is not None:
+                raise JobNotOpen(f"job {job['job_id']} was cancelled ({now['status']}, {now['counts']}): "
+                                 "send the batch as a new job, with a new idempotency key")
 
         def send(index: int):
             try:

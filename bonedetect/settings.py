@@ -97,7 +97,7 @@ class Settings:
     db_retry_s: int = 600  # a worker retries a database that went away this long (backoff) before giving work back
     retention_days: int = 0  # the reconciler purges jobs (rows and blobs) older than this; 0: keep forever
     orphan_blob_hours: int = 24  # blob folders without a job row (an upload cut off by a crash) are purged after this
-    open_job_idle_hours: int = 24  # a job opened for parts that got none for this long is closed by the reconciler
+    open_job_idle_hours: int = 24  # a job opened for parts that got none for this long is cut short (cancelled) by the reconciler; 0: never
     extra: dict = field(default_factory=dict)
 
     @property

@@ -115,17 +115,26 @@ def close_idle_jobs(session: Session, idle_hours: float) -> list[str]:
     if idle_hours <= 0:
         return []
     cutoff = utcnow() - timedelta(hours=idle_hours)
-    recent_part = select(JobPart.id).where(JobPart.job_id == Job.id, JobPart.created_at >= cutoff).exists()
-    ids = list(session.execute(
-        update(Job)
-        .where(Job.receiving.is_(True), Job.created_at < cutoff, ~recent_part)
-        .values(**closing(cancel=True))
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    ).scalars())
-    if ids:
-        session.execute(
-            update(Image).where(Image.job_id.in_(ids), Image.status == QUEUED)
-            .values(status=CANCELLED, finished_at=utcnow()).execution_options(synchronize_session=False)
-        )
+
+    def idle():
+        recent_part = select(JobPart.id).where(JobPart.job_id == Job.id, JobPart.created_at >= cutoff).exists()
+        return (Job.receiving.is_(True), Job.created_at < cutoff, ~recent_part)
+
+    # Lock the candidates first (PostgreSQL; SQLite has one writer anyway), skipping a job whose part
+    # is committing right now: the UPDATE below then reads the parts afresh with the rows held, so a
+    # part accepted a moment ago keeps its job open.
+    candidates = session.scalars(select(Job.id).where(*idle()).with_for_update(skip_locked=True)).all()
+    ids: list[str] = []
+    for start in range(0, len(candidates), 500):
+        batch = list(candidates[start : start + 500])
+        closed = list(session.execute(
+            update(Job).where(Job.id.in_(batch), *idle()).values(**closing(cancel=True))
+            .returning(Job.id).execution_options(synchronize_session=False)
+        ).scalars())
+        if closed:
+            session.execute(
+                update(Image).where(Image.job_id.in_(closed), Image.status == QUEUED)
+                .values(status=CANCELLED, finished_at=utcnow()).execution_options(synchronize_session=False)
+            )
+        ids += closed
     return ids

@@ -6,11 +6,13 @@ unless something looks. Every RECONCILE_INTERVAL_S seconds the reconciler:
 
 - puts `processing` images whose lease expired back to `queued` (their
   worker is presumed dead: a live worker renews its leases while its chunk
-  runs; the task's claim accepts them again);
+  runs; the task's claim accepts them again), or, in a cancelled job, to
+  `cancelled`;
 - when the broker's queue is empty, re-enqueues `queued` images of
   uncancelled jobs that were last enqueued more than RECONCILE_GRACE_S ago;
-- closes jobs opened for parts that got none for OPEN_JOB_IDLE_HOURS (their
-  client died before closing them), so they can finish;
+- cuts short (cancels) jobs opened for parts that got none for
+  OPEN_JOB_IDLE_HOURS (their client died, or gave up, before closing them),
+  so they end and their callbacks fire;
 - sends the job-completion callbacks nothing else will (`sweep_callbacks`:
   jobs finished by a cancellation, or whose callback task was lost);
 - once an hour, when RETENTION_DAYS is set, purges jobs older than that
@@ -36,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bonedetect.queue import enqueue_chunks, waiting_messages
 from bonedetect.settings import Settings
-from db.models import PROCESSING, QUEUED, Image, Job, utcnow
+from db.models import CANCELLED, PROCESSING, QUEUED, Image, Job, utcnow
 
 log = logging.getLogger("bonedetect.reconciler")
 
@@ -69,6 +71,16 @@ def reconcile_once(
     grace_s = settings.reconcile_grace_s if grace_s is None else grace_s
     now = utcnow()
     with sessions.begin() as session:
+        # A lease that expired in a cancelled job: its image is cancelled, not queued again (nothing
+        # would ever take it: the claim and the re-enqueue below skip cancelled jobs).
+        abandoned = session.execute(
+            update(Image)
+            .where(Image.status == PROCESSING, Image.lease_expires_at < now,
+                   Image.job_id.in_(select(Job.id).where(Job.cancelled_at.is_not(None))))
+            .values(status=CANCELLED, finished_at=now, lease_expires_at=None)
+            .returning(Image.id)
+            .execution_options(synchronize_session=False)
+        ).scalars().all()
         expired = (
             session.execute(
                 update(Image)
@@ -104,9 +116,11 @@ def reconcile_once(
                 )
         if requeue:
             enqueue_chunks(app, list(requeue), settings.chunk_size)
-    if expired or requeue:
-        log.warning("reconciler: %d expired leases, %d images re-enqueued", len(expired), len(requeue))
-    return {"expired_leases": len(expired), "requeued": len(requeue), "broker_waiting": waiting}
+    if expired or requeue or abandoned:
+        log.warning("reconciler: %d expired leases, %d images re-enqueued, %d of cancelled jobs cancelled",
+                    len(expired), len(requeue), len(abandoned))
+    return {"expired_leases": len(expired), "requeued": len(requeue), "broker_waiting": waiting,
+            "cancelled_expired": len(abandoned)}
 
 
 class Reconciler(threading.Thread):
@@ -137,8 +151,9 @@ class Reconciler(threading.Thread):
             with self.sessions.begin() as session:
                 closed = close_idle_jobs(session, self.settings.open_job_idle_hours)
             if closed:
-                log.warning("reconciler: closed %d jobs that got no part for %d hours: %s", len(closed),
-                            self.settings.open_job_idle_hours, ", ".join(closed))
+                log.warning("reconciler: cut short %d jobs that got no part for %d hours (never closed): %s%s",
+                            len(closed), self.settings.open_job_idle_hours, ", ".join(closed[:10]),
+                            " ..." if len(closed) > 10 else "")
             result["closed_idle_jobs"] = len(closed)
         except Exception:
             log.exception("closing idle open jobs failed")

@@ -10,7 +10,7 @@ from pathlib import Path
 from api.uploads import BODY_BUFFER, buffered_body
 
 
-def run(body_size: int, extra: bytes = b"GET /next HTTP/1.1\r\n\r\n"):
+def run(body_size: int, extra: bytes = b"GET /next HTTP/1.1\r\n\r\n", environ: dict | None = None):
     body = bytes(range(256)) * (body_size // 256) + b"x" * (body_size % 256)
     stream = io.BytesIO(body + extra)
     seen = {}
@@ -30,7 +30,7 @@ def run(body_size: int, extra: bytes = b"GET /next HTTP/1.1\r\n\r\n"):
         return out
 
     stream.read = counting_read
-    buffered_body(app)({"CONTENT_LENGTH": str(len(body)), "wsgi.input": stream}, None)
+    buffered_body(app)({"CONTENT_LENGTH": str(len(body)), "wsgi.input": stream, **(environ or {})}, None)
     return body, stream, seen
 
 
@@ -41,8 +41,10 @@ def test_a_large_body_is_read_in_large_pieces_and_never_past_its_length():
     assert max(seen["sizes"]) == BODY_BUFFER and len([s for s in seen["sizes"] if s]) == 4
 
 
-def test_a_small_body_is_left_as_the_server_gave_it():
+def test_a_small_or_chunked_body_is_left_as_the_server_gave_it():
     body, stream, seen = run(1000, extra=b"")
+    assert not seen["wrapped"] and seen["data"] == body
+    body, stream, seen = run(2 * BODY_BUFFER, extra=b"", environ={"HTTP_TRANSFER_ENCODING": "chunked"})
     assert not seen["wrapped"] and seen["data"] == body
 
 

@@ -8,6 +8,8 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
+import pytest
+
 from bonedetect.client import encode_multipart
 from db.jobs import close_idle_jobs
 from db.models import Image, Job, JobPart, utcnow
@@ -71,10 +73,13 @@ def test_a_closed_or_whole_job_takes_no_part_and_keeps_no_blob_of_it(api):
     api.client.post(f"/v1/jobs/{job_id}/close", headers=api.auth())
     whole = api.submit(pngs("w", 1)).json["job_id"]
     before = sorted(blob_files(api))
+    blobs = api.app.extensions["bonedetect"].blobs
+    blobs.put_stream = lambda *a, **k: pytest.fail("a refused part is not stored, not even for a moment")
     late = add_part(api, job_id, pngs("late", 2))
     assert late.status_code == 409 and "is closed" in late.json["error"]
     refused = add_part(api, whole, pngs("x", 1))
     assert refused.status_code == 409 and "submitted whole" in refused.json["error"]
+    del blobs.put_stream
     assert len(api.rows(job_id)) == 1 and len(api.rows(whole)) == 1
     assert sorted(blob_files(api)) == before
 
@@ -189,6 +194,16 @@ def test_the_callback_waits_for_the_close_even_for_code_from_before_parts(api):
     with api.sessions.begin() as session:
         assert claim_finished(session, None) == [job["job_id"]]
 
+    # a cancel, and the reconciler's idle close, release a held callback too
+    hook = [("callback_url", "https://hospital.example/hook")]
+    cancelled, idle = open_job(api, fields=hook)["job_id"], open_job(api, fields=hook)["job_id"]
+    api.client.delete(f"/v1/jobs/{cancelled}", headers=api.auth())
+    with api.sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == idle).values(created_at=utcnow() - timedelta(hours=30)))
+        assert close_idle_jobs(session, 24) == [idle]
+    with api.sessions.begin() as session:
+        assert sorted(claim_finished(session, None)) == sorted([cancelled, idle])
+
 
 def test_a_job_left_open_is_cut_short_after_its_idle_hours(api):
     idle, busy, whole = open_job(api)["job_id"], open_job(api)["job_id"], api.submit(pngs("w", 1)).json["job_id"]
@@ -272,3 +287,20 @@ def test_purging_a_job_sent_in_parts_removes_its_parts(api):
     with api.sessions() as session:
         assert session.scalars(select(JobPart)).all() == []
     assert blob_files(api) == []
+
+
+def test_an_expired_lease_in_a_cancelled_job_is_cancelled_not_queued_again(api):
+    """A worker died holding an image of a job cut short meanwhile: the reconciler cancels the image
+    (nothing would ever take it again: claims and re-enqueues skip cancelled jobs), so the job ends."""
+    from bonedetect.queue import make_celery
+    from worker.reconciler import reconcile_once
+
+    job_id = open_job(api)["job_id"]
+    add_part(api, job_id, pngs("a", 2))
+    rows = api.rows(job_id)
+    api.set_images([rows[0].id], status="processing", lease_expires_at=utcnow() - timedelta(seconds=5))
+    assert api.client.delete(f"/v1/jobs/{job_id}", headers=api.auth()).json["status"] == "processing"
+    result = reconcile_once(api.sessions, make_celery(api.settings), api.settings)
+    assert result["cancelled_expired"] == 1 and result["expired_leases"] == 0
+    got = api.get(f"/v1/jobs/{job_id}").json
+    assert got["status"] == "cancelled" and got["counts"]["cancelled"] == 2

@@ -49,7 +49,8 @@ def check_rows_survive_a_round_trip(url: str) -> None:
         tenant = Tenant(name="t")
         session.add(tenant)
         session.flush()
-        job = Job(tenant_id=tenant.id, image_count=2, request_sha256="a" * 64, receiving=True)  # a job in parts
+        job = Job(tenant_id=tenant.id, image_count=2, request_sha256="a" * 64, receiving=True,  # a job in parts,
+                  callback_url="https://h.example/hook", callback_state="receiving")  # its callback held
         session.add(job)
         session.flush()
         session.add_all([Image(job_id=job.id, tenant_id=tenant.id, position=i, status="queued") for i in range(2)])
@@ -62,6 +63,7 @@ def check_rows_survive_a_round_trip(url: str) -> None:
         assert session.scalar(select(func.count()).select_from(Image)) == 2, "no image row cascaded away"
         assert session.scalar(select(func.count()).select_from(Job)) == 1
         assert session.scalar(select(Job.request_sha256)) is None, "the column came back empty"
+        assert session.scalar(select(Job.callback_state)) is None, "the held callback was released on the way down"
     engine.dispose()
 
 

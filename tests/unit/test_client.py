@@ -194,23 +194,31 @@ def test_submit_in_parts_reports_the_parts_that_failed_with_the_job_to_resume_an
     """Part 1 of 3 is refused: the call raises PartsFailed with the job id and the key to call it
     again with; the other parts were sent, the job was not closed. The same call again with that key
     sends the same keys (the API answers the parts already in without adding them)."""
-    from bonedetect.client import PartsFailed
+    from bonedetect.client import JobNotOpen, PartsFailed
 
-    seen, refuse = [], {"on": True}
+    seen, refuse, state = [], {"on": True, "code": 400}, {"open": True, "cancelled_at": None}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
-            key = self.headers.get("Idempotency-Key")
-            seen.append((self.path, key))
-            code = 400 if refuse["on"] and key and key.endswith("-part-1") else (200 if self.path.endswith("/close") else 202)
-            payload = json.dumps({"job_id": "j1"} if code != 400 else {"error": "no"}).encode()
+        def _send(self, code, body):
+            payload = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
+
+        def do_GET(self):
+            self._send(200, {"job_id": "j1", "status": "cancelled", "counts": {}, "cancelled_at": state["cancelled_at"]})
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            key = self.headers.get("Idempotency-Key")
+            seen.append((self.path, key))
+            if refuse["on"] and key and key.endswith("-part-1"):
+                return self._send(refuse["code"], {"error": "no"})
+            job = {"job_id": "j1", **({"parts_url": "/v1/jobs/j1/images"} if state["open"] else {})}
+            self._send(200 if self.path.endswith("/close") else 202, job)
 
         def log_message(self, *args):
             pass
@@ -222,8 +230,8 @@ def test_submit_in_parts_reports_the_parts_that_failed_with_the_job_to_resume_an
         files = [(f"{i}.jpg", b"\xff\xd8" + bytes([i])) for i in range(5)]
         with pytest.raises(PartsFailed) as err:
             client.submit_in_parts(files, part_size=2, uploaders=2, idempotency_key="night-7")
-        assert err.value.job_id == "j1" and err.value.idempotency_key == "night-7"
-        assert [i for i, _ in err.value.failed] == [1] and "HTTP 400" in str(err.value)
+        assert err.value.job_id == "j1" and err.value.idempotency_key == "night-7" and err.value.resumable
+        assert [i for i, _ in err.value.failed] == [1] and "HTTP 400" in str(err.value) and "still open" in str(err.value)
         assert sorted(k for p, k in seen if p.endswith("/images")) == ["night-7-part-0", "night-7-part-1", "night-7-part-2"]
         assert not any(p.endswith("/close") for p, _ in seen), "an incomplete batch is not closed"
         first_round = list(seen)
@@ -234,6 +242,19 @@ def test_submit_in_parts_reports_the_parts_that_failed_with_the_job_to_resume_an
         assert sorted(k for p, k in again if p.endswith("/images")) == ["night-7-part-0", "night-7-part-1", "night-7-part-2"]
         with pytest.raises(ValueError):
             client.submit_in_parts([])
+        with pytest.raises(ValueError, match="too long"):
+            client.submit_in_parts(files, idempotency_key="k" * 195)
+        # a part refused because the job was closed or cancelled meanwhile: not resumable
+        refuse.update(on=True, code=409)
+        with pytest.raises(PartsFailed) as err:
+            client.submit_in_parts(files, part_size=2)
+        assert not err.value.resumable and "new job" in str(err.value)
+        # called again for a job cut short: refused before a part is sent
+        refuse["on"], state["open"], state["cancelled_at"] = False, False, "2026-12-06T00:00:00Z"
+        before = len(seen)
+        with pytest.raises(JobNotOpen):
+            client.submit_in_parts(files, part_size=2, idempotency_key="night-7")
+        assert [p for p, _ in seen[before:]] == ["/v1/jobs"]
     finally:
         server.shutdown()
         server.server_close()

@@ -38,7 +38,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # A job still receiving parts keeps the images it has; the older code treats it as submitted
-    # whole. A plain DROP COLUMN, as in 0002 (no batch copy on SQLite).
+    # whole, so its callback, held while it was receiving (db.jobs.CALLBACK_HELD), is released.
+    # A plain DROP COLUMN, as in 0002 (no batch copy on SQLite).
+    op.execute("UPDATE jobs SET callback_state = NULL WHERE callback_state = 'receiving'")
     with op.batch_alter_table('job_parts', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_job_parts_job_id'))
     op.drop_table('job_parts')
