@@ -8,6 +8,10 @@
   const POLL_MS = 1000;
   const IMAGES_PAGE = 60;
   const FINISHED = new Set(["done", "done_with_errors", "cancelled"]);
+  // A drop past either limit goes as one job in parts (open, parts, close): the workers start on the
+  // first part while the rest uploads, and no single request carries the whole night.
+  const PART_FILES = 64;
+  const PART_BYTES = 256 * 1024 * 1024;
   const VIEWABLE = new Set(["image/png", "image/jpeg"]);
 
   const $ = (id) => document.getElementById(id);
@@ -137,52 +141,115 @@
     $("submit-files").textContent = n ? `Analyze ${n} file${n === 1 ? "" : "s"}` : "Analyze";
   }
 
-  function submitFiles() {
-    const files = state.pending.slice();
-    if (!files.length) return;
+  // One POST with upload progress (XMLHttpRequest, not fetch: it reports upload progress, which a large
+  // batch needs). Resolves to {status, body}; rejects when the server cannot be reached.
+  function post(path, form, onProgress, headers = {}) {
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", path);
+      xhr.setRequestHeader("Authorization", `Bearer ${state.key}`);
+      for (const [k, v] of Object.entries(headers)) xhr.setRequestHeader(k, v);
+      if (onProgress) xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) onProgress(e.loaded); });
+      xhr.addEventListener("load", () => {
+        let body = {};
+        try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
+        resolve({ status: xhr.status, body });
+      });
+      xhr.addEventListener("error", () => reject(new Error("the server cannot be reached")));
+      xhr.send(form);
+    });
+  }
+
+  function splitParts(files) {
+    const parts = [];
+    let part = [], bytes = 0;
+    for (const file of files) {
+      if (part.length && (part.length >= PART_FILES || bytes + file.size > PART_BYTES)) {
+        parts.push(part);
+        part = [];
+        bytes = 0;
+      }
+      part.push(file);
+      bytes += file.size;
+    }
+    if (part.length) parts.push(part);
+    return parts;
+  }
+
+  function filesForm(files) {
     const form = new FormData();
     for (const file of files) form.append("files", file, file.name);
+    return form;
+  }
+
+  async function submitFiles() {
+    const files = state.pending.slice();
+    if (!files.length) return;
     const label = $("label-input").value.trim();
-    if (label) form.append("label", label);
     const status = $("upload-status");
     const error = $("upload-error");
     show(error, false);
     $("submit-files").disabled = true;
-    // XMLHttpRequest, not fetch: it reports upload progress, which a large batch needs.
-    const xhr = new XMLHttpRequest();
-    xhr.open("POST", "/v1/jobs");
-    xhr.setRequestHeader("Authorization", `Bearer ${state.key}`);
-    xhr.upload.addEventListener("progress", (e) => {
-      if (e.lengthComputable) status.textContent = `Uploading… ${Math.round((100 * e.loaded) / e.total)} %`;
-    });
-    xhr.addEventListener("load", () => {
-      let body = {};
-      try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
-      if (xhr.status === 401) { signOut("Your API key was not accepted."); return; }
-      if (xhr.status !== 202 && xhr.status !== 200) {
-        status.textContent = "";
-        error.textContent = `Upload refused: ${body.error || xhr.status}`;
-        show(error, true);
-        $("submit-files").disabled = false;
-        return;
-      }
-      const rejected = body.rejected || [];
-      status.textContent = `Submitted ${body.image_count} file(s)` +
-        (rejected.length ? `; ${rejected.length} rejected: ${rejected.map((r) => `${r.filename}: ${r.error}`).join("; ")}` : ".");
-      state.pending = [];
-      $("label-input").value = "";
-      renderPending();
-      openJob(body.job_id);
-      loadJobs(true).catch(() => {});
-    });
-    xhr.addEventListener("error", () => {
+    const total = files.reduce((n, f) => n + f.size, 0) || 1;
+    let sent = 0;
+    const progress = (loaded) => { status.textContent = `Uploading… ${Math.round((100 * (sent + loaded)) / total)} %`; };
+    const fail = (message) => {
       status.textContent = "";
-      error.textContent = "Upload failed: the server cannot be reached.";
+      error.textContent = message;
       show(error, true);
       $("submit-files").disabled = false;
-    });
+    };
+    const refused = (r) => {
+      if (r.status === 401) { signOut("Your API key was not accepted."); return true; }
+      return r.status !== 202 && r.status !== 200;
+    };
+    const parts = splitParts(files);
+    const rejected = [];
+    let jobId = null;
     status.textContent = "Uploading…";
-    xhr.send(form);
+    try {
+      if (parts.length === 1) {
+        const form = filesForm(files);
+        if (label) form.append("label", label);
+        const r = await post("/v1/jobs", form, progress);
+        if (refused(r)) { if (r.status !== 401) fail(`Upload refused: ${r.body.error || r.status}`); return; }
+        jobId = r.body.job_id;
+        rejected.push(...(r.body.rejected || []));
+      } else {
+        const form = new FormData();
+        form.append("open", "true");
+        if (label) form.append("label", label);
+        const key = `page-${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+        const opened = await post("/v1/jobs", form, null, { "Idempotency-Key": key });
+        if (refused(opened)) { if (opened.status !== 401) fail(`Upload refused: ${opened.body.error || opened.status}`); return; }
+        jobId = opened.body.job_id;
+        openJob(jobId);  // its results appear while the rest uploads
+        for (const [i, part] of parts.entries()) {
+          const r = await post(`/v1/jobs/${jobId}/images`, filesForm(part), progress, { "Idempotency-Key": `${key}-part-${i}` });
+          if (refused(r)) {
+            if (r.status !== 401) {
+              fail(`Upload stopped at part ${i + 1} of ${parts.length}: ${r.body.error || r.status}. ` +
+                   `Job ${jobId} keeps the ${parts.slice(0, i).flat().length} files sent before; cancel it, or send the rest as a new job.`);
+            }
+            return;
+          }
+          rejected.push(...(r.body.rejected || []));
+          sent += part.reduce((n, f) => n + f.size, 0);
+        }
+        const closed = await post(`/v1/jobs/${jobId}/close`, null, null);
+        if (refused(closed)) { if (closed.status !== 401) fail(`Could not close job ${jobId}: ${closed.body.error || closed.status}`); return; }
+      }
+    } catch (err) {
+      fail(`Upload failed: ${err.message}.` + (jobId ? ` Job ${jobId} keeps the parts sent before.` : ""));
+      return;
+    }
+    status.textContent = `Submitted ${files.length} file(s)` + (parts.length > 1 ? ` in ${parts.length} parts` : "") +
+      (rejected.length ? `; ${rejected.length} rejected: ${rejected.map((r) => `${r.filename}: ${r.error}`).join("; ")}` : ".");
+    state.pending = [];
+    $("label-input").value = "";
+    renderPending();
+    if (jobId !== state.jobId) openJob(jobId);
+    loadJobs(true).catch(() => {});
   }
 
   // -- jobs list -------------------------------------------------------------------------
@@ -530,7 +597,7 @@
   }
 
   function statusText(status) {
-    return { done_with_errors: "done, with errors" }[status] || status || "–";
+    return { done_with_errors: "done, with errors", receiving: "receiving files" }[status] || status || "–";
   }
 
   function formatInt(n) { return n == null ? "—" : Number(n).toLocaleString("en-US"); }

@@ -161,3 +161,26 @@ def test_a_wrong_key_is_refused_and_a_rejected_file_is_explained(start_system, t
     assert "unsupported file type" in card.locator(".image-error").inner_text()
     assert card.locator('.views button[data-view="overlay"]').is_disabled()
     assert "rejected" in page.inner_text("#upload-status")
+
+
+def test_a_large_drop_goes_as_one_job_in_parts(start_system, tmp_path, browser_page):
+    """70 radiographs (more than the page's 64 per part): one job, opened, sent in two parts, closed;
+    it reaches done with every file in the order dropped."""
+    system = embedded(start_system, tmp_path)
+    page = browser_page
+    sign_in(page, system.api_url, system.keys["a"])
+    files, _ = synthetic_jpegs(70, seed=41)
+    payload = [{"name": name, "b64": base64.b64encode(data).decode(), "type": "image/jpeg"} for name, data in files]
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": page.evaluate_handle(DROP_FILES, payload)})
+    assert page.inner_text("#submit-files") == "Analyze 70 files"
+    page.click("#submit-files")
+    page.wait_for_selector('#job-status[data-status="done"]', timeout=300_000)
+    assert "Submitted 70 file(s) in 2 parts" in page.inner_text("#upload-status")
+
+    client = system.client("a")
+    (job,) = client.get_json("/v1/jobs")["jobs"]
+    assert job["total"] == 70 and job["counts"]["done"] == 70
+    assert job["closed_at"] is not None, "sent in parts: opened, then closed"
+    assert [im["filename"] for im in client.images(job["job_id"])] == [name for name, _ in files]
+    assert page.inner_text("#job-id") == job["job_id"]
+    assert page.errors == [], page.errors
