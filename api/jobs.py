@@ -195,13 +195,17 @@ def submit_job():
     except BaseException:
         _discard(session, svc, job)
         raise
+    _enqueue(svc, job.id, queued)
+    return submitted(session, job, 202)
+
+
+def _enqueue(svc: Services, job_id: str, queued: list[str]) -> None:
+    """Send the chunk tasks of rows just committed; a broker that is away loses nothing."""
     try:
         if queued:
             svc.enqueue(queued)
-    except Exception:
-        # The rows are committed and queued: the reconciler re-enqueues them.
-        log.exception("job %s: could not enqueue %d images; left queued for the reconciler", job.id, len(queued))
-    return submitted(session, job, 202)
+    except Exception:  # the rows are committed and queued: the reconciler re-enqueues them
+        log.exception("job %s: could not enqueue %d images; left queued for the reconciler", job_id, len(queued))
 
 
 def _replay(session: Session, existing: Job, digest: str | None):
@@ -310,11 +314,7 @@ def add_images(job_id: str):
     except BaseException:
         _discard_part(session, svc, tenant, job_id, stored)
         raise
-    try:
-        if queued:
-            svc.enqueue(queued)
-    except Exception:
-        log.exception("job %s: could not enqueue %d images; left queued for the reconciler", job_id, len(queued))
+    _enqueue(svc, job_id, queued)
     return part_answer(session, job_id, part, 202)
 
 
