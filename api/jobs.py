@@ -38,6 +38,7 @@ from api.images import IMAGE_FIELDS, image_json, iso
 from api.uploads import (
     Submission,
     discard_body,
+    flag,
     idempotency_key,
     parse_submission,
     submission_digest,
@@ -270,14 +271,14 @@ def add_images(job_id: str):
     session, svc = db_session(), services()
     job = owned(Job, job_id, "job")
     key = idempotency_key(request)
-    if not job.receiving and not (key and _part_by_key(session, job.id, key)):
+    existing = _part_by_key(session, job.id, key) if key else None
+    if existing is None and not job.receiving:
         discard_body(request)  # refused before a byte is stored: the client reads the 409 at once
         _check_open(job)
     sub = parse_submission(request, svc.settings, part=True)
     digest = submission_digest(sub, None) if key else None
-    if key and (existing := _part_by_key(session, job.id, key)):
+    if existing is not None:
         return _replay_part(session, job.id, existing, digest)
-    _check_open(job)
     job_id, tenant = job.id, job.tenant_id  # the row may be purged meanwhile: not read from it again
     stored: list[Image] = []
     try:
@@ -426,10 +427,7 @@ def cancel_job(job_id: str):
 
 
 def _purge_requested() -> bool:
-    raw = request.args.get("purge", "false").lower()
-    if raw not in ("true", "1", "false", "0"):
-        raise ApiError(400, "purge must be true or false")
-    return raw in ("true", "1")
+    return flag(request.args.get("purge"), "purge")
 
 
 @bp.get("/<job_id>/images")

@@ -198,7 +198,8 @@ def discard_body(request: Request) -> None:
 
 
 def flag(value: str | None, what: str) -> bool:
-    raw = (value or "false").strip().lower()
+    """A true/false field or query argument (true, 1, false, 0; absent: false); else 400."""
+    raw = "false" if value is None else value.lower()
     if raw not in ("true", "1", "false", "0"):
         raise ApiError(400, f"{what} must be true or false")
     return raw in ("true", "1")

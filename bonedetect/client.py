@@ -218,10 +218,7 @@ class Client:
         fields += [("callback_url", callback_url)] if callback_url else []
         fields += [("external_id", e) for e in external_ids or []]
         body = MultipartBody(fields, [("files", name, data) for name, data in files])
-        # Always a key: a submission retried after a lost answer then gives the same job, never a second one.
-        headers = {"Content-Type": body.content_type, "Content-Length": str(len(body)),
-                   "Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
-        return json.loads(self.request("POST", "/v1/jobs", body, headers))
+        return self._post_form("/v1/jobs", body, idempotency_key)
 
     def open_job(self, label: str | None = None, callback_url: str | None = None, idempotency_key: str | None = None) -> dict:
         """A job that takes files in parts (``add_images``) until ``close_job``: its first
@@ -229,9 +226,7 @@ class Client:
         fields = [("open", "true")] + ([("label", label)] if label else [])
         fields += [("callback_url", callback_url)] if callback_url else []
         body = MultipartBody(fields, [])
-        headers = {"Content-Type": body.content_type, "Content-Length": str(len(body)),
-                   "Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
-        return json.loads(self.request("POST", "/v1/jobs", body, headers))
+        return self._post_form("/v1/jobs", body, idempotency_key)
 
     def add_images(
         self,
@@ -244,9 +239,7 @@ class Client:
         with the same key, it is answered with the first part's positions, never added twice."""
         body = MultipartBody([("external_id", e) for e in external_ids or []],
                              [("files", name, data) for name, data in files])
-        headers = {"Content-Type": body.content_type, "Content-Length": str(len(body)),
-                   "Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
-        return json.loads(self.request("POST", f"/v1/jobs/{job_id}/images", body, headers))
+        return self._post_form(f"/v1/jobs/{job_id}/images", body, idempotency_key)
 
     def close_job(self, job_id: str) -> dict:
         """No more parts: the job finishes when its images have. Safe to repeat."""
@@ -300,6 +293,12 @@ class Client:
             raise PartsFailed(job["job_id"], key, failed)
         self.close_job(job["job_id"])
         return job
+
+    def _post_form(self, path: str, body: MultipartBody, idempotency_key: str | None) -> dict:
+        # Always a key: a request retried after a lost answer then gives the same job or part, never a second one.
+        headers = {"Content-Type": body.content_type, "Content-Length": str(len(body)),
+                   "Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
+        return json.loads(self.request("POST", path, body, headers))
 
     def job(self, job_id: str) -> dict:
         return self.get_json(f"/v1/jobs/{job_id}")
