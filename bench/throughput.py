@@ -378,10 +378,9 @@ def step_costs(segmenter, paths: Sequence[Path], k: int = 6, reduced_jpeg: bool 
     import torch
 
     from model.postprocess import render_overlay
-    from model.stats import tumor_statistics
     from worker.decode import decode_image
     from worker.pipeline import reduced_decoder
-    from worker.png import encode_png
+    from worker.png import encode_mask_png, encode_png
 
     # postprocess: what the worker does after the network (Segmenter.finish_windowed): restore the
     # probabilities where the tumor can be, threshold, drop small regions, fill holes
@@ -410,15 +409,15 @@ def step_costs(segmenter, paths: Sequence[Path], k: int = 6, reduced_jpeg: bool 
             plane = segmenter.forward([frame])[0]
             clock = time.perf_counter()
             prediction = segmenter.finish_windowed(plane, geometry)
-            prob, mask = prediction.prob, prediction.mask
+            mask = prediction.mask
             lap("postprocess")
-            tumor_statistics(mask, prob, image.pixel_spacing_mm, windows=prediction.windows)
+            prediction.statistics(image.pixel_spacing_mm)
             lap("statistics")
             full = image.pixels if image.full_shape is None else decode_image(data).pixels  # the API's decode
             clock = time.perf_counter()
             overlay = render_overlay(full, mask)
             lap("overlay")
-            encode_png(mask * np.uint8(255))
+            encode_mask_png(mask, prediction.windows)
             lap("mask PNG")
             encode_png(overlay)
             lap("overlay PNG")

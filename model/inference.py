@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -34,6 +33,7 @@ import torch
 from model.checkpoint import LoadedModel
 from model.postprocess import Postprocessor, clean_regions
 from model.preprocess import Geometry
+from model.stats import TumorStats, tumor_statistics
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
@@ -68,13 +68,45 @@ def wants_cpu_bf16(mode: str) -> bool:
     return mode == "on" or (mode == "auto" and bool(cpu_has_native_bf16()))
 
 
-@dataclass
 class Prediction:
-    prob: np.ndarray  # (orig_h, orig_w) float32 probability at the original size
-    mask: np.ndarray  # (orig_h, orig_w) uint8 {0, 1} after postprocessing
-    # disjoint (top, bottom, left, right) boxes holding every mask pixel, no region in two (``windows``), when
-    # the probabilities were restored in windows (``Segmenter.finish_windowed``); for ``tumor_statistics``
-    windows: list[tuple[int, int, int, int]] | None = None
+    """What the network found on one image, at its original size.
+
+    ``mask``: (orig_h, orig_w) uint8 {0, 1} after postprocessing. ``prob``:
+    (orig_h, orig_w) float32 probabilities. ``windows``: disjoint (top,
+    bottom, left, right) boxes holding every mask pixel, no region in two
+    (``model.inference.windows``), when the probabilities were restored in
+    windows (``Segmenter.finish_windowed``); then ``window_probs`` holds the
+    probabilities inside each window and ``prob`` (0 outside the windows) is
+    made from them only when it is first read: a 3000x2500 map is 30 MB to
+    clear, ~3 ms of a core per image that the worker, which reads only the
+    windows (``tumor_statistics(..., window_probs=...)``), no longer pays.
+    """
+
+    __slots__ = ("mask", "windows", "window_probs", "_prob")
+
+    def __init__(self, prob: np.ndarray | None, mask: np.ndarray, windows: list[tuple[int, int, int, int]] | None = None,
+                 window_probs: list[np.ndarray] | None = None):
+        if prob is None and (windows is None or window_probs is None or len(windows) != len(window_probs)):
+            raise ValueError("a Prediction without prob needs its windows and one probability array per window")
+        self.mask, self.windows, self.window_probs, self._prob = mask, windows, window_probs, prob
+
+    @property
+    def prob(self) -> np.ndarray:
+        if self._prob is None:
+            prob = np.zeros(self.mask.shape, np.float32)
+            for (top, bottom, left, right), window in zip(self.windows, self.window_probs):
+                prob[top:bottom, left:right] = window
+            self._prob = prob
+        return self._prob
+
+    def statistics(self, pixel_spacing_mm: tuple[float, float] | None = None) -> TumorStats:
+        """``tumor_statistics`` of the mask, reading only the windows where there are any."""
+        if self._prob is None:
+            return tumor_statistics(self.mask, None, pixel_spacing_mm, windows=self.windows, window_probs=self.window_probs)
+        return tumor_statistics(self.mask, self._prob, pixel_spacing_mm, windows=self.windows)
+
+    def __repr__(self) -> str:
+        return f"Prediction(shape={self.mask.shape}, windows={self.windows})"
 
 
 class Planes:
@@ -577,25 +609,25 @@ class Segmenter:
         to do; for a small tumor on a 3000x2500 radiograph ~1 ms instead of
         ~10-25. When the windows' widths add up to the image's, the whole
         image is restored at once (``restore_window`` costs a window's width
-        times the image's height). ``Prediction.windows`` lets
-        ``tumor_statistics`` read only the windows too."""
+        times the image's height). ``Prediction.windows`` and
+        ``window_probs`` let ``tumor_statistics`` read only the windows too;
+        the full-size ``prob`` is made only if it is read."""
         g, post = geometry, self.postprocessor
         if type(post) is not Postprocessor or g.orig_h < g.scaled_h or g.orig_w < g.scaled_w:
             return self.finish(plane, geometry)
         found = windows(plane, g, post.threshold, _min_area(post, g.orig_h * g.orig_w))
+        mask = np.zeros((g.orig_h, g.orig_w), np.uint8)
         if sum(right - left for _, _, left, right in found) >= g.orig_w:
             # each window's second pass costs its width times the image's height: here more than the whole image
             prob = geometry.restore(plane)
+            probs = [prob[top:bottom, left:right] for top, bottom, left, right in found]
         else:
-            prob = np.zeros((g.orig_h, g.orig_w), np.float32)  # calloc'd: pages outside the windows are never touched
+            prob = None  # made from the windows if someone reads it (Prediction.prob)
             across = restore_across(plane, g) if found else None
-            for bounds in found:
-                top, bottom, left, right = bounds
-                prob[top:bottom, left:right] = restore_window(plane, g, bounds, across)
-        mask = np.zeros(prob.shape, np.uint8)
-        for top, bottom, left, right in found:  # each region and its holes lie in one window (``windows``)
-            mask[top:bottom, left:right] = _clean_in_box(post, prob[top:bottom, left:right] > post.threshold, prob.size)
-        return Prediction(prob=prob, mask=mask, windows=found)
+            probs = [restore_window(plane, g, bounds, across) for bounds in found]
+        for (top, bottom, left, right), window in zip(found, probs):  # each region and its holes lie in one window
+            mask[top:bottom, left:right] = _clean_in_box(post, window > post.threshold, mask.size)
+        return Prediction(prob=prob, mask=mask, windows=found, window_probs=probs)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Gray (H, W) images, any size and dtype -> one Prediction each, in order."""

@@ -35,11 +35,11 @@ import numpy as np
 
 from model.inference import Segmenter
 from model.preprocess import Geometry
-from model.stats import TumorStats, tumor_statistics
+from model.stats import TumorStats
 from worker.decode import DecodedImage, DecodeError, decode_image
 from worker.gpu_decode import GpuJpegDecoder, select_decoder
 from worker.overlay import overlay_png
-from worker.png import encode_png
+from worker.png import encode_mask_png, encode_png
 
 log = logging.getLogger("bonedetect.worker")
 
@@ -305,11 +305,11 @@ class Pipeline:
         try:
             with self._step("restore+postprocess"):
                 prediction = self.segmenter.finish_windowed(plane, item.geometry)
-            prob, mask = prediction.prob, prediction.mask
+            mask = prediction.mask
             with self._step("statistics"):
-                stats = tumor_statistics(mask, prob, image.pixel_spacing_mm, windows=prediction.windows)
+                stats = prediction.statistics(image.pixel_spacing_mm)
             with self._step("mask PNG"):
-                mask_png = encode_png(mask * np.uint8(255))
+                mask_png = encode_mask_png(mask, prediction.windows)
             with self._step("overlay"):
                 overlay = overlay_png(_host(image.pixels), mask) if self.overlays else None
             with self._step("DICOM SEG"):

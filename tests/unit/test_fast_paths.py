@@ -85,6 +85,43 @@ def test_png_is_lossless_for_gray_rgb_and_rgba(isal, monkeypatch):
         encode_png(np.zeros((4, 4), np.uint16))
 
 
+def decoded_both_ways(png: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A PNG read by PIL and by OpenCV (libpng), as arrays."""
+    return np.array(Image.open(io.BytesIO(png))), cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.mark.parametrize("isal", [True, False], ids=["isal", "libpng"])
+def test_mask_png_from_its_windows_is_the_masks_image(isal, monkeypatch):
+    from worker.png import encode_mask_png
+
+    if not isal:
+        monkeypatch.setattr(png_module, "isal_zlib", None)
+    elif png_module.isal_zlib is None:
+        pytest.skip("isal is not installed")
+    rng = np.random.default_rng(7)
+    h, w = 1100, 301  # more rows of zeros than one block of the encoder's zeros holds (1 MiB): fed in pieces
+    cases = []
+    for top, bottom in ((0, 40), (h - 30, h), (500, 501), (0, h), (10, 20), (900, 1000)):
+        mask = np.zeros((h, w), np.uint8)
+        mask[top:bottom, 50:80] = rng.random((bottom - top, 30)) < 0.6
+        mask[top, 50] = mask[bottom - 1, 79] = 1  # the band's first and last rows hold tumor
+        cases.append((mask, [(top, bottom, 40, 90)]))
+    two = np.zeros((h, w), np.uint8)
+    two[5:9, 0:3] = 1
+    two[1090:1100, 290:301] = 1
+    cases.append((two, [(1080, 1100, 280, 301), (0, 12, 0, 10)]))  # in any order
+    cases.append((np.zeros((h, w), np.uint8), []))  # nothing found
+    cases.append((np.ones((1, 1), np.uint8), [(0, 1, 0, 1)]))
+    for mask, windows in cases:
+        for given in (windows, None):  # None: the mask's own bounding box
+            png = encode_mask_png(mask, given)
+            for back in decoded_both_ways(png):
+                assert back.dtype == np.uint8 and np.array_equal(back, mask * 255)
+            assert png == encode_mask_png(mask, given)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_mask_png(np.zeros((4, 4), bool))
+
+
 # -- the pipeline --------------------------------------------------------------------------
 
 
@@ -502,6 +539,49 @@ def test_a_window_one_column_wide_is_restored_as_the_whole_image(h, w):
         seg.postprocessor = Postprocessor(threshold=float(whole[r]) + 5e-6, min_region_fraction=0.0)
         exact, fast = seg.finish(plane, g), seg.finish_windowed(plane, g)
         assert fast.windows == [(0, h, 0, 1)] and np.array_equal(fast.mask, exact.mask)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_windowed_finish_makes_the_full_probabilities_only_when_read(seed):
+    """The worker's statistics come from the windows' own probabilities (no full-size map made), equal to
+    the statistics over the full map; reading ``prob`` makes that map once, 0 outside the windows."""
+    from model.inference import Prediction, Segmenter
+    from model.stats import tumor_statistics
+
+    rng = np.random.default_rng(300 + seed)
+    size = 64
+    h, w = int(rng.integers(2 * size, 2000)), int(rng.integers(2 * size, 2000))
+    g = Preprocessor(size).geometry(h, w)
+    plane = scattered_lesions(rng, size, g)
+    seg = Segmenter.__new__(Segmenter)
+    seg.postprocessor = Postprocessor(threshold=0.5, min_region_fraction=float(rng.choice([0.0, 2e-4])))
+    fast, exact = seg.finish_windowed(plane, g), seg.finish(plane, g)
+    windowed = sum(b[3] - b[2] for b in fast.windows) < w
+    assert fast.windows and len(fast.window_probs) == len(fast.windows)
+    assert (fast._prob is None) == windowed, "no full-size map unless the whole image was restored"
+    spacing = (0.1, 0.2)
+    stats = fast.statistics(spacing)
+    assert (fast._prob is None) == windowed, "the statistics read the windows only"
+    want = tumor_statistics(exact.mask, exact.prob, spacing).as_dict()
+    got = stats.as_dict()
+    assert got.pop("prob_mean") == pytest.approx(want.pop("prob_mean"), rel=1e-6, abs=0)
+    assert got.pop("prob_max") == pytest.approx(want.pop("prob_max"), abs=RESTORE_ATOL)
+    assert got == want and stats.tumor_detected
+    prob = fast.prob
+    assert prob is fast.prob and prob.shape == (h, w) and prob.dtype == np.float32
+    for (t, b, l, r), window in zip(fast.windows, fast.window_probs):
+        assert np.array_equal(prob[t:b, l:r], window)
+    covered = np.zeros((h, w), bool)
+    for t, b, l, r in fast.windows:
+        covered[t:b, l:r] = True
+    assert windowed is False or not prob[~covered].any()
+    np.testing.assert_allclose(prob[covered], exact.prob[covered], rtol=0, atol=RESTORE_ATOL)
+    with pytest.raises(ValueError, match="windows"):
+        Prediction(prob=None, mask=fast.mask)
+    with pytest.raises(ValueError, match="window_probs"):
+        tumor_statistics(fast.mask, None, windows=fast.windows, window_probs=fast.window_probs[:-1])
+    with pytest.raises(ValueError, match="window_probs"):
+        tumor_statistics(fast.mask, fast.prob, windows=fast.windows, window_probs=fast.window_probs)
 
 
 def test_overlapping_windows_merge_until_none_overlap():
