@@ -67,8 +67,8 @@ def is_zip_stream(stream: BinaryIO) -> bool:
 class _Budget:
     """What the whole submission may still expand to."""
 
-    def __init__(self, settings: Settings, plain_files: int):
-        self.settings = settings
+    def __init__(self, settings: Settings, plain_files: int, scope: str = "job"):
+        self.settings, self.scope = settings, scope  # "job", or "request" for a part of a job in parts
         self.rows = plain_files  # rows already promised: every plain file is one
         self.expanded_bytes = 0
 
@@ -76,8 +76,8 @@ class _Budget:
         limit = self.settings.max_files_per_job
         if self.rows + files > limit:
             raise ApiError(
-                400, f"archive {archive!r} holds {files} files: the job would have {self.rows + files}, "
-                f"above the limit of {limit} per job",
+                400, f"archive {archive!r} holds {files} files: the {self.scope} would have {self.rows + files}, "
+                f"above the limit of {limit} per {self.scope}",
             )
         if self.expanded_bytes + total_bytes > self.settings.max_request_bytes:
             raise ApiError(
@@ -91,7 +91,7 @@ class _Budget:
 def expand_uploads(sub: Submission, settings: Settings) -> Iterator[Entry]:
     """Every image row of the submission, in order; raises ApiError for an archive over a limit."""
     kinds = [is_zip_stream(f.stream) for f in sub.files]
-    budget = _Budget(settings, plain_files=kinds.count(False))
+    budget = _Budget(settings, plain_files=kinds.count(False), scope=sub.limit_scope)
     for upload, external_id, archive in zip(sub.files, sub.external_ids, kinds, strict=True):
         name = sanitize_filename(upload.filename)
         if archive:
@@ -132,7 +132,8 @@ def _members(stream: BinaryIO, archive: str, external_id: str | None, settings: 
     size = stream_size(stream)
     entries = _entry_count(stream)
     if entries is not None and entries > ENTRY_SLACK * settings.max_files_per_job:
-        raise ApiError(400, f"archive {archive!r} has {entries} entries, above the limit of {settings.max_files_per_job} files per job")
+        raise ApiError(400, f"archive {archive!r} has {entries} entries, above the limit of "
+                            f"{settings.max_files_per_job} files per {budget.scope}")
     try:
         zf = zipfile.ZipFile(stream)
     except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as err:

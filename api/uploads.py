@@ -122,6 +122,12 @@ class Submission:
     external_ids: list[str | None]  # one per file
     label: str | None
     open: bool = False  # the job takes more files (POST /v1/jobs/<id>/images) until it is closed
+    part: bool = False  # a part of an open job
+
+    @property
+    def limit_scope(self) -> str:
+        """What MAX_FILES_PER_JOB limits for this submission: a job sent whole, or one request of a job in parts."""
+        return "request" if self.open or self.part else "job"
 
 
 def sniff(stream: BinaryIO) -> tuple[str | None, str | None]:
@@ -225,8 +231,8 @@ def parse_submission(request: Request, settings: Settings, part: bool = False) -
         hint = f" (got file fields {other})" if other else ""
         raise ApiError(400, f"no files: send the images under the multipart field '{FIELD}'{hint}")
     if len(files) > settings.max_files_per_job:
-        per = "per request" if part or opening else "per job"
-        raise ApiError(400, f"{len(files)} files is above the limit of {settings.max_files_per_job} {per}")
+        per = "request" if part or opening else "job"
+        raise ApiError(400, f"{len(files)} files is above the limit of {settings.max_files_per_job} per {per}")
     from api.archives import is_zip_stream  # a zip's members are checked one by one (api/archives.py)
 
     for f in files:
@@ -247,4 +253,4 @@ def parse_submission(request: Request, settings: Settings, part: bool = False) -
     if raw_ids and len(raw_ids) != len(files):
         raise ApiError(400, f"got {len(raw_ids)} external ids for {len(files)} files: send one per file, in order")
     external_ids = [_text(None if v is None else str(v), f"external id #{i + 1}") for i, v in enumerate(raw_ids)]
-    return Submission(files, external_ids or [None] * len(files), _text(request.form.get("label"), "label"), opening)
+    return Submission(files, external_ids or [None] * len(files), _text(request.form.get("label"), "label"), opening, part)

@@ -133,6 +133,30 @@ def test_archive_over_the_file_count_is_refused_whole(small_api):
     assert stored_files(small_api) == []
 
 
+def test_in_parts_the_file_count_limits_each_request_and_says_so(small_api):
+    from bonedetect.client import encode_multipart
+
+    opened = small_api.submit([], fields=[("open", "true")])
+    assert opened.status_code == 202, opened.json
+    job_id = opened.json["job_id"]
+
+    def part(files):
+        body, ctype = encode_multipart([], [("files", name, data) for name, data in files])
+        return small_api.client.post(f"/v1/jobs/{job_id}/images", data=body,
+                                     headers={**small_api.auth(), "Content-Type": ctype})
+
+    many = zip_of({f"{i}.png": png_bytes(seed=i) for i in range(6)})
+    refused = part([("many.zip", many)])
+    assert refused.status_code == 400
+    assert "many.zip" in refused.json["error"] and "the request would have 6, above the limit of 5 per request" in refused.json["error"]
+    too_many = part([(f"{i}.png", png_bytes(seed=i)) for i in range(6)])
+    assert too_many.status_code == 400 and too_many.json["error"] == "6 files is above the limit of 5 per request"
+    for k in range(2):  # the limit is per request: two parts of 4 make a job of 8
+        ok = part([("four.zip", zip_of({f"{k}-{i}.png": png_bytes(seed=10 * k + i) for i in range(4)}))])
+        assert ok.status_code == 202, ok.json
+    assert ok.json["image_count"] == 4 and ok.json["first_position"] == 4
+
+
 def test_zip_larger_than_one_file_is_accepted_when_its_members_fit(small_api):
     import numpy as np
 
