@@ -82,13 +82,14 @@ class Prediction:
     windows (``tumor_statistics(..., window_probs=...)``), no longer pays.
     """
 
-    __slots__ = ("mask", "windows", "window_probs", "_prob")
+    __slots__ = ("mask", "windows", "window_probs", "hole_free", "_prob")
 
     def __init__(self, prob: np.ndarray | None, mask: np.ndarray, windows: list[tuple[int, int, int, int]] | None = None,
-                 window_probs: list[np.ndarray] | None = None):
+                 window_probs: list[np.ndarray] | None = None, hole_free: bool = False):
         if prob is None and (windows is None or window_probs is None or len(windows) != len(window_probs)):
             raise ValueError("a Prediction without prob needs its windows and one probability array per window")
         self.mask, self.windows, self.window_probs, self._prob = mask, windows, window_probs, prob
+        self.hole_free = hole_free  # the postprocessing filled the mask's holes (``tumor_statistics``)
 
     @property
     def prob(self) -> np.ndarray:
@@ -102,8 +103,9 @@ class Prediction:
     def statistics(self, pixel_spacing_mm: tuple[float, float] | None = None) -> TumorStats:
         """``tumor_statistics`` of the mask, reading only the windows where there are any."""
         if self._prob is None:
-            return tumor_statistics(self.mask, None, pixel_spacing_mm, windows=self.windows, window_probs=self.window_probs)
-        return tumor_statistics(self.mask, self._prob, pixel_spacing_mm, windows=self.windows)
+            return tumor_statistics(self.mask, None, pixel_spacing_mm, windows=self.windows, window_probs=self.window_probs,
+                                    hole_free=self.hole_free)
+        return tumor_statistics(self.mask, self._prob, pixel_spacing_mm, windows=self.windows, hole_free=self.hole_free)
 
     def __repr__(self) -> str:
         return f"Prediction(shape={self.mask.shape}, windows={self.windows})"
@@ -596,7 +598,9 @@ class Segmenter:
     def finish(self, plane: np.ndarray, geometry: Geometry) -> Prediction:
         """(S, S) probabilities in the frame -> Prediction at the original size; thread-safe."""
         prob = geometry.restore(plane)  # (orig_h, orig_w)
-        return Prediction(prob=prob, mask=postprocess_cropped(self.postprocessor, prob))
+        post = self.postprocessor
+        return Prediction(prob=prob, mask=postprocess_cropped(post, prob),
+                          hole_free=type(post) is Postprocessor and post.fill_holes)
 
     def finish_windowed(self, plane: np.ndarray, geometry: Geometry) -> Prediction:
         """``finish`` for the worker: the same mask (bit for bit with OpenCV
@@ -627,7 +631,7 @@ class Segmenter:
             probs = [restore_window(plane, g, bounds, across) for bounds in found]
         for (top, bottom, left, right), window in zip(found, probs):  # each region and its holes lie in one window
             mask[top:bottom, left:right] = _clean_in_box(post, window > post.threshold, mask.size)
-        return Prediction(prob=prob, mask=mask, windows=found, window_probs=probs)
+        return Prediction(prob=prob, mask=mask, windows=found, window_probs=probs, hole_free=post.fill_holes)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Gray (H, W) images, any size and dtype -> one Prediction each, in order."""

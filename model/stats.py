@@ -39,6 +39,7 @@ def tumor_statistics(
     pixel_spacing_mm: tuple[float, float] | None = None,
     windows: list[tuple[int, int, int, int]] | None = None,
     window_probs: list[np.ndarray] | None = None,
+    hole_free: bool = False,
 ) -> TumorStats:
     """Measure the tumor in ``mask``.
 
@@ -57,6 +58,10 @@ def tumor_statistics(
         window_probs: with ``windows`` and no ``prob``, the probabilities
             inside each window (``Prediction.window_probs``), one array of
             the window's shape each: the same numbers as from the full map.
+        hole_free: the mask has no holes (a ``Postprocessor`` that fills
+            them made it): its regions are counted by their outer borders
+            (``cv2.findContours``), 3-4x faster than labelling them; with
+            holes a region inside another's hole would not be counted.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
@@ -83,10 +88,10 @@ def tumor_statistics(
     # no list of tumor pixels is ever made, which on a mask speckled over the
     # whole image (an untrained network) costs 24 ms instead of 160 (one AVX2 core).
     if windows is None:
-        parts = [_box_sums(mask, prob, (0, mask.shape[0], 0, mask.shape[1]))]
+        parts = [_box_sums(mask, prob, (0, mask.shape[0], 0, mask.shape[1]), hole_free=hole_free)]
     else:
         probs = window_probs if window_probs is not None else [prob] * len(windows)
-        parts = [_box_sums(mask, p, w, windowed=window_probs is not None) for p, w in zip(probs, windows)]
+        parts = [_box_sums(mask, p, w, windowed=window_probs is not None, hole_free=hole_free) for p, w in zip(probs, windows)]
     parts = [p for p in parts if p is not None]
     area_mm2_of = (lambda area: None) if row_mm is None else (lambda area: area * row_mm * col_mm)
     if not parts:
@@ -131,9 +136,10 @@ class _Sums:
 
 
 def _box_sums(mask: np.ndarray, prob: np.ndarray | None, window: tuple[int, int, int, int],
-              windowed: bool = False) -> _Sums | None:
+              windowed: bool = False, hole_free: bool = False) -> _Sums | None:
     """The additive parts of the statistics of the tumor pixels inside ``window``; None when it has none.
-    ``windowed``: ``prob`` holds the window's probabilities only (its top left corner is the window's)."""
+    ``windowed``: ``prob`` holds the window's probabilities only (its top left corner is the window's).
+    ``hole_free``: the mask has no holes (``tumor_statistics``)."""
     top, bottom, left, right = window
     inside = (mask[top:bottom, left:right] != 0).view(np.uint8)
     bx, by, bw, bh = cv2.boundingRect(inside)
@@ -145,7 +151,10 @@ def _box_sums(mask: np.ndarray, prob: np.ndarray | None, window: tuple[int, int,
     per_col = cv2.reduce(inside_box, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel().astype(np.int64)
     per_row = cv2.reduce(inside_box, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel().astype(np.int64)
     area = int(per_col.sum())
-    n_labels, _ = cv2.connectedComponentsWithAlgorithm(inside_box, 8, cv2.CV_32S, cv2.CCL_BBDT)  # as remove_small_regions
+    if hole_free:  # one outer border per 8-connected region (findContours follows 8-connected borders)
+        regions = len(cv2.findContours(inside_box, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0])
+    else:
+        regions = cv2.connectedComponentsWithAlgorithm(inside_box, 8, cv2.CV_32S, cv2.CCL_BBDT)[0] - 1  # as clean_regions
     prob_max = prob_sum = None
     if prob is not None:
         prob_box = np.asarray(prob)[(slice(by, by + bh), slice(bx, bx + bw)) if windowed else box]
@@ -162,5 +171,5 @@ def _box_sums(mask: np.ndarray, prob: np.ndarray | None, window: tuple[int, int,
         area=area, x0=x0, y0=y0, x1=x0 + bw, y1=y0 + bh,
         sum_x=int(per_col @ np.arange(x0, x0 + bw, dtype=np.int64)),
         sum_y=int(per_row @ np.arange(y0, y0 + bh, dtype=np.int64)),
-        regions=int(n_labels) - 1, prob_max=prob_max, prob_sum=prob_sum,
+        regions=int(regions), prob_max=prob_max, prob_sum=prob_sum,
     )

@@ -108,6 +108,25 @@ def test_clean_regions_equals_removing_small_regions_then_filling_holes(small, m
     assert many > 0 and (lut["lut"] > 20 if small else lut["lut"] == 0), (many, lut)
 
 
+def test_regions_of_a_mask_without_holes_are_counted_by_their_outer_borders():
+    """tumor_statistics(hole_free=True) counts outer borders instead of labelling: the same numbers on
+    every mask whose holes were filled (regions on the border, one pixel wide, thousands of specks)."""
+    for seed in range(40):
+        rng = np.random.default_rng(2000 + seed)
+        h, w = int(rng.integers(1, 300)), int(rng.integers(1, 300))
+        raw = (nested, speckle)[seed % 2](rng, h, w) if min(h, w) >= 30 else (rng.random((h, w)) < 0.4).astype(np.uint8)
+        mask = clean_regions(raw, int(rng.choice([1, 3, 20])), fill=True)
+        prob = rng.random((h, w)).astype(np.float32)
+        want = tumor_statistics(mask, prob, (0.1, 0.2))
+        assert tumor_statistics(mask, prob, (0.1, 0.2), hole_free=True) == want, seed
+        windows = [(0, h, 0, w)]
+        assert tumor_statistics(mask, prob, (0.1, 0.2), windows=windows, hole_free=True) == want, seed
+    ring = np.zeros((40, 40), np.uint8)
+    cv2.circle(ring, (20, 20), 12, 1, thickness=3)
+    ring[20, 20] = 1  # a region in the ring's hole: the mask has a hole, so hole_free=True would miss it
+    assert tumor_statistics(ring, None).n_regions == 2
+
+
 def test_clean_regions_of_one_region_equals_scipy():
     """One region, the usual case inside a window (model.inference.windows): a ring with a hole, a bay, an
     island in the hole (then two regions), on the border or not, large and small against the smallest kept
