@@ -76,8 +76,9 @@ class Prediction:
     bottom, left, right) boxes holding every mask pixel, no region in two
     (``model.inference.windows``), when the probabilities were restored in
     windows (``Segmenter.finish_windowed``); then ``window_probs`` holds the
-    probabilities inside each window and ``prob`` (0 outside the windows) is
-    made from them only when it is first read: a 3000x2500 map is 30 MB to
+    probabilities inside each window. When the windows were restored one by
+    one, ``prob`` (0 outside them) is made from them only when it is first
+    read (when they span the image's width it is the whole restore): a 3000x2500 map is 30 MB to
     clear, ~3 ms of a core per image that the worker, which reads only the
     windows (``tumor_statistics(..., window_probs=...)``), no longer pays.
     """
@@ -607,7 +608,8 @@ class Segmenter:
         4.12 and later: ``restore_window``), but the
         probabilities are restored and postprocessed only in the windows
         where they can exceed the threshold (``windows``: one per place where
-        something was found), and are 0 elsewhere; ``prob`` equals
+        something was found), and are 0 elsewhere (unless the windows span
+        the image's width: below); ``prob`` equals
         ``finish``'s wherever the mask is, which is all that the statistics
         read. For an image where the network found nothing there is nothing
         to do; for a small tumor on a 3000x2500 radiograph ~1 ms instead of

@@ -89,7 +89,7 @@ def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndar
     if n <= LUT_LABELS and m.size <= EXACT_HIST_PIXELS:
         small_labels = labels.astype(np.uint8)  # exact: every label is below 256
         areas = cv2.calcHist([small_labels], [0], None, [n], [0, n]).ravel()
-        keep = areas >= min_area
+        keep = areas.astype(np.int64) >= min_area  # in float32 a min_area above 2**24 could round down
         keep[0] = False  # label 0 is the background
         if not keep[1:].all():
             table = np.zeros(256, np.uint8)

@@ -72,7 +72,8 @@ def encode_mask_png(mask: np.ndarray, windows: list[tuple[int, int, int, int]] |
 
     ``windows``: (top, bottom, left, right) boxes outside which the mask is
     0 (``Prediction.windows``; None: the mask's own bounding box, found with
-    one pass). Only the rows from the first window's top to the last
+    one pass). The caller vouches for that: a pixel set in a row that no
+    window spans is written as 0. Only the rows from the first window's top to the last
     window's bottom are scaled, filtered ("Up") and compressed as such; the
     rows above and below are zero rows with filter type "None", fed to the
     compressor straight from one block of zeros. On a 3000x2500 radiograph
@@ -93,7 +94,8 @@ def encode_mask_png(mask: np.ndarray, windows: list[tuple[int, int, int, int]] |
         top, bottom = min(t for t, _, _, _ in windows), max(b for _, b, _, _ in windows)
     else:
         top = bottom = 0
-    top, bottom = max(0, min(top, h)), max(top, min(bottom, h))
+    top = max(0, min(top, h))
+    bottom = max(top, min(bottom, h))
     compressor = isal_zlib.compressobj(ISAL_LEVEL)
     stride = w + 1
     out = []

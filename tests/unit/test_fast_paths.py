@@ -118,6 +118,12 @@ def test_mask_png_from_its_windows_is_the_masks_image(isal, monkeypatch):
             for back in decoded_both_ways(png):
                 assert back.dtype == np.uint8 and np.array_equal(back, mask * 255)
             assert png == encode_mask_png(mask, given)
+    beyond = np.zeros((10, 8), np.uint8)
+    beyond[8:, 6:] = 1
+    for windows in ([(8, 30, 6, 20)], [(12, 30, 0, 8), (8, 10, 6, 8)]):  # windows past the image's edge
+        assert all(np.array_equal(back, beyond * 255) for back in decoded_both_ways(encode_mask_png(beyond, windows)))
+    empty = np.zeros((10, 8), np.uint8)
+    assert all(not back.any() for back in decoded_both_ways(encode_mask_png(empty, [(12, 30, 0, 8)])))
     with pytest.raises(ValueError, match="uint8"):
         encode_mask_png(np.zeros((4, 4), bool))
 

@@ -80,13 +80,17 @@ def nested(rng, h: int, w: int) -> np.ndarray:
     return mask
 
 
-@pytest.mark.parametrize("small", [True, False], ids=["labels through 8-bit copies", "32-bit labels"])
-def test_clean_regions_equals_removing_small_regions_then_filling_holes(small, monkeypatch):
+@pytest.mark.parametrize("way", ["8-bit", "many labels", "large mask"],
+                         ids=["labels through 8-bit copies", "32-bit labels: many", "32-bit labels: large"])
+def test_clean_regions_equals_removing_small_regions_then_filling_holes(way, monkeypatch):
     """scipy's 8-connected labelling and hole filling are the reference; both of clean_regions'
-    ways of counting and dropping regions (forced by the label count it takes the 8-bit one up to)
-    give the same masks."""
-    if not small:
+    ways of counting and dropping regions (forced by the label count and the mask size it takes the
+    8-bit one up to) give the same masks."""
+    small = way == "8-bit"
+    if way == "many labels":
         monkeypatch.setattr(postprocess, "LUT_LABELS", 1)
+    elif way == "large mask":
+        monkeypatch.setattr(postprocess, "EXACT_HIST_PIXELS", 0)
     lut, real_lut = Counter(), cv2.LUT
     monkeypatch.setattr(postprocess.cv2, "LUT", lambda *a: lut.update(["lut"]) or real_lut(*a))
     many = 0
@@ -125,6 +129,30 @@ def test_regions_of_a_mask_without_holes_are_counted_by_their_outer_borders():
     cv2.circle(ring, (20, 20), 12, 1, thickness=3)
     ring[20, 20] = 1  # a region in the ring's hole: the mask has a hole, so hole_free=True would miss it
     assert tumor_statistics(ring, None).n_regions == 2
+    assert tumor_statistics(ring, None, hole_free=True).n_regions == 1, "the precondition is the caller's"
+
+
+def test_regions_of_a_mask_without_holes_are_counted_by_their_outer_borders_in_any_windows():
+    """Windows cut anywhere through a mask without holes (a window's part of it has none either)."""
+    for seed in range(20):
+        rng = np.random.default_rng(3000 + seed)
+        h, w = int(rng.integers(40, 300)), int(rng.integers(40, 300))
+        mask = clean_regions(speckle(rng, h, w), int(rng.choice([1, 5])), fill=True)
+        cuts = np.sort(rng.integers(0, h, 3)), np.sort(rng.integers(0, w, 3))
+        rows, cols = [0, *cuts[0], h], [0, *cuts[1], w]
+        windows = [(rows[i], rows[i + 1], cols[j], cols[j + 1]) for i in range(4) for j in range(4)
+                   if rows[i] < rows[i + 1] and cols[j] < cols[j + 1]]
+        for t, b, l, r in windows:
+            box = np.ascontiguousarray(mask[t:b, l:r])
+            assert tumor_statistics(box, None, hole_free=True) == tumor_statistics(box, None), (seed, t, b, l, r)
+
+
+def test_a_smallest_area_above_float32s_exact_integers_is_kept_exactly():
+    """A mask of 2**24 pixels (the largest counted by OpenCV's float32 histogram): one region of exactly
+    2**24 pixels stays with min_area 2**24 and goes with 2**24 + 1, which float32 cannot hold."""
+    mask = np.ones((4096, 4096), np.uint8)
+    assert clean_regions(mask, 2**24, fill=False).all()
+    assert not clean_regions(mask, 2**24 + 1, fill=False).any()
 
 
 def test_clean_regions_of_one_region_equals_scipy():
