@@ -69,12 +69,17 @@ def test_cropped_postprocessing_edge_cases():
 # -- PNG -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("isal", [True, False], ids=["isal", "libpng"])
-def test_png_is_lossless_for_gray_rgb_and_rgba(isal, monkeypatch):
-    if not isal:
+@pytest.fixture(params=["isal", "libpng"])
+def png_writer(request, monkeypatch):
+    """Each PNG test twice: with ISA-L's deflate (the worker's), and with OpenCV's libpng where isal is missing."""
+    if request.param == "libpng":
         monkeypatch.setattr(png_module, "isal_zlib", None)
     elif png_module.isal_zlib is None:
         pytest.skip("isal is not installed")
+    return request.param
+
+
+def test_png_is_lossless_for_gray_rgb_and_rgba(png_writer):
     rng = np.random.default_rng(0)
     for shape in ((37, 51), (1, 1), (64, 33, 3), (20, 17, 4)):
         image = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -90,16 +95,14 @@ def decoded_both_ways(png: bytes) -> tuple[np.ndarray, np.ndarray]:
     return np.array(Image.open(io.BytesIO(png))), cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
-@pytest.mark.parametrize("isal", [True, False], ids=["isal", "libpng"])
-def test_mask_png_from_its_windows_is_the_masks_image(isal, monkeypatch):
+@pytest.mark.parametrize("zeros", [None, 1000], ids=["zeros in one block", "zeros in pieces"])
+def test_mask_png_from_its_windows_is_the_masks_image(png_writer, zeros, monkeypatch):
     from worker.png import encode_mask_png
 
-    if not isal:
-        monkeypatch.setattr(png_module, "isal_zlib", None)
-    elif png_module.isal_zlib is None:
-        pytest.skip("isal is not installed")
+    if zeros:  # a block of zeros smaller than the zero rows (the worker's is 1 MiB): fed in pieces
+        monkeypatch.setattr(png_module, "_ZEROS", np.zeros(zeros, np.uint8))
     rng = np.random.default_rng(7)
-    h, w = 1100, 301  # more rows of zeros than one block of the encoder's zeros holds (1 MiB): fed in pieces
+    h, w = 1100, 301
     cases = []
     for top, bottom in ((0, 40), (h - 30, h), (500, 501), (0, h), (10, 20), (900, 1000)):
         mask = np.zeros((h, w), np.uint8)
