@@ -71,7 +71,7 @@ def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndar
     OpenCV's BBDT labelling without statistics, then each label's area from a
     histogram of the labels: with statistics (boxes and centroids, which
     OpenCV computes per pixel in doubles) the labelling cost 3-3.5x as much;
-    on the windows of a trained network's masks at 3000x2500 (one Zen 4
+    on the windows of a trained network's masks at 3000x2500 (one Zen 3
     core) 3.3 -> 1.5 ms per image for the served model and 22.6 -> ~9 ms for
     the full-size network at 512. A window usually holds a handful of
     regions (``LUT_LABELS``), so the areas and the kept pixels come from
