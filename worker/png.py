@@ -47,18 +47,25 @@ def encode_png(array: np.ndarray) -> bytes:
             raise RuntimeError("PNG encoding failed")
         return buf.tobytes()
     rows = np.ascontiguousarray(array).reshape(h, w * channels)
-    filtered = np.empty((h, w * channels + 1), np.uint8)  # each row: filter type byte, then the row
-    filtered[:, 0] = 2  # "Up": each byte minus the byte above it, mod 256
+    return _png_file(w, h, _PNG_COLOR_TYPES[channels], isal_zlib.compress(_up_filtered(rows), ISAL_LEVEL))
+
+
+def _up_filtered(rows: np.ndarray) -> np.ndarray:
+    """(n, width) uint8 rows -> PNG's filtered rows, (n, width + 1): each the filter type byte 2, "Up" (each
+    byte minus the byte above it, mod 256), then the row; the first row's row above is zero, as PNG takes it
+    at the top of an image."""
+    filtered = np.empty((rows.shape[0], rows.shape[1] + 1), np.uint8)
+    filtered[:, 0] = 2
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-    header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOR_TYPES[channels], 0, 0, 0)
+    return filtered
+
+
+def _png_file(w: int, h: int, color_type: int, idat: bytes) -> bytes:
+    """An 8-bit PNG of w x h pixels around its compressed image data."""
+    header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
     return b"".join(
-        (
-            b"\x89PNG\r\n\x1a\n",
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", isal_zlib.compress(filtered, ISAL_LEVEL)),
-            _png_chunk(b"IEND", b""),
-        )
+        (b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b""))
     )
 
 
@@ -109,15 +116,8 @@ def encode_mask_png(mask: np.ndarray, windows: list[tuple[int, int, int, int]] |
 
     zero_rows(top)
     if bottom > top:
-        band = mask[top:bottom] * np.uint8(255)
-        filtered = np.empty((bottom - top, stride), np.uint8)
-        filtered[:, 0] = 2  # "Up" (each byte minus the one above), which reads no row outside the band
-        filtered[0, 1:] = band[0]  # its row above is zero (or, at the top, taken as zero by PNG)
-        np.subtract(band[1:], band[:-1], out=filtered[1:, 1:])
-        out.append(compressor.compress(filtered))
+        # "Up" reads no row outside the band: the row above its first is zero (or, at the top, taken as zero)
+        out.append(compressor.compress(_up_filtered(mask[top:bottom] * np.uint8(255))))
     zero_rows(h - bottom)
     out.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return b"".join(
-        (b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", b"".join(out)), _png_chunk(b"IEND", b""))
-    )
+    return _png_file(w, h, 0, b"".join(out))
