@@ -167,7 +167,7 @@ def _clean_in_box(postprocessor: Postprocessor, above: np.ndarray, image_pixels:
     if w == 0:
         return np.zeros(above.shape, np.uint8)
     min_area = _min_area(postprocessor, image_pixels)
-    crop = clean_regions(above[y0 : y0 + h, x0 : x0 + w], min_area, postprocessor.fill_holes)
+    crop = clean_regions(above[y0 : y0 + h, x0 : x0 + w].view(bool), min_area, postprocessor.fill_holes)  # 0/1: no compare
     if crop.shape == above.shape:
         return crop
     mask = np.zeros(above.shape, np.uint8)

@@ -80,14 +80,23 @@ def nested(rng, h: int, w: int) -> np.ndarray:
     return mask
 
 
-@pytest.mark.parametrize("way", ["8-bit", "many labels", "large mask"],
-                         ids=["labels through 8-bit copies", "32-bit labels: many", "32-bit labels: large"])
+@pytest.mark.parametrize("way", ["one by one", "8-bit", "many labels", "large mask"],
+                         ids=["8-bit copies, each region counted alone", "labels through 8-bit copies",
+                              "32-bit labels: many", "32-bit labels: large"])
 def test_clean_regions_equals_removing_small_regions_then_filling_holes(way, monkeypatch):
-    """scipy's 8-connected labelling and hole filling are the reference; both of clean_regions'
-    ways of counting and dropping regions (forced by the label count and the mask size it takes the
-    8-bit one up to) give the same masks."""
-    small = way == "8-bit"
-    if way == "many labels":
+    """scipy's 8-connected labelling and hole filling are the reference; each of clean_regions'
+    ways of counting and dropping regions (forced by the label counts and the mask size it takes
+    them up to) gives the same masks."""
+    small = way in ("one by one", "8-bit")
+    counted = Counter()
+    real_equal, real_hist = np.equal, cv2.calcHist
+    monkeypatch.setattr(postprocess.np, "equal", lambda *a, **k: counted.update(["equal"]) or real_equal(*a, **k))
+    monkeypatch.setattr(postprocess.cv2, "calcHist", lambda *a: counted.update(["hist"]) or real_hist(*a))
+    if way == "one by one":
+        monkeypatch.setattr(postprocess, "FEW_LABELS", postprocess.LUT_LABELS)
+    elif way == "8-bit":
+        monkeypatch.setattr(postprocess, "FEW_LABELS", 0)
+    elif way == "many labels":
         monkeypatch.setattr(postprocess, "LUT_LABELS", 1)
     elif way == "large mask":
         monkeypatch.setattr(postprocess, "EXACT_HIST_PIXELS", 0)
@@ -110,6 +119,7 @@ def test_clean_regions_equals_removing_small_regions_then_filling_holes(way, mon
                 np.testing.assert_array_equal(got, want if fill else kept.astype(np.uint8),
                                               err_msg=f"seed {seed}, min_area {min_area}, fill {fill}")
     assert many > 0 and (lut["lut"] > 20 if small else lut["lut"] == 0), (many, lut)
+    assert (counted["equal"] > 100) == (way == "one by one") and (counted["hist"] > 20) == (way == "8-bit"), counted
 
 
 def test_regions_of_a_mask_without_holes_are_counted_by_their_outer_borders():
