@@ -158,19 +158,22 @@ def _min_area(postprocessor: Postprocessor, image_pixels: int) -> int:
     return max(1, math.ceil(postprocessor.min_region_fraction * image_pixels))
 
 
-def _clean_in_box(postprocessor: Postprocessor, above: np.ndarray, image_pixels: int) -> np.ndarray:
+def _clean_in_box(postprocessor: Postprocessor, above: np.ndarray, image_pixels: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """Steps 2 and 3 of ``postprocessor`` on the thresholded pixels ``above``,
     inside their bounding box (postprocess_cropped says why that is exact);
-    small regions are measured against ``image_pixels``."""
+    small regions are measured against ``image_pixels``. ``out``: a uint8
+    array of zeros of ``above``'s shape (a window of the image's mask) to
+    write the result into, and return; None: a new array."""
     above = np.ascontiguousarray(above, dtype=bool).view(np.uint8)  # no copy for the callers' boolean maps
     x0, y0, w, h = cv2.boundingRect(above)
     if w == 0:
-        return np.zeros(above.shape, np.uint8)
+        return np.zeros(above.shape, np.uint8) if out is None else out
     min_area = _min_area(postprocessor, image_pixels)
     crop = clean_regions(above[y0 : y0 + h, x0 : x0 + w].view(bool), min_area, postprocessor.fill_holes)  # 0/1: no compare
-    if crop.shape == above.shape:
+    if out is None and crop.shape == above.shape:
         return crop
-    mask = np.zeros(above.shape, np.uint8)
+    mask = np.zeros(above.shape, np.uint8) if out is None else out
     mask[y0 : y0 + h, x0 : x0 + w] = crop
     return mask
 
@@ -632,7 +635,7 @@ class Segmenter:
             across = restore_across(plane, g) if found else None
             probs = [restore_window(plane, g, bounds, across) for bounds in found]
         for (top, bottom, left, right), window in zip(found, probs):  # each region and its holes lie in one window
-            mask[top:bottom, left:right] = _clean_in_box(post, window > post.threshold, mask.size)
+            _clean_in_box(post, window > post.threshold, mask.size, out=mask[top:bottom, left:right])  # zeros until now
         return Prediction(prob=prob, mask=mask, windows=found, window_probs=probs, hole_free=post.fill_holes)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
