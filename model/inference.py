@@ -170,7 +170,7 @@ def _clean_in_box(postprocessor: Postprocessor, above: np.ndarray, image_pixels:
     if w == 0:
         return np.zeros(above.shape, np.uint8) if out is None else out
     min_area = _min_area(postprocessor, image_pixels)
-    crop = clean_regions(above[y0 : y0 + h, x0 : x0 + w].view(bool), min_area, postprocessor.fill_holes)  # 0/1: no compare
+    crop = clean_regions(above[y0 : y0 + h, x0 : x0 + w], min_area, postprocessor.fill_holes)
     if out is None and crop.shape == above.shape:
         return crop
     mask = np.zeros(above.shape, np.uint8) if out is None else out
@@ -635,7 +635,8 @@ class Segmenter:
             across = restore_across(plane, g) if found else None
             probs = [restore_window(plane, g, bounds, across) for bounds in found]
         for (top, bottom, left, right), window in zip(found, probs):  # each region and its holes lie in one window
-            _clean_in_box(post, window > post.threshold, mask.size, out=mask[top:bottom, left:right])  # zeros until now
+            # the windows are disjoint (windows(): _merge_overlapping), so each is still zeros here
+            _clean_in_box(post, window > post.threshold, mask.size, out=mask[top:bottom, left:right])
         return Prediction(prob=prob, mask=mask, windows=found, window_probs=probs, hole_free=post.fill_holes)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:

@@ -58,12 +58,15 @@ class Postprocessor:
 
 
 # Up to this many labels (background included) they are counted and dropped through 8-bit copies of
-# the labels (OpenCV's histogram and lookup table); beyond, numpy's bincount and take on the 32-bit labels.
+# the labels (counted as below, dropped by OpenCV's lookup table); beyond, numpy's bincount and take on
+# the 32-bit labels.
 LUT_LABELS = 256
-# Up to this many labels (background included) each region's pixels are counted by a comparison of its
-# own over the 8-bit copy instead of the histogram (clean_regions says why).
+# Up to this many labels (background included: 16 regions) each region's pixels are counted by a
+# comparison of its own over the 8-bit copy (count_each), at any size; with more, by OpenCV's histogram
+# (count_by_histogram). 17 is the break-even on an Intel Xeon with AMX (clean_regions).
 FEW_LABELS = 17
-# calcHist counts in float32, exact up to 2**24 pixels; a larger mask is counted by bincount.
+# calcHist counts in float32, exact up to 2**24 pixels; a larger mask with more than FEW_LABELS labels
+# is counted by bincount.
 EXACT_HIST_PIXELS = 1 << 24
 
 
@@ -71,44 +74,36 @@ def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndar
     """``remove_small_regions(mask, min_area)``, then ``fill_holes`` when
     ``fill``: the same {0, 1} mask, from one labelling.
 
-    OpenCV's BBDT labelling without statistics, then each label's area from a
-    histogram of the labels: with statistics (boxes and centroids, which
-    OpenCV computes per pixel in doubles) the labelling cost 3-3.5x as much;
-    on the windows of a trained network's masks at 3000x2500 (one Zen 3
-    core) 3.3 -> 1.5 ms per image for the served model and 22.6 -> ~9 ms for
-    the full-size network at 512. A window usually holds a handful of
-    regions (``LUT_LABELS``), so the areas and the kept pixels come from
-    8-bit copies of the labels. Up to ``FEW_LABELS`` labels each region's
-    pixels are counted by a comparison of its own (``np.equal``, then
-    ``np.count_nonzero``: ~0.12 ns per pixel and region, streamed); above,
-    by OpenCV's ``calcHist``, which adds one to the same bin for every pixel
-    of a run, each add waiting for the one before: ~2 ns a pixel on an Intel
-    Xeon with AMX (2.6x the labelling), though faster on the Zen 3 where it
-    was chosen. The small regions go through OpenCV's ``LUT``. numpy's
-    ``bincount`` and ``take`` on 32-bit labels (several ns a pixel) remain
-    for masks with more regions. Then one flood fill of the background from
-    the border fills the holes.
+    OpenCV's BBDT labelling without statistics, then each label's area
+    counted apart: with statistics (boxes and centroids, which OpenCV
+    computes per pixel in doubles) the labelling cost 3-3.5x as much; on
+    the windows of a trained network's masks at 3000x2500 (one Zen 3 core)
+    3.3 -> 1.5 ms per image for the served model and 22.6 -> ~9 ms for the
+    full-size network at 512. A window usually holds a handful of regions
+    (``LUT_LABELS``), so the areas and the kept pixels come from 8-bit
+    copies of the labels. Up to ``FEW_LABELS`` labels each region's pixels
+    are counted by a comparison of its own (``count_each``: ~0.12 ns per
+    pixel and region, streamed); above, by OpenCV's ``calcHist``
+    (``count_by_histogram``), which adds one to the same bin for every
+    pixel of a run, each add waiting for the one before: ~2 ns a pixel on
+    an Intel Xeon with AMX (2.6x the labelling), though faster on the Zen
+    3 where it was chosen. The small regions go through OpenCV's ``LUT``.
+    numpy's ``bincount`` and ``take`` on 32-bit labels (several ns a pixel)
+    remain for masks with more regions. Then one flood fill of the
+    background from the border fills the holes.
     """
-    mask = np.asarray(mask)
-    if mask.dtype == np.bool_:  # 0 and 1 already: a copy (never the caller's array), no comparison
-        m = np.array(mask, order="C").view(np.uint8)
-    else:
-        m = np.ascontiguousarray(mask != 0).view(np.uint8)  # any nonzero value is foreground
+    m = np.ascontiguousarray(np.asarray(mask) != 0).view(np.uint8)  # any nonzero value is foreground
+    if m.size == 0:
+        return m  # no pixels: nothing to label (OpenCV refuses an empty image)
     if min_area <= 1:
         return _fill_binary(m) if fill else m
     n, labels = cv2.connectedComponentsWithAlgorithm(m, 8, cv2.CV_32S, cv2.CCL_BBDT)  # n counts the background
     if n <= 1:
         return m  # nothing to keep or fill
-    if n <= LUT_LABELS and m.size <= EXACT_HIST_PIXELS:
+    if n <= LUT_LABELS and (n <= FEW_LABELS or m.size <= EXACT_HIST_PIXELS):
         small_labels = labels.astype(np.uint8)  # exact: every label is below 256
-        if n <= FEW_LABELS:
-            same = np.empty(small_labels.shape, np.bool_)
-            areas = np.zeros(n, np.int64)
-            for label in range(1, n):
-                areas[label] = np.count_nonzero(np.equal(small_labels, label, out=same))
-        else:
-            areas = cv2.calcHist([small_labels], [0], None, [n], [0, n]).ravel()
-        keep = areas.astype(np.int64) >= min_area  # in float32 a min_area above 2**24 could round down
+        areas = count_each(small_labels, n) if n <= FEW_LABELS else count_by_histogram(small_labels, n)
+        keep = areas >= min_area
         keep[0] = False  # label 0 is the background
         if not keep[1:].all():
             table = np.zeros(256, np.uint8)
@@ -122,6 +117,22 @@ def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndar
     return _fill_binary(m) if fill else m
 
 
+def count_each(labels: np.ndarray, n: int) -> np.ndarray:
+    """Pixels of each label 1..n-1 of uint8 ``labels``, one comparison per label (int64; [0] is 0)."""
+    same = np.empty(labels.shape, np.bool_)
+    areas = np.zeros(n, np.int64)
+    for label in range(1, n):
+        areas[label] = np.count_nonzero(np.equal(labels, label, out=same))
+    return areas
+
+
+def count_by_histogram(labels: np.ndarray, n: int) -> np.ndarray:
+    """Pixels of each label 0..n-1 of uint8 ``labels`` (int64), by OpenCV's histogram (exact up to
+    ``EXACT_HIST_PIXELS``)."""
+    # int64 before comparing: in float32 a min_area above 2**24 could round down
+    return cv2.calcHist([labels], [0], None, [n], [0, n]).ravel().astype(np.int64)
+
+
 def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
     """Keep the 8-connected regions of ``mask`` with at least ``min_area``
     pixels, as a {0, 1} uint8 mask (``clean_regions`` without the fill)."""
@@ -131,11 +142,16 @@ def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Set to 1 every background pixel not 4-connected to the image border
     (4-connected background is the complement of 8-connected foreground)."""
-    return _fill_binary((np.asarray(mask) != 0).view(np.uint8))
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"expected an (H, W) mask, got shape {mask.shape}")
+    return _fill_binary((mask != 0).view(np.uint8))
 
 
 def _fill_binary(mask: np.ndarray) -> np.ndarray:
-    """``fill_holes`` of a {0, 1} uint8 mask."""
+    """``fill_holes`` of a {0, 1} uint8 (H, W) mask."""
+    if mask.size == 0:
+        return mask.copy()
     padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)  # a background ring joins every border pixel
     cv2.floodFill(padded, None, (0, 0), 2, flags=4)  # the background reached from the border -> 2
     return np.not_equal(padded[1:-1, 1:-1], 2).view(np.uint8)

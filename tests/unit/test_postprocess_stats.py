@@ -86,40 +86,56 @@ def nested(rng, h: int, w: int) -> np.ndarray:
 def test_clean_regions_equals_removing_small_regions_then_filling_holes(way, monkeypatch):
     """scipy's 8-connected labelling and hole filling are the reference; each of clean_regions'
     ways of counting and dropping regions (forced by the label counts and the mask size it takes
-    them up to) gives the same masks."""
-    small = way in ("one by one", "8-bit")
-    counted = Counter()
-    real_equal, real_hist = np.equal, cv2.calcHist
-    monkeypatch.setattr(postprocess.np, "equal", lambda *a, **k: counted.update(["equal"]) or real_equal(*a, **k))
-    monkeypatch.setattr(postprocess.cv2, "calcHist", lambda *a: counted.update(["hist"]) or real_hist(*a))
+    them up to) gives the same masks, for masks of 0/1, 0/255, booleans and a strided view."""
+    calls, few_labels = Counter(), postprocess.FEW_LABELS
+    for name in ("count_each", "count_by_histogram"):
+        real = getattr(postprocess, name)
+        monkeypatch.setattr(postprocess, name, lambda *a, _n=name, _f=real: calls.update([_n]) or _f(*a))
+    real_lut = cv2.LUT
+    monkeypatch.setattr(postprocess.cv2, "LUT", lambda *a: calls.update(["lut"]) or real_lut(*a))
     if way == "one by one":
         monkeypatch.setattr(postprocess, "FEW_LABELS", postprocess.LUT_LABELS)
     elif way == "8-bit":
         monkeypatch.setattr(postprocess, "FEW_LABELS", 0)
     elif way == "many labels":
         monkeypatch.setattr(postprocess, "LUT_LABELS", 1)
-    elif way == "large mask":
+    elif way == "large mask":  # past calcHist's exact counts: few labels one by one, more by bincount
         monkeypatch.setattr(postprocess, "EXACT_HIST_PIXELS", 0)
-    lut, real_lut = Counter(), cv2.LUT
-    monkeypatch.setattr(postprocess.cv2, "LUT", lambda *a: lut.update(["lut"]) or real_lut(*a))
-    many = 0
+    many = few = 0
     for seed in range(30):
         rng = np.random.default_rng(seed)
         h, w = int(rng.integers(30, 200)), int(rng.integers(30, 200))
         mask = (nested, speckle)[seed % 2](rng, h, w) * np.uint8(rng.choice([1, 255]))
         labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
         many += count >= 256  # then the 8-bit copies cannot hold the labels: 32-bit ones either way
+        few += 1 <= count < few_labels  # counted one by one, unless forced otherwise
         areas = np.bincount(labels.ravel())
+        strided = np.pad(mask, ((0, 0), (1, 0)))[:, 1:]  # the same mask, not contiguous
         for min_area in (1, 2, 5, 30, 10**6):
             kept = (areas[labels] >= min_area) & (labels > 0)
             want = ndimage.binary_fill_holes(kept).astype(np.uint8)
             for fill in (True, False):
-                got = clean_regions(mask, min_area, fill)
-                assert got.dtype == np.uint8 and got.shape == mask.shape
-                np.testing.assert_array_equal(got, want if fill else kept.astype(np.uint8),
-                                              err_msg=f"seed {seed}, min_area {min_area}, fill {fill}")
-    assert many > 0 and (lut["lut"] > 20 if small else lut["lut"] == 0), (many, lut)
-    assert (counted["equal"] > 100) == (way == "one by one") and (counted["hist"] > 20) == (way == "8-bit"), counted
+                for given in (mask, mask != 0, strided):
+                    got = clean_regions(given, min_area, fill)
+                    assert got.dtype == np.uint8 and got.shape == mask.shape
+                    np.testing.assert_array_equal(got, want if fill else kept.astype(np.uint8),
+                                                  err_msg=f"seed {seed}, min_area {min_area}, fill {fill}, {given.dtype}")
+    assert many > 0 and few > 0, (many, few)
+    each, hist, lut = calls["count_each"], calls["count_by_histogram"], calls["lut"]
+    assert {"one by one": each > 20 and hist == 0 and lut > 20,
+            "8-bit": each == 0 and hist > 20 and lut > 20,
+            "many labels": each == 0 and hist == 0 and lut == 0,
+            "large mask": each > 20 and hist == 0 and lut > 0}[way], calls
+
+
+def test_clean_regions_and_fill_holes_take_empty_masks_and_refuse_other_shapes():
+    for shape in ((0, 5), (4, 0)):
+        for min_area in (1, 3):
+            got = clean_regions(np.zeros(shape, np.uint8), min_area, fill=True)
+            assert got.shape == shape and got.dtype == np.uint8
+        assert fill_holes(np.zeros(shape, np.uint8)).shape == shape
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        fill_holes(np.zeros((4, 4, 3), np.uint8))
 
 
 def test_regions_of_a_mask_without_holes_are_counted_by_their_outer_borders():
@@ -157,9 +173,12 @@ def test_regions_of_a_mask_without_holes_are_counted_by_their_outer_borders_in_a
             assert tumor_statistics(box, None, hole_free=True) == tumor_statistics(box, None), (seed, t, b, l, r)
 
 
-def test_a_smallest_area_above_float32s_exact_integers_is_kept_exactly():
+@pytest.mark.parametrize("few_labels", [None, 0], ids=["counted alone", "counted by the histogram"])
+def test_a_smallest_area_above_float32s_exact_integers_is_kept_exactly(few_labels, monkeypatch):
     """A mask of 2**24 pixels (the largest counted by OpenCV's float32 histogram): one region of exactly
     2**24 pixels stays with min_area 2**24 and goes with 2**24 + 1, which float32 cannot hold."""
+    if few_labels is not None:
+        monkeypatch.setattr(postprocess, "FEW_LABELS", few_labels)
     mask = np.ones((4096, 4096), np.uint8)
     assert clean_regions(mask, 2**24, fill=False).all()
     assert not clean_regions(mask, 2**24 + 1, fill=False).any()
