@@ -171,11 +171,12 @@ def _clean_in_box(postprocessor: Postprocessor, above: np.ndarray, image_pixels:
         return np.zeros(above.shape, np.uint8) if out is None else out
     min_area = _min_area(postprocessor, image_pixels)
     crop = clean_regions(above[y0 : y0 + h, x0 : x0 + w], min_area, postprocessor.fill_holes)
-    if out is None and crop.shape == above.shape:
-        return crop
-    mask = np.zeros(above.shape, np.uint8) if out is None else out
-    mask[y0 : y0 + h, x0 : x0 + w] = crop
-    return mask
+    if out is None:
+        if crop.shape == above.shape:
+            return crop
+        out = np.zeros(above.shape, np.uint8)
+    out[y0 : y0 + h, x0 : x0 + w] = crop
+    return out
 
 
 # A probability this far below the threshold in the frame cannot reach it after
