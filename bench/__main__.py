@@ -14,7 +14,10 @@
 On generated radiograph-sized JPEGs (3000x2500 by default, cached under
 var/bench/) it measures, in one run:
 
-- model:    the network alone on preprocessed batches (Segmenter.forward);
+- model:    the network alone on preprocessed batches (Segmenter.forward),
+            half of the images before the other stages and half after them,
+            so that a shared host's change of speed during the run shows
+            (drift_pct, and a warning past 10%) and mostly cancels;
 - pipeline: decode -> preprocess -> network -> postprocess -> mask PNG (and
             overlay PNG with --overlays eager; by default the API renders
             overlays on request, worker/overlay.py), in this process
@@ -325,10 +328,18 @@ def run(args, argv, tmp: Path) -> int:
     out["worker_concurrency"] = args.worker_concurrency
     device = tp.device_name(segmenter)
     results: dict[str, tp.StageResult] = {}
+    drift_warning = None
     if "model" in stages:
         n_model = max(n, 3 * args.batch)  # at least three forward batches
-        log(f"model: {n_model} images, batch {args.batch}, {args.threads} torch thread(s)")
-        results["model"] = tp.measure_model(segmenter, tp.frames_of(segmenter, paths, 8), n_model)
+        # with other stages, half of the images before them and half after (tp.bracketed): a shared host's
+        # speed moves by minutes, and the ratios should compare the network with the stages at one speed
+        bracket = bool(stages & {"pipeline", "system"})
+        first = max(n_model // 2, args.batch) if bracket else n_model
+        model_frames = tp.frames_of(segmenter, paths, 8)
+        rest = max(n_model - first, args.batch) if bracket else 0
+        log(f"model: {first} images, batch {args.batch}, {args.threads} torch thread(s)"
+            f"{f'; {rest} more after the other stages' if rest else ''}")
+        results["model"] = tp.measure_model(segmenter, model_frames, first)
     if "pipeline" in stages:
         log(f"pipeline: {n} images in chunks of {args.chunk}, {args.worker_concurrency} at once, "
             f"{args.io_threads} decode/encode threads")
@@ -359,6 +370,10 @@ def run(args, argv, tmp: Path) -> int:
         with tp.running_system(ckpt, workers=args.workers, **kw) as system:
             results["system"] = tp.measure_system(system, paths, f"system, {args.workers} worker(s)", jobs=args.jobs,
                                                   uploaders=args.uploaders, parts=args.parts)
+
+    if "model" in stages and bracket:
+        log(f"model: {rest} more images")
+        results["model"], drift_warning = tp.bracketed(results["model"], tp.measure_model(segmenter, model_frames, rest))
 
     by_step = results["pipeline"].notes.pop("cpu_ms_by_step", None) if "pipeline" in results else None
     for r in results.values():
@@ -403,6 +418,8 @@ def run(args, argv, tmp: Path) -> int:
           " load: 1-minute load average after the stage. On a machine others use, both img/s and CPU ms move with\n"
           " their load (OpenMP threads spin while a sibling waits for a core): compare stages only at a steady load\n"
           " and with little steal.)")
+    if drift_warning:
+        print(f"WARNING: {drift_warning}")
     if scale > 1:
         print(f"(system / model compares {args.workers} workers with {args.workers} x the one-thread model figure)")
     if by_step:

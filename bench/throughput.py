@@ -329,6 +329,40 @@ def measure_model(segmenter, frames: list[np.ndarray], n: int) -> StageResult:
                        cpu_seconds=cpu)
 
 
+# Before and after the other stages, the network alone may differ this much (percent of their mean) before the
+# bench says that the machine's speed changed during the run.
+DRIFT_WARN_PCT = 10.0
+
+
+def bracketed(before: StageResult, after: StageResult) -> tuple[StageResult, str | None]:
+    """One model figure from two measurements of the network alone, one taken
+    before the other stages and one after them: all their images over all
+    their seconds (and CPU), so a speed that changed steadily during the run
+    is counted at about its value in the middle, where the other stages ran.
+    A shared host's speed moves by minutes (on 2026-12-07 a 2-core KVM Xeon ran
+    the full-size network at 1.67-2.25 img/s in 10-second slices, with phases
+    of a minute), so one measurement before the others could make a ratio
+    up to ~15% off either way. The notes give both rates and ``drift_pct``,
+    how far after is from before (percent of their mean); the second value
+    is a warning to print when that is more than ``DRIFT_WARN_PCT``, else None."""
+    seconds = before.seconds + after.seconds
+    cpu = None if before.cpu_seconds is None or after.cpu_seconds is None else before.cpu_seconds + after.cpu_seconds
+    drift = 200.0 * (after.rate - before.rate) / (after.rate + before.rate)
+    steal = [(r.notes.get("steal_pct"), r.seconds) for r in (before, after)]
+    notes = {"before_img_s": round(before.rate, 3), "after_img_s": round(after.rate, 3), "drift_pct": round(drift, 1),
+             # the stolen share over both, weighted by their lengths
+             "steal_pct": (round(sum(p * s for p, s in steal) / seconds, 1)
+                           if seconds > 0 and all(p is not None for p, _ in steal) else None),
+             "load": after.notes.get("load")}
+    result = StageResult(before.name, before.images + after.images, seconds, before.failed + after.failed, notes, cpu)
+    warning = None
+    if abs(drift) > DRIFT_WARN_PCT:
+        warning = (f"the network alone ran {abs(drift):.0f}% {'faster' if drift > 0 else 'slower'} after the other stages "
+                   f"than before them ({before.rate:.3g} -> {after.rate:.3g} img/s): the machine's speed changed during "
+                   f"the run (other guests on a shared host), so the ratios are uncertain by about that much; run again")
+    return result, warning
+
+
 def measure_pipeline(
     segmenter, paths: Sequence[Path], chunk: int, threads: int, gpu_decode: str | None = None, overlays: bool = True,
     reduced_jpeg: bool = True, concurrency: int = 1,

@@ -154,6 +154,9 @@ def test_quick_command_prints_the_table_and_the_summary_line(tmp_path, capsys):
     system_row = next(line for line in lines if line.startswith("system, 1 worker"))
     assert "status=done" in system_row and "FAILED" not in system_row  # every image went through the real worker
     assert re.search(r"steal_pct=\d+\.\d", system_row)
+    model_row = next(line for line in lines if line.startswith("model "))
+    # 4 images, at least 3 batches of 2: 3 before the other stages, 3 after (tp.bracketed)
+    assert re.match(r"model\s+6\s", model_row) and re.search(r"before_img_s=[\d.]+, after_img_s=[\d.]+, drift_pct=-?[\d.]+", model_row)
     assert "device:   CPU" in out and "forward batch 2; chunk 2 (2 chunks); torch threads 1" in out
 
 
@@ -255,3 +258,24 @@ def test_bench_sends_one_job_in_parts(tmp_path, capsys):
     assert re.search(r"chunks=3, ", system_row), system_row  # three parts of 2 images, a chunk each
     with pytest.raises(SystemExit, match="not with --jobs"):
         main(["--parts", "2", "--jobs", "2", "--stages", "system"])
+
+
+def test_the_model_figure_brackets_the_other_stages_and_warns_when_the_machine_changed_speed():
+    """The network alone measured before and after the other stages counts as one figure: all images over
+    all seconds and CPU; the notes give both rates and how far apart they are, and a change of more than
+    DRIFT_WARN_PCT comes with a warning that names its direction."""
+    before = tp.StageResult("model", 100, 50.0, notes={"steal_pct": 1.0, "load": 1.5}, cpu_seconds=90.0)
+    after = tp.StageResult("model", 100, 40.0, notes={"steal_pct": 0.0, "load": 1.9}, cpu_seconds=80.0)
+    result, warning = tp.bracketed(before, after)
+    assert (result.name, result.images, result.seconds, result.cpu_seconds) == ("model", 200, 90.0, 170.0)
+    assert result.rate == pytest.approx(200 / 90)
+    assert result.notes["before_img_s"] == 2.0 and result.notes["after_img_s"] == 2.5
+    assert result.notes["drift_pct"] == pytest.approx(22.2, abs=0.05)  # (2.5 - 2.0) / 2.25
+    assert result.notes["steal_pct"] == pytest.approx(0.6, abs=0.05)  # 1% for 50 s, 0% for 40 s
+    assert result.notes["load"] == 1.9
+    assert warning and "22% faster after the other stages" in warning
+    steady, warning = tp.bracketed(before, tp.StageResult("model", 50, 26.0, cpu_seconds=45.0))
+    assert steady.notes["drift_pct"] == pytest.approx(-3.9, abs=0.05) and warning is None
+    assert steady.notes["steal_pct"] is None  # unknown for one of the two
+    _, warning = tp.bracketed(before, tp.StageResult("model", 100, 65.0))
+    assert warning and "slower" in warning
