@@ -57,17 +57,19 @@ class Postprocessor:
         return f"Postprocessor(threshold={self.threshold}, min_region_fraction={self.min_region_fraction}, fill_holes={self.fill_holes})"
 
 
-# Up to this many labels (background included) they are counted and dropped through 8-bit copies of
-# the labels (counted as below, dropped by OpenCV's lookup table); beyond, numpy's bincount and take on
-# the 32-bit labels.
+# Up to this many labels (background included) a mask's regions may be counted through an 8-bit copy of
+# the labels (count_each).
 LUT_LABELS = 256
-# Up to this many labels (background included: 16 regions) each region's pixels are counted by a
-# comparison of its own over the 8-bit copy (count_each), at any size; with more, by OpenCV's histogram
-# (count_by_histogram). 17 is the break-even on an Intel Xeon with AMX (clean_regions).
-FEW_LABELS = 17
-# calcHist counts in float32, exact up to 2**24 pixels; a larger mask with more than FEW_LABELS labels
-# is counted by bincount.
-EXACT_HIST_PIXELS = 1 << 24
+# What the two ways of counting cost, in ns per pixel of the mask (an Intel Xeon with AMX, 2026-12-07, one
+# core; bincount and OpenCV's histogram of every pixel, used before, cost 2-5 ns a pixel there): count_each
+# ~0.12 per region (a comparison each) plus ~0.3 more than keep_by_gather for the 8-bit copy and the lookup
+# table; keep_by_gather ~4-7 per marked pixel (numpy's boolean gather and scatter, bincount of the gathered
+# labels: 4 on solid disks, 7 on a trained network's windows). clean_regions takes the cheaper: one by one
+# for a window of a few solid regions, gathered for specks (a random network's: hundreds to thousands in a
+# window, a few percent of it marked).
+EACH_NS_PER_REGION = 0.12
+EACH_NS_EXTRA = 0.3
+GATHER_NS_PER_MARKED = 6.0
 
 
 def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndarray:
@@ -79,17 +81,17 @@ def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndar
     computes per pixel in doubles) the labelling cost 3-3.5x as much; on
     the windows of a trained network's masks at 3000x2500 (one Zen 3 core)
     3.3 -> 1.5 ms per image for the served model and 22.6 -> ~9 ms for the
-    full-size network at 512. A window usually holds a handful of regions
-    (``LUT_LABELS``), so the areas and the kept pixels come from 8-bit
-    copies of the labels. Up to ``FEW_LABELS`` labels each region's pixels
-    are counted by a comparison of its own (``count_each``: ~0.12 ns per
-    pixel and region, streamed); above, by OpenCV's ``calcHist``
-    (``count_by_histogram``), which adds one to the same bin for every
-    pixel of a run, each add waiting for the one before: ~2 ns a pixel on
-    an Intel Xeon with AMX (2.6x the labelling), though faster on the Zen
-    3 where it was chosen. The small regions go through OpenCV's ``LUT``.
-    numpy's ``bincount`` and ``take`` on 32-bit labels (several ns a pixel)
-    remain for masks with more regions. Then one flood fill of the
+    full-size network at 512. The areas are counted whichever way costs less
+    for this mask (``EACH_NS_PER_REGION``, ``GATHER_NS_PER_MARKED``):
+    each region by a comparison of its own over an 8-bit copy of the labels
+    (``count_each``), the small ones then dropped by OpenCV's ``LUT`` (a
+    window of a trained network's masks: a few regions, much of the window
+    marked); or only the marked pixels' labels, gathered by the mask and
+    counted by ``bincount`` (``keep_by_gather``: many small regions, a
+    small share of the window marked). Counting every pixel of the labels
+    (``bincount``, or OpenCV's ``calcHist``, which adds one to the same bin
+    for each pixel of a run, each add waiting for the one before) cost 2-5
+    ns a pixel on an Intel Xeon with AMX. Then one flood fill of the
     background from the border fills the holes.
     """
     m = np.ascontiguousarray(np.asarray(mask) != 0).view(np.uint8)  # any nonzero value is foreground
@@ -100,20 +102,17 @@ def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndar
     n, labels = cv2.connectedComponentsWithAlgorithm(m, 8, cv2.CV_32S, cv2.CCL_BBDT)  # n counts the background
     if n <= 1:
         return m  # nothing to keep or fill
-    if n <= LUT_LABELS and (n <= FEW_LABELS or m.size <= EXACT_HIST_PIXELS):
+    each_ns = EACH_NS_EXTRA + (n - 1) * EACH_NS_PER_REGION
+    if n <= LUT_LABELS and each_ns * m.size <= GATHER_NS_PER_MARKED * cv2.countNonZero(m):
         small_labels = labels.astype(np.uint8)  # exact: every label is below 256
-        areas = count_each(small_labels, n) if n <= FEW_LABELS else count_by_histogram(small_labels, n)
-        keep = areas >= min_area
+        keep = count_each(small_labels, n) >= min_area
         keep[0] = False  # label 0 is the background
         if not keep[1:].all():
             table = np.zeros(256, np.uint8)
             table[:n] = keep
             m = cv2.LUT(small_labels, table)
     else:
-        keep = np.bincount(labels.ravel(), minlength=n) >= min_area
-        keep[0] = False
-        if not keep[1:].all():
-            m = np.take(keep.view(np.uint8), labels)
+        m = keep_by_gather(m, labels, n, min_area)
     return _fill_binary(m) if fill else m
 
 
@@ -126,11 +125,19 @@ def count_each(labels: np.ndarray, n: int) -> np.ndarray:
     return areas
 
 
-def count_by_histogram(labels: np.ndarray, n: int) -> np.ndarray:
-    """Pixels of each label 0..n-1 of uint8 ``labels`` (int64), by OpenCV's histogram (exact up to
-    ``EXACT_HIST_PIXELS``)."""
-    # int64 before comparing: in float32 a min_area above 2**24 could round down
-    return cv2.calcHist([labels], [0], None, [n], [0, n]).ravel().astype(np.int64)
+def keep_by_gather(mask: np.ndarray, labels: np.ndarray, n: int, min_area: int) -> np.ndarray:
+    """The {0, 1} uint8 ``mask`` without its regions (``labels``: its n labels, background included) of fewer
+    than ``min_area`` pixels: the marked pixels' labels gathered by the mask, counted by ``bincount``, the
+    kept ones' pixels scattered into a new array (``mask`` itself when every region is kept)."""
+    marked = mask.view(np.bool_)
+    found = labels[marked]
+    keep = np.bincount(found, minlength=n) >= min_area
+    keep[0] = False
+    if keep[1:].all():
+        return mask
+    out = np.zeros_like(mask)
+    out[marked] = keep.view(np.uint8)[found]
+    return out
 
 
 def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:

@@ -80,35 +80,33 @@ def nested(rng, h: int, w: int) -> np.ndarray:
     return mask
 
 
-@pytest.mark.parametrize("way", ["one by one", "8-bit", "many labels", "large mask"],
-                         ids=["8-bit copies, each region counted alone", "labels through 8-bit copies",
-                              "32-bit labels: many", "32-bit labels: large"])
-def test_clean_regions_equals_removing_small_regions_then_filling_holes(way, monkeypatch):
-    """scipy's 8-connected labelling and hole filling are the reference; each of clean_regions'
-    ways of counting and dropping regions (forced by the label counts and the mask size it takes
-    them up to) gives the same masks, for masks of 0/1, 0/255, booleans and a strided view."""
-    calls, few_labels = Counter(), postprocess.FEW_LABELS
-    for name in ("count_each", "count_by_histogram"):
+def count_calls(monkeypatch) -> Counter:
+    """Calls of clean_regions' two ways of counting regions and of OpenCV's LUT, counted from now on."""
+    calls = Counter()
+    for name in ("count_each", "keep_by_gather"):
         real = getattr(postprocess, name)
         monkeypatch.setattr(postprocess, name, lambda *a, _n=name, _f=real: calls.update([_n]) or _f(*a))
     real_lut = cv2.LUT
     monkeypatch.setattr(postprocess.cv2, "LUT", lambda *a: calls.update(["lut"]) or real_lut(*a))
-    if way == "one by one":
-        monkeypatch.setattr(postprocess, "FEW_LABELS", postprocess.LUT_LABELS)
-    elif way == "8-bit":
-        monkeypatch.setattr(postprocess, "FEW_LABELS", 0)
-    elif way == "many labels":
-        monkeypatch.setattr(postprocess, "LUT_LABELS", 1)
-    elif way == "large mask":  # past calcHist's exact counts: few labels one by one, more by bincount
-        monkeypatch.setattr(postprocess, "EXACT_HIST_PIXELS", 0)
-    many = few = 0
+    return calls
+
+
+@pytest.mark.parametrize("way", ["one by one", "gathered"],
+                         ids=["each region counted alone over 8-bit labels", "the marked pixels' labels gathered"])
+def test_clean_regions_equals_removing_small_regions_then_filling_holes(way, monkeypatch):
+    """scipy's 8-connected labelling and hole filling are the reference; each of clean_regions'
+    ways of counting and dropping regions (forced through the costs it compares) gives the same
+    masks, for masks of 0/1, 0/255, booleans and a strided view."""
+    calls = count_calls(monkeypatch)
+    # the other way made to cost more than any mask here could save: one by one wherever the labels fit in 8 bits
+    monkeypatch.setattr(postprocess, "GATHER_NS_PER_MARKED" if way == "one by one" else "EACH_NS_PER_REGION", 1e9)
+    many = 0
     for seed in range(30):
         rng = np.random.default_rng(seed)
         h, w = int(rng.integers(30, 200)), int(rng.integers(30, 200))
         mask = (nested, speckle)[seed % 2](rng, h, w) * np.uint8(rng.choice([1, 255]))
         labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        many += count >= 256  # then the 8-bit copies cannot hold the labels: 32-bit ones either way
-        few += 1 <= count < few_labels  # counted one by one, unless forced otherwise
+        many += count >= 256  # then the 8-bit copies cannot hold the labels: gathered either way
         areas = np.bincount(labels.ravel())
         strided = np.pad(mask, ((0, 0), (1, 0)))[:, 1:]  # the same mask, not contiguous
         for min_area in (1, 2, 5, 30, 10**6):
@@ -120,12 +118,28 @@ def test_clean_regions_equals_removing_small_regions_then_filling_holes(way, mon
                     assert got.dtype == np.uint8 and got.shape == mask.shape
                     np.testing.assert_array_equal(got, want if fill else kept.astype(np.uint8),
                                                   err_msg=f"seed {seed}, min_area {min_area}, fill {fill}, {given.dtype}")
-    assert many > 0 and few > 0, (many, few)
-    each, hist, lut = calls["count_each"], calls["count_by_histogram"], calls["lut"]
-    assert {"one by one": each > 20 and hist == 0 and lut > 20,
-            "8-bit": each == 0 and hist > 20 and lut > 20,
-            "many labels": each == 0 and hist == 0 and lut == 0,
-            "large mask": each > 20 and hist == 0 and lut > 0}[way], calls
+    assert many > 0
+    each, gather, lut = calls["count_each"], calls["keep_by_gather"], calls["lut"]
+    assert {"one by one": each > 20 and lut > 20 and 0 < gather < each,
+            "gathered": each == 0 and lut == 0 and gather > 20}[way], calls
+
+
+def test_clean_regions_counts_a_few_solid_regions_one_by_one_and_specks_by_gathering(monkeypatch):
+    """The cheaper way for each kind of window: a trained network's (two solid regions filling much of
+    it, one too small) counted one by one, a random network's specks (hundreds, a few percent of it) gathered."""
+    calls = count_calls(monkeypatch)
+    solid = np.zeros((300, 400), np.uint8)
+    cv2.circle(solid, (150, 150), 100, 1, -1)
+    cv2.circle(solid, (350, 50), 3, 1, -1)
+    got = clean_regions(solid, 100)
+    assert got.sum() == solid.sum() - 29 and calls == Counter(count_each=1, lut=1)  # the small disk's 29 pixels went
+    calls.clear()
+    specks = speckle(np.random.default_rng(5), 300, 400)
+    clean_regions(specks, 100)
+    assert ndimage.label(specks, structure=np.ones((3, 3)))[1] > 256 and calls == Counter(keep_by_gather=1)
+    calls.clear()
+    clean_regions(specks[:60, :60], 100)  # under 256 labels: still gathered, the cheaper way for specks
+    assert calls == Counter(keep_by_gather=1)
 
 
 def test_clean_regions_and_fill_holes_take_empty_masks_and_refuse_other_shapes():
@@ -173,15 +187,16 @@ def test_regions_of_a_mask_without_holes_are_counted_by_their_outer_borders_in_a
             assert tumor_statistics(box, None, hole_free=True) == tumor_statistics(box, None), (seed, t, b, l, r)
 
 
-@pytest.mark.parametrize("few_labels", [None, 0], ids=["counted alone", "counted by the histogram"])
-def test_a_smallest_area_above_float32s_exact_integers_is_kept_exactly(few_labels, monkeypatch):
-    """A mask of 2**24 pixels (the largest counted by OpenCV's float32 histogram): one region of exactly
-    2**24 pixels stays with min_area 2**24 and goes with 2**24 + 1, which float32 cannot hold."""
-    if few_labels is not None:
-        monkeypatch.setattr(postprocess, "FEW_LABELS", few_labels)
+@pytest.mark.parametrize("way", ["count_each", "keep_by_gather"], ids=["counted alone", "gathered"])
+def test_a_smallest_area_above_float32s_exact_integers_is_kept_exactly(way, monkeypatch):
+    """A mask of 2**24 pixels, each way of counting (forced by making the other cost more): one region of
+    exactly 2**24 pixels stays with min_area 2**24 and goes with 2**24 + 1, which float32 cannot hold."""
+    calls = count_calls(monkeypatch)
+    monkeypatch.setattr(postprocess, "EACH_NS_PER_REGION" if way == "keep_by_gather" else "GATHER_NS_PER_MARKED", 1e9)
     mask = np.ones((4096, 4096), np.uint8)
     assert clean_regions(mask, 2**24, fill=False).all()
     assert not clean_regions(mask, 2**24 + 1, fill=False).any()
+    assert calls[way] == 2
 
 
 def test_clean_regions_of_one_region_equals_scipy():
