@@ -334,9 +334,11 @@ def run(args, argv, tmp: Path) -> int:
         # with other stages, half of the images before them and half after (tp.bracketed): a shared host's
         # speed moves by minutes, and the ratios should compare the network with the stages at one speed
         bracket = bool(stages & {"pipeline", "system"})
-        first = max(n_model // 2, args.batch) if bracket else n_model
+        if bracket:  # each half whole batches, at least two
+            first = rest = args.batch * max(2, -(-n_model // (2 * args.batch)))
+        else:
+            first, rest = n_model, 0
         model_frames = tp.frames_of(segmenter, paths, 8)
-        rest = max(n_model - first, args.batch) if bracket else 0
         log(f"model: {first} images, batch {args.batch}, {args.threads} torch thread(s)"
             f"{f'; {rest} more after the other stages' if rest else ''}")
         results["model"] = tp.measure_model(segmenter, model_frames, first)
@@ -374,6 +376,7 @@ def run(args, argv, tmp: Path) -> int:
     if "model" in stages and bracket:
         log(f"model: {rest} more images")
         results["model"], drift_warning = tp.bracketed(results["model"], tp.measure_model(segmenter, model_frames, rest))
+        out["drift_warning"] = drift_warning
 
     by_step = results["pipeline"].notes.pop("cpu_ms_by_step", None) if "pipeline" in results else None
     for r in results.values():

@@ -155,8 +155,8 @@ def test_quick_command_prints_the_table_and_the_summary_line(tmp_path, capsys):
     assert "status=done" in system_row and "FAILED" not in system_row  # every image went through the real worker
     assert re.search(r"steal_pct=\d+\.\d", system_row)
     model_row = next(line for line in lines if line.startswith("model "))
-    # 4 images, at least 3 batches of 2: 3 before the other stages, 3 after (tp.bracketed)
-    assert re.match(r"model\s+6\s", model_row) and re.search(r"before_img_s=[\d.]+, after_img_s=[\d.]+, drift_pct=-?[\d.]+", model_row)
+    # 4 images in batches of 2: two batches before the other stages, two after (tp.bracketed)
+    assert re.match(r"model\s+8\s", model_row) and re.search(r"before_img_s=[\d.]+, after_img_s=[\d.]+, drift_pct=-?[\d.]+", model_row)
     assert "device:   CPU" in out and "forward batch 2; chunk 2 (2 chunks); torch threads 1" in out
 
 
@@ -270,7 +270,7 @@ def test_the_model_figure_brackets_the_other_stages_and_warns_when_the_machine_c
     assert (result.name, result.images, result.seconds, result.cpu_seconds) == ("model", 200, 90.0, 170.0)
     assert result.rate == pytest.approx(200 / 90)
     assert result.notes["before_img_s"] == 2.0 and result.notes["after_img_s"] == 2.5
-    assert result.notes["drift_pct"] == pytest.approx(22.2, abs=0.05)  # (2.5 - 2.0) / 2.25
+    assert result.notes["drift_pct"] == pytest.approx(22.2, abs=0.05)  # 100 * (2.5 - 2.0) / 2.25
     assert result.notes["steal_pct"] == pytest.approx(0.6, abs=0.05)  # 1% for 50 s, 0% for 40 s
     assert result.notes["load"] == 1.9
     assert warning and "22% faster after the other stages" in warning
