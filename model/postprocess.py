@@ -58,15 +58,15 @@ class Postprocessor:
 
 
 # Up to this many labels (background included) a mask's regions may be counted through an 8-bit copy of
-# the labels (count_each).
+# the labels (count_each): a bound for exactness; by the costs below count_each wins only below ~50 labels.
 LUT_LABELS = 256
 # What the two ways of counting cost, in ns per pixel of the mask (an Intel Xeon with AMX, 2026-12-07, one
 # core; bincount and OpenCV's histogram of every pixel, used before, cost 2-5 ns a pixel there): count_each
 # ~0.12 per region (a comparison each) plus ~0.3 more than keep_by_gather for the 8-bit copy and the lookup
 # table; keep_by_gather ~4-7 per marked pixel (numpy's boolean gather and scatter, bincount of the gathered
-# labels: 4 on solid disks, 7 on a trained network's windows). clean_regions takes the cheaper: one by one
-# for a window of a few solid regions, gathered for specks (a random network's: hundreds to thousands in a
-# window, a few percent of it marked).
+# labels: 4 on solid disks, 7 on a trained network's windows; 6 puts the choice within 1.3x of the faster
+# way on both kinds). clean_regions takes the cheaper: one by one for a window of a few solid regions,
+# gathered for specks (a random network's: hundreds to thousands in a window, a few percent of it marked).
 EACH_NS_PER_REGION = 0.12
 EACH_NS_EXTRA = 0.3
 GATHER_NS_PER_MARKED = 6.0
@@ -82,7 +82,7 @@ def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndar
     the windows of a trained network's masks at 3000x2500 (one Zen 3 core)
     3.3 -> 1.5 ms per image for the served model and 22.6 -> ~9 ms for the
     full-size network at 512. The areas are counted whichever way costs less
-    for this mask (``EACH_NS_PER_REGION``, ``GATHER_NS_PER_MARKED``):
+    for this mask (``EACH_NS_EXTRA``, ``EACH_NS_PER_REGION``, ``GATHER_NS_PER_MARKED``):
     each region by a comparison of its own over an 8-bit copy of the labels
     (``count_each``), the small ones then dropped by OpenCV's ``LUT`` (a
     window of a trained network's masks: a few regions, much of the window
@@ -126,9 +126,10 @@ def count_each(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def keep_by_gather(mask: np.ndarray, labels: np.ndarray, n: int, min_area: int) -> np.ndarray:
-    """The {0, 1} uint8 ``mask`` without its regions (``labels``: its n labels, background included) of fewer
-    than ``min_area`` pixels: the marked pixels' labels gathered by the mask, counted by ``bincount``, the
-    kept ones' pixels scattered into a new array (``mask`` itself when every region is kept)."""
+    """The uint8 ``mask`` of 0s and 1s only (its bool view selects) without its regions (``labels``: its n
+    labels, background included) of fewer than ``min_area`` pixels: the marked pixels' labels gathered by
+    the mask, counted by ``bincount``, the kept ones' pixels scattered into a new array (``mask`` itself
+    when every region is kept)."""
     marked = mask.view(np.bool_)
     found = labels[marked]
     keep = np.bincount(found, minlength=n) >= min_area
