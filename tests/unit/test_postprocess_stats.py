@@ -81,25 +81,50 @@ def nested(rng, h: int, w: int) -> np.ndarray:
 
 
 def count_calls(monkeypatch) -> Counter:
-    """Calls of clean_regions' two ways of counting regions and of OpenCV's LUT, counted from now on."""
+    """Calls of clean_regions' ways, counted from now on: its regions' borders ("borders": clean_by_borders
+    gave the mask; "labelled": it declined), the two ways of counting labelled regions, OpenCV's LUT."""
     calls = Counter()
     for name in ("count_each", "keep_by_gather"):
         real = getattr(postprocess, name)
         monkeypatch.setattr(postprocess, name, lambda *a, _n=name, _f=real: calls.update([_n]) or _f(*a))
     real_lut = cv2.LUT
     monkeypatch.setattr(postprocess.cv2, "LUT", lambda *a: calls.update(["lut"]) or real_lut(*a))
+    real_borders = postprocess.clean_by_borders
+
+    def borders(*a):
+        out = real_borders(*a)
+        calls.update(["labelled" if out is None else "borders"])
+        return out
+
+    monkeypatch.setattr(postprocess, "clean_by_borders", borders)
     return calls
 
 
-@pytest.mark.parametrize("way", ["one by one", "gathered"],
-                         ids=["each region counted alone over 8-bit labels", "the marked pixels' labels gathered"])
+def labels_only(monkeypatch) -> None:
+    """clean_regions without its borders' way: it labels every mask."""
+    monkeypatch.setattr(postprocess, "clean_by_borders", lambda *a: None)
+
+
+def borders_always(monkeypatch) -> None:
+    """clean_by_borders for any mask, however many borders it has (no estimate of their cost)."""
+    monkeypatch.setattr(postprocess, "BORDER_MAX_CHANGES", float("inf"))
+
+
+@pytest.mark.parametrize("way", ["borders", "one by one", "gathered"],
+                         ids=["the regions' borders traced", "each region counted alone over 8-bit labels",
+                              "the marked pixels' labels gathered"])
 def test_clean_regions_equals_removing_small_regions_then_filling_holes(way, monkeypatch):
     """scipy's 8-connected labelling and hole filling are the reference; each of clean_regions'
-    ways of counting and dropping regions (forced through the costs it compares) gives the same
-    masks, for masks of 0/1, 0/255, booleans and a strided view."""
+    ways of counting and dropping regions (forced: the borders for every mask, or labels, and
+    one labelled way made to cost more than the other) gives the same masks, for masks of 0/1,
+    0/255, booleans and a strided view."""
+    if way == "borders":
+        borders_always(monkeypatch)
+    else:
+        labels_only(monkeypatch)
+        # the other way made to cost more than any mask here could save: one by one wherever the labels fit in 8 bits
+        monkeypatch.setattr(postprocess, "GATHER_NS_PER_MARKED" if way == "one by one" else "EACH_NS_PER_REGION", 1e9)
     calls = count_calls(monkeypatch)
-    # the other way made to cost more than any mask here could save: one by one wherever the labels fit in 8 bits
-    monkeypatch.setattr(postprocess, "GATHER_NS_PER_MARKED" if way == "one by one" else "EACH_NS_PER_REGION", 1e9)
     many = 0
     for seed in range(30):
         rng = np.random.default_rng(seed)
@@ -120,27 +145,106 @@ def test_clean_regions_equals_removing_small_regions_then_filling_holes(way, mon
                                                   err_msg=f"seed {seed}, min_area {min_area}, fill {fill}, {given.dtype}")
     assert many > 0
     each, gather, lut = calls["count_each"], calls["keep_by_gather"], calls["lut"]
-    assert {"one by one": each > 20 and lut > 20 and 0 < gather < each,
-            "gathered": each == 0 and lut == 0 and gather > 20}[way], calls
+    # the borders' way declines only without fill, to drop a region with holes (then the labels)
+    assert {"borders": calls["borders"] > 10 * calls["labelled"] > 0 and each + gather == calls["labelled"],
+            "one by one": each > 20 and lut > 20 and 0 < gather < each and calls["borders"] == 0,
+            "gathered": each == 0 and lut == 0 and gather > 20 and calls["borders"] == 0}[way], calls
 
 
-def test_clean_regions_counts_a_few_solid_regions_one_by_one_and_specks_by_gathering(monkeypatch):
-    """The cheaper way for each kind of window: a trained network's (two solid regions filling much of
-    it, one too small) counted one by one, a random network's specks (hundreds, a few percent of it) gathered."""
+def test_clean_regions_traces_the_borders_of_solid_regions_and_labels_noise(monkeypatch):
+    """A trained network's window (two solid regions filling much of it, one too small, a hole) by its
+    borders, without a label; masks whose rows change every few pixels (specks, salt-and-pepper noise:
+    a border per few pixels, each costing more than labelling their pixels) labelled."""
+    calls = count_calls(monkeypatch)
+    solid = np.zeros((300, 400), np.uint8)
+    cv2.circle(solid, (150, 150), 100, 1, -1)
+    solid[140:160, 140:160] = 0  # a hole: filled
+    cv2.circle(solid, (350, 50), 3, 1, -1)
+    got = clean_regions(solid, 100)
+    assert got.sum() == solid.sum() + 400 - 29 and calls == Counter(borders=1)  # the small disk's 29 pixels went
+    calls.clear()
+    speckled = speckle(np.random.default_rng(5), 300, 400)
+    noise = (np.random.default_rng(6).random((300, 400)) < 0.05).astype(np.uint8)
+    for mask in (speckled, noise):
+        want = clean_regions(mask, 100)
+        calls.clear()
+        borders_always(monkeypatch)
+        np.testing.assert_array_equal(clean_regions(mask, 100), want)  # the same either way
+        monkeypatch.undo()
+        calls = count_calls(monkeypatch)
+        clean_regions(mask, 100)
+        assert calls == Counter(labelled=1, keep_by_gather=1)
+
+
+def test_labelled_masks_count_a_few_solid_regions_one_by_one_and_specks_by_gathering(monkeypatch):
+    """Where clean_regions labels, the cheaper way of counting: a few solid regions filling much of the
+    mask counted one by one, specks (hundreds, a few percent of it) gathered."""
+    labels_only(monkeypatch)
     calls = count_calls(monkeypatch)
     solid = np.zeros((300, 400), np.uint8)
     cv2.circle(solid, (150, 150), 100, 1, -1)
     cv2.circle(solid, (350, 50), 3, 1, -1)
     got = clean_regions(solid, 100)
-    assert got.sum() == solid.sum() - 29 and calls == Counter(count_each=1, lut=1)  # the small disk's 29 pixels went
+    assert got.sum() == solid.sum() - 29 and calls == Counter(labelled=1, count_each=1, lut=1)
     calls.clear()
     specks = speckle(np.random.default_rng(5), 300, 400)
     clean_regions(specks, 100)
-    assert ndimage.label(specks, structure=np.ones((3, 3)))[1] > 256 and calls == Counter(keep_by_gather=1)
+    assert ndimage.label(specks, structure=np.ones((3, 3)))[1] > 256 and calls == Counter(labelled=1, keep_by_gather=1)
     calls.clear()
     assert 2 < ndimage.label(specks[:60, :60], structure=np.ones((3, 3)))[1] < 255
     clean_regions(specks[:60, :60], 100)  # labels that fit in 8 bits: still gathered, the cheaper way for specks
-    assert calls == Counter(keep_by_gather=1)
+    assert calls == Counter(labelled=1, keep_by_gather=1)
+
+
+def awkward(rng, h: int, w: int) -> np.ndarray:
+    """Masks whose borders are hard to get right: checkerboards (one region, a one-pixel hole in every
+    other pixel, the holes' borders sharing pixels), lines one pixel wide (4- and 8-connected), rings
+    within rings with islands, swiss cheese, thresholded enlargements (a network's kind), all touching
+    the edges."""
+    kind = rng.integers(0, 5)
+    if kind == 0:
+        return ((np.indices((h, w)).sum(0) % 2 == 0) & (rng.random((h, w)) < rng.uniform(0.7, 1.0))).astype(np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    if kind == 1:
+        for _ in range(int(rng.integers(1, 8))):
+            ends = [(int(rng.integers(-5, w + 5)), int(rng.integers(-5, h + 5))) for _ in range(2)]
+            cv2.line(mask, *ends, 1, 1, lineType=int(rng.choice([4, 8])))
+        return mask
+    if kind == 2:
+        return nested(rng, h, w)
+    if kind == 3:
+        mask[:] = 1
+        mask[rng.random((h, w)) < rng.uniform(0.05, 0.4)] = 0  # holes of one to a few pixels
+        mask[: int(rng.integers(0, h)), : int(rng.integers(0, w))] = 0
+        return mask
+    small = rng.random((max(1, h // 6), max(1, w // 6))).astype(np.float32)
+    return (cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR) > rng.uniform(0.4, 0.8)).astype(np.uint8)
+
+
+def test_clean_by_borders_equals_scipy_on_awkward_masks_at_every_regions_area(monkeypatch):
+    """The borders' way alone (forced for every mask) against scipy's labelling and hole filling, with
+    the smallest kept area at each region's own area and one more: where its bounds (the box, the
+    polygon's area) cannot decide and it counts the region's pixels by drawing its borders."""
+    borders_always(monkeypatch)
+    declined = 0
+    for seed in range(150):
+        rng = np.random.default_rng(4000 + seed)
+        h, w = int(rng.integers(1, 120)), int(rng.integers(1, 120))
+        mask = awkward(rng, h, w)
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        areas = np.bincount(labels.ravel())
+        picked = rng.choice(areas[1:], min(3, count), replace=False) if count else []
+        for min_area in {2, 3, 1000, *(int(a) for a in picked), *(int(a) + 1 for a in picked)}:
+            kept = (areas[labels] >= min_area) & (labels > 0)
+            for fill in (True, False):
+                got = postprocess.clean_by_borders(np.ascontiguousarray(mask), min_area, fill)
+                if got is None:
+                    declined += 1
+                    assert not fill
+                    continue
+                want = ndimage.binary_fill_holes(kept) if fill else kept
+                np.testing.assert_array_equal(got, want.astype(np.uint8), err_msg=f"seed {seed}, min_area {min_area}, fill {fill}")
+    assert 0 < declined
 
 
 def test_clean_regions_and_fill_holes_take_empty_masks_and_refuse_other_shapes():
@@ -188,13 +292,16 @@ def test_regions_of_a_mask_without_holes_are_counted_by_their_outer_borders_in_a
             assert tumor_statistics(box, None, hole_free=True) == tumor_statistics(box, None), (seed, t, b, l, r)
 
 
-@pytest.mark.parametrize("way", ["count_each", "keep_by_gather"], ids=["counted alone", "gathered"])
+@pytest.mark.parametrize("way", ["borders", "count_each", "keep_by_gather"], ids=["traced", "counted alone", "gathered"])
 def test_a_smallest_area_above_float32s_exact_integers_is_kept_exactly(way, monkeypatch):
     """A mask of 2**24 pixels, each way of counting (forced by making the other cost more): one region of
     exactly 2**24 pixels stays with min_area 2**24 and goes with 2**24 + 1, which float32 cannot hold (a
-    guard: OpenCV's histogram, which clean_regions used before, counts in float32)."""
+    guard: OpenCV's histogram, which clean_regions used before, counts in float32). Traced, the region's
+    box holds 2**24 pixels and its polygon less: its pixels are counted."""
+    if way != "borders":
+        labels_only(monkeypatch)
+        monkeypatch.setattr(postprocess, "EACH_NS_PER_REGION" if way == "keep_by_gather" else "GATHER_NS_PER_MARKED", 1e9)
     calls = count_calls(monkeypatch)
-    monkeypatch.setattr(postprocess, "EACH_NS_PER_REGION" if way == "keep_by_gather" else "GATHER_NS_PER_MARKED", 1e9)
     mask = np.ones((4096, 4096), np.uint8)
     assert clean_regions(mask, 2**24, fill=False).all()
     assert not clean_regions(mask, 2**24 + 1, fill=False).any()
