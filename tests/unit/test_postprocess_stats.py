@@ -165,7 +165,9 @@ def test_clean_regions_traces_the_borders_of_solid_regions_and_labels_noise(monk
     calls.clear()
     speckled = speckle(np.random.default_rng(5), 300, 400)
     noise = (np.random.default_rng(6).random((300, 400)) < 0.05).astype(np.uint8)
-    for mask in (speckled, noise):
+    every_other = np.zeros((300, 400), np.uint8)
+    every_other[1::8, ::2] = 1  # isolated pixels on a few rows only: every row is looked at
+    for mask in (speckled, noise, every_other):
         want = clean_regions(mask, 100)
         calls.clear()
         borders_always(monkeypatch)
