@@ -246,10 +246,10 @@ def windows(plane: np.ndarray, geometry: Geometry, threshold: float, min_area: i
     becomes the window its taps reach, and windows that overlap are merged
     until none does. The groups are found by their outer borders
     (``cv2.findContours``): a group inside another's hole lies in that
-    one's box, so in its window, and is left to it. A region's holes lie in its bounding box, so in its
-    window; and no region encloses a pixel of another window, whose
-    rectangle would then overlap its own. Same conditions as
-    ``window_bounds``.
+    one's box, so in its window, and is left to it. A region's holes lie
+    in its bounding box, so in its window; and no region encloses a pixel
+    of another window, whose rectangle would then overlap its own. Same
+    conditions as ``window_bounds``.
 
     ``min_area``: a group whose window holds fewer pixels is left out before
     merging (its regions are smaller than that, so the postprocessing

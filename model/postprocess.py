@@ -144,10 +144,10 @@ def clean_by_borders(mask: np.ndarray, min_area: int, fill: bool = True) -> np.n
 
     - a region's area is at most its box's, and at least its polygon's (shoelace) area when it has
       no holes (a lattice polygon holds more lattice points than its area: Pick's theorem; a border
-      that touches itself is loops joined at pixels, each turning the same way, its area their
-      sum, and a spike adds pixels but no area); between
-      the two, or with holes, it is counted: its outer border filled, its holes' polygons emptied,
-      their borders (its own pixels) drawn back, inside its box;
+      that touches itself is loops joined at pixels, each turning the same way, its area their sum,
+      and a spike adds pixels but no area); between the two, or with holes, it is counted: its
+      outer border filled, its holes' polygons emptied, their borders (its own pixels) drawn back,
+      inside its box;
     - with the holes filled the mask is the union of the kept regions' filled outer borders (a hole
       that remains is a hole of one kept region: with 8-connected regions and 4-connected background
       no two regions enclose background together);
@@ -159,7 +159,8 @@ def clean_by_borders(mask: np.ndarray, min_area: int, fill: bool = True) -> np.n
     findContours' arrays) would cost many times the labelling.
     """
     # 0 to 1 or back along the rows, the image's edges counted as 0s
-    changes = cv2.countNonZero(cv2.absdiff(mask[:, 1:], mask[:, :-1])) + cv2.countNonZero(mask[:, :1]) + cv2.countNonZero(mask[:, -1:])
+    changes = cv2.countNonZero(cv2.absdiff(mask[:, 1:], mask[:, :-1]))
+    changes += cv2.countNonZero(mask[:, :1]) + cv2.countNonZero(mask[:, -1:])
     if changes > mask.size * BORDER_MAX_CHANGES:
         return None  # too many borders for their cost (a region per few pixels: noise)
     contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
