@@ -98,6 +98,47 @@ def test_a_stale_claim_writes_nothing_and_the_newer_claim_wins(tmp_path, pg_url)
         assert mask == result(row.id, 20).mask_png, "the mask on disk is the one the row describes"
 
 
+def test_a_chunk_of_every_kind_of_result_writes_each_row_its_own_values(tmp_path, pg_url):
+    """The rows of one chunk are written by one statement per kind (done, done with a pixel spacing,
+    failed), each for all its rows at once: every row still gets its own values, and a row that another
+    claim took over in the meantime is left as that claim has it."""
+    import dataclasses
+
+    ctx = context(tmp_path, pg_url)
+    ids = queued_images(ctx, 6)
+    claimed = claim(ctx, ids)
+    with ctx.sessions.begin() as session:  # ids[5]'s lease ran out and another worker claimed it
+        session.execute(update(Image).where(Image.id == ids[5]).values(lease_expires_at=utcnow()))
+    assert [c.attempt for c in claim(ctx, [ids[5]])] == [2]
+    results = [
+        result(ids[0], 10),
+        dataclasses.replace(result(ids[1], 20), pixel_spacing_mm=(0.1, 0.2), spacing_source="PixelSpacing"),
+        ImageResult(ids[2], error="not a JPEG, PNG or DICOM file", processing_ms=2.0),
+        result(ids[3], 30),
+        dataclasses.replace(result(ids[4], 40), pixel_spacing_mm=(0.5, 0.25), spacing_source="ImagerPixelSpacing"),
+        result(ids[5], 50),
+    ]
+    assert write_results(ctx, claimed, results) == 5
+
+    with ctx.sessions() as session:
+        rows = {r.id: r for r in session.scalars(select(Image).where(Image.id.in_(ids)))}
+    got = {i: (rows[i].status, rows[i].area_px, rows[i].pixel_spacing_mm, rows[i].spacing_col_mm, rows[i].area_mm2,
+               rows[i].spacing_source, rows[i].error) for i in ids}
+    assert got == {
+        ids[0]: ("done", 100, None, None, None, None, None),
+        ids[1]: ("done", 400, 0.1, 0.2, None, "PixelSpacing", None),
+        ids[2]: ("failed", None, None, None, None, None, "not a JPEG, PNG or DICOM file"),
+        ids[3]: ("done", 900, None, None, None, None, None),
+        ids[4]: ("done", 1600, 0.5, 0.25, None, "ImagerPixelSpacing", None),
+        ids[5]: ("processing", None, None, None, None, None, None),
+    }
+    assert [rows[i].processing_ms for i in ids[:5]] == [1.0, 1.0, 2.0, 1.0, 1.0]
+    assert rows[ids[2]].mask_key is None and rows[ids[3]].mask_key.endswith(f"{ids[3]}/mask.png")
+    assert ctx.blobs.get_bytes(rows[ids[3]].mask_key) == result(ids[3], 30).mask_png
+    assert all(rows[i].lease_expires_at is None and rows[i].finished_at is not None for i in ids[:5])
+    assert rows[ids[5]].attempts == 2 and rows[ids[5]].lease_expires_at is not None and rows[ids[5]].mask_key is None
+
+
 def test_a_lazy_rerun_removes_the_overlay_an_earlier_attempt_left(tmp_path, pg_url):
     """An eager worker stored its blobs and died before its commit; a lazy worker (OVERLAYS=lazy) redoes
     the image with another mask: the old overlay must not be served beside the new mask."""
