@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import LoadedModel
-from model.postprocess import Postprocessor, clean_regions
+from model.postprocess import Postprocessor, clean_regions_counted
 from model.preprocess import Geometry
 from model.stats import TumorStats, tumor_statistics
 
@@ -81,16 +81,22 @@ class Prediction:
     read (when they span the image's width it is the whole restore): a 3000x2500 map is 30 MB to
     clear, ~3 ms of a core per image that the worker, which reads only the
     windows (``tumor_statistics(..., window_probs=...)``), no longer pays.
+    ``window_regions``: each window's 8-connected regions where the clean-up
+    counted them (None where it did not), so that the statistics need not
+    count them again; ``zero_one``: the mask holds only 0s and 1s.
     """
 
-    __slots__ = ("mask", "windows", "window_probs", "hole_free", "_prob")
+    __slots__ = ("mask", "windows", "window_probs", "window_regions", "hole_free", "zero_one", "_prob")
 
     def __init__(self, prob: np.ndarray | None, mask: np.ndarray, windows: list[tuple[int, int, int, int]] | None = None,
-                 window_probs: list[np.ndarray] | None = None, hole_free: bool = False):
+                 window_probs: list[np.ndarray] | None = None, hole_free: bool = False,
+                 window_regions: list[int | None] | None = None, zero_one: bool = False):
         if prob is None and (windows is None or window_probs is None or len(windows) != len(window_probs)):
             raise ValueError("a Prediction without prob needs its windows and one probability array per window")
         self.mask, self.windows, self.window_probs, self._prob = mask, windows, window_probs, prob
         self.hole_free = hole_free  # the postprocessing filled the mask's holes (``tumor_statistics``)
+        self.window_regions = window_regions  # each window's regions, where the clean-up counted them
+        self.zero_one = zero_one  # the mask holds only 0s and 1s
 
     @property
     def prob(self) -> np.ndarray:
@@ -103,10 +109,11 @@ class Prediction:
 
     def statistics(self, pixel_spacing_mm: tuple[float, float] | None = None) -> TumorStats:
         """``tumor_statistics`` of the mask, reading only the windows where there are any."""
+        known = dict(hole_free=self.hole_free, window_regions=self.window_regions, zero_one=self.zero_one)
         if self._prob is None:
             return tumor_statistics(self.mask, None, pixel_spacing_mm, windows=self.windows, window_probs=self.window_probs,
-                                    hole_free=self.hole_free)
-        return tumor_statistics(self.mask, self._prob, pixel_spacing_mm, windows=self.windows, hole_free=self.hole_free)
+                                    **known)
+        return tumor_statistics(self.mask, self._prob, pixel_spacing_mm, windows=self.windows, **known)
 
     def __repr__(self) -> str:
         return f"Prediction(shape={self.mask.shape}, windows={self.windows})"
@@ -150,7 +157,7 @@ def postprocess_cropped(postprocessor: Postprocessor, prob: np.ndarray) -> np.nd
     prob = np.asarray(prob)
     if prob.ndim != 2 or prob.size == 0:
         return postprocessor(prob)  # its own error message
-    return _clean_in_box(postprocessor, prob > postprocessor.threshold, prob.size)
+    return _clean_in_box(postprocessor, prob > postprocessor.threshold, prob.size)[0]
 
 
 def _min_area(postprocessor: Postprocessor, image_pixels: int) -> int:
@@ -159,24 +166,26 @@ def _min_area(postprocessor: Postprocessor, image_pixels: int) -> int:
 
 
 def _clean_in_box(postprocessor: Postprocessor, above: np.ndarray, image_pixels: int,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None) -> tuple[np.ndarray, int | None]:
     """Steps 2 and 3 of ``postprocessor`` on the thresholded pixels ``above``,
     inside their bounding box (postprocess_cropped says why that is exact);
     small regions are measured against ``image_pixels``. ``out``: a uint8
     array of zeros of ``above``'s shape (a window of the image's mask) to
-    write the result into, and return; None: a new array."""
+    write the result into, and return; None: a new array. With the mask, its
+    8-connected regions where the clean-up knows them (``clean_regions_counted``;
+    else None)."""
     above = np.ascontiguousarray(above, dtype=bool).view(np.uint8)  # no copy for the callers' boolean maps
     x0, y0, w, h = cv2.boundingRect(above)
     if w == 0:
-        return np.zeros(above.shape, np.uint8) if out is None else out
+        return (np.zeros(above.shape, np.uint8) if out is None else out), 0
     min_area = _min_area(postprocessor, image_pixels)
-    crop = clean_regions(above[y0 : y0 + h, x0 : x0 + w], min_area, postprocessor.fill_holes)
+    crop, regions = clean_regions_counted(above[y0 : y0 + h, x0 : x0 + w], min_area, postprocessor.fill_holes)
     if out is None:
         if crop.shape == above.shape:
-            return crop
+            return crop, regions
         out = np.zeros(above.shape, np.uint8)
     out[y0 : y0 + h, x0 : x0 + w] = crop
-    return out
+    return out, regions
 
 
 # A probability this far below the threshold in the frame cannot reach it after
@@ -638,10 +647,12 @@ class Segmenter:
             prob = None  # made from the windows if someone reads it (Prediction.prob)
             across = restore_across(plane, g) if found else None
             probs = [restore_window(plane, g, bounds, across) for bounds in found]
+        regions = []
         for (top, bottom, left, right), window in zip(found, probs):  # each region and its holes lie in one window
             # the windows are disjoint (windows(): _merge_overlapping), so each is still zeros here
-            _clean_in_box(post, window > post.threshold, mask.size, out=mask[top:bottom, left:right])
-        return Prediction(prob=prob, mask=mask, windows=found, window_probs=probs, hole_free=post.fill_holes)
+            regions.append(_clean_in_box(post, window > post.threshold, mask.size, out=mask[top:bottom, left:right])[1])
+        return Prediction(prob=prob, mask=mask, windows=found, window_probs=probs, hole_free=post.fill_holes,
+                          window_regions=regions, zero_one=True)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Gray (H, W) images, any size and dtype -> one Prediction each, in order."""

@@ -73,8 +73,16 @@ GATHER_NS_PER_MARKED = 6.0
 
 
 def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndarray:
+    """``remove_small_regions(mask, min_area)``, then ``fill_holes`` when ``fill``: the same {0, 1}
+    mask (``clean_regions_counted``, without the count)."""
+    return clean_regions_counted(mask, min_area, fill)[0]
+
+
+def clean_regions_counted(mask: np.ndarray, min_area: int, fill: bool = True) -> tuple[np.ndarray, int | None]:
     """``remove_small_regions(mask, min_area)``, then ``fill_holes`` when
-    ``fill``: the same {0, 1} mask.
+    ``fill``: the same {0, 1} mask, and the number of its 8-connected
+    regions where the way it took tells them for free (``clean_by_borders``;
+    else None).
 
     From its regions' borders where they are few for its size
     (``clean_by_borders``: a trained network's windows, and most of a random
@@ -97,15 +105,15 @@ def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndar
     """
     m = np.ascontiguousarray(np.asarray(mask) != 0).view(np.uint8)  # any nonzero value is foreground
     if m.size == 0:
-        return m  # no pixels: nothing to label (OpenCV refuses an empty image)
+        return m, 0  # no pixels: nothing to label (OpenCV refuses an empty image)
     if min_area <= 1:
-        return _fill_binary(m) if fill else m
+        return (_fill_binary(m) if fill else m), None
     traced = clean_by_borders(m, min_area, fill)
     if traced is not None:
         return traced
     n, labels = cv2.connectedComponentsWithAlgorithm(m, 8, cv2.CV_32S, cv2.CCL_BBDT)  # n counts the background
     if n <= 1:
-        return m  # nothing to keep or fill
+        return m, 0  # nothing to keep or fill
     each_ns = EACH_NS_EXTRA + (n - 1) * EACH_NS_PER_REGION
     if n <= LUT_LABELS and each_ns * m.size <= GATHER_NS_PER_MARKED * cv2.countNonZero(m):
         small_labels = labels.astype(np.uint8)  # exact: every label is below 256
@@ -117,7 +125,7 @@ def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndar
             m = cv2.LUT(small_labels, table)
     else:
         m = keep_by_gather(m, labels, n, min_area)
-    return _fill_binary(m) if fill else m
+    return (_fill_binary(m) if fill else m), None
 
 
 # clean_by_borders costs ~1 us for each border (findContours' arrays), labelling ~1-2 ns a pixel. A border takes a
@@ -129,10 +137,10 @@ def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndar
 BORDER_MAX_CHANGES = 1 / 64
 
 
-def clean_by_borders(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndarray | None:
-    """``clean_regions`` of a contiguous {0, 1} uint8 ``mask`` from its regions' borders instead of a
-    label per pixel, or None where it would need the labels (``fill`` False and a region to drop that
-    has holes).
+def clean_by_borders(mask: np.ndarray, min_area: int, fill: bool = True) -> tuple[np.ndarray, int | None] | None:
+    """``clean_regions_counted`` of a contiguous {0, 1} uint8 ``mask`` from its regions' borders
+    instead of a label per pixel, or None where it would need the labels (``fill`` False and a region
+    to drop that has holes).
 
     ``cv2.findContours`` (RETR_CCOMP) follows the outer border of every 8-connected region and the
     border of each of its holes (4-connected background that does not reach the edge). It reads
@@ -151,7 +159,10 @@ def clean_by_borders(mask: np.ndarray, min_area: int, fill: bool = True) -> np.n
     - with the holes filled the mask is the union of the kept regions' filled outer borders (a hole
       that remains is a hole of one kept region: with 8-connected regions and 4-connected background
       no two regions enclose background together);
-    - without ``fill`` a dropped region without holes is erased by drawing its filled border in 0.
+    - without ``fill`` a dropped region without holes is erased by drawing its filled border in 0;
+    - the regions left (the result's second part) are the kept outer borders, less, with ``fill``,
+      those inside the outer border of a kept region with holes (``_regions_left``; None where that
+      would take more than ``MAX_NESTING_TESTS`` tests).
 
     Tested against scipy's labelling on masks of every kind (rings in rings, checkerboards, lines,
     specks). Declined (None) before tracing where the rows change more often than
@@ -165,7 +176,7 @@ def clean_by_borders(mask: np.ndarray, min_area: int, fill: bool = True) -> np.n
         return None  # too many borders for their cost (a region per few pixels: noise)
     contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
-        return mask
+        return mask, 0
     first_child, parent = hierarchy[0, :, 2], hierarchy[0, :, 3]
     outer = parent < 0  # a region's outer border; the others are its holes' (their parent: the region)
     holes = outer & (first_child >= 0)  # regions with holes
@@ -187,23 +198,53 @@ def clean_by_borders(mask: np.ndarray, min_area: int, fill: bool = True) -> np.n
         keep[i] = _region_area(mask, contours, int(i), by_region[a:b],
                                (int(x0[i]), int(y0[i]), int(x1[i]), int(y1[i]))) >= min_area
     drop = outer & ~keep
+    kept = int(np.count_nonzero(keep))
     if fill:
         if not drop.any() and not holes.any():
-            return mask
+            return mask, kept
         out = np.zeros_like(mask)
         # the kept regions without holes in one call (their polygons are disjoint); each with holes apart,
         # since one inside another's hole would be a hole of the pair to the even-odd rule of one call
         cv2.drawContours(out, [contours[i] for i in np.flatnonzero(keep & ~holes)], -1, 1, cv2.FILLED)
-        for i in np.flatnonzero(keep & holes):
+        filled = np.flatnonzero(keep & holes)
+        for i in filled:
             cv2.drawContours(out, [contours[i]], 0, 1, cv2.FILLED)
-        return out
+        return out, _regions_left(contours, keep, filled, (x0, y0, x1, y1))
     if not drop.any():
-        return mask
+        return mask, kept
     if (drop & holes).any():
         return None  # erasing its filled border would erase what lies in its holes
     out = mask.copy()
     cv2.drawContours(out, [contours[i] for i in np.flatnonzero(drop)], -1, 0, cv2.FILLED)
-    return out
+    return out, kept
+
+
+# _regions_left tests at most this many (region, filled region) pairs; beyond, the caller counts the regions itself
+MAX_NESTING_TESTS = 4096
+
+
+def _regions_left(contours, keep: np.ndarray, filled: np.ndarray, boxes) -> int | None:
+    """The regions of the kept regions (``keep``, by their outer borders) once those with holes (``filled``)
+    are drawn filled: a kept region inside another's outer border (in one of its holes) is then part of it.
+    Its border's first point (one of its pixels) is inside that polygon or outside, never on it (whose
+    lattice points are the other region's pixels). None past ``MAX_NESTING_TESTS`` pairs."""
+    kept = np.flatnonzero(keep)
+    if not len(filled):
+        return len(kept)
+    x0, y0, x1, y1 = (b[kept] for b in boxes)
+    inside = set()
+    tests = 0
+    for i in filled:
+        bx0, by0, bx1, by1 = (int(b[i]) for b in boxes)
+        within = kept[(x0 > bx0) & (x1 < bx1) & (y0 > by0) & (y1 < by1)]  # boxes strictly inside i's
+        tests += len(within)
+        if tests > MAX_NESTING_TESTS:
+            return None
+        for j in within:
+            x, y = contours[j][0, 0]
+            if cv2.pointPolygonTest(contours[i], (float(x), float(y)), False) > 0:
+                inside.add(int(j))
+    return len(kept) - len(inside)
 
 
 def _region_area(mask: np.ndarray, contours, i: int, hole_borders, box: tuple[int, int, int, int]) -> int:

@@ -593,6 +593,37 @@ def test_windowed_finish_makes_the_full_probabilities_only_when_read(seed):
         tumor_statistics(fast.mask, fast.prob, windows=fast.windows, window_probs=fast.window_probs)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_windowed_statistics_take_the_regions_the_clean_up_counted(seed, monkeypatch):
+    """The clean-up tells each window's regions (traced borders, a ring's filled hole taking in the blob
+    inside it); the statistics use them instead of counting again: the same numbers as counting."""
+    from model import postprocess
+    from model.inference import Segmenter
+    from model.stats import tumor_statistics
+
+    monkeypatch.setattr(postprocess, "BORDER_MAX_CHANGES", float("inf"))  # the borders' way for every window
+    rng = np.random.default_rng(700 + seed)
+    size = 64
+    h, w = int(rng.integers(2 * size, 2000)), int(rng.integers(2 * size, 2000))
+    g = Preprocessor(size).geometry(h, w)
+    seg = Segmenter.__new__(Segmenter)
+    seg.postprocessor = Postprocessor(threshold=0.5, min_region_fraction=2e-4)
+    fast = seg.finish_windowed(scattered_lesions(rng, size, g), g)
+    assert fast.zero_one and len(fast.window_regions) == len(fast.windows)
+    assert None not in fast.window_regions and sum(fast.window_regions) > 0
+    counted = tumor_statistics(fast.mask, None, (0.1, 0.2), windows=fast.windows, window_probs=fast.window_probs,
+                               hole_free=True)
+    assert fast.statistics((0.1, 0.2)) == counted
+    whole = tumor_statistics(fast.mask, fast.prob, (0.1, 0.2)).as_dict()  # labelled over the whole mask
+    assert whole.pop("prob_mean") == pytest.approx(counted.prob_mean, rel=1e-12)
+    assert whole == {k: v for k, v in counted.as_dict().items() if k != "prob_mean"}
+    wrong = [n + 1 for n in fast.window_regions]  # what it is told is what it reports: the counts are taken as given
+    told = tumor_statistics(fast.mask, None, windows=fast.windows, window_probs=fast.window_probs, window_regions=wrong)
+    assert told.n_regions == counted.n_regions + sum(1 for n in fast.window_regions if n)  # empty windows add none
+    with pytest.raises(ValueError, match="window_regions"):
+        tumor_statistics(fast.mask, None, windows=fast.windows, window_probs=fast.window_probs, window_regions=wrong[:-1])
+
+
 def test_overlapping_windows_merge_until_none_overlap():
     """A and B overlap; the box around them overlaps C, which overlaps neither: one more round."""
     from model.inference import _merge_overlapping

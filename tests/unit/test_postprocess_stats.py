@@ -225,9 +225,10 @@ def awkward(rng, h: int, w: int) -> np.ndarray:
 def test_clean_by_borders_equals_scipy_on_awkward_masks_at_every_regions_area(monkeypatch):
     """The borders' way alone (forced for every mask) against scipy's labelling and hole filling, with
     the smallest kept area at each region's own area and one more: where its bounds (the box, the
-    polygon's area) cannot decide and it counts the region's pixels by drawing its borders."""
+    polygon's area) cannot decide and it counts the region's pixels by drawing its borders. The
+    regions it says the result holds are scipy's count of them."""
     borders_always(monkeypatch)
-    declined = 0
+    declined = nested = 0
     for seed in range(150):
         rng = np.random.default_rng(4000 + seed)
         h, w = int(rng.integers(1, 120)), int(rng.integers(1, 120))
@@ -238,14 +239,36 @@ def test_clean_by_borders_equals_scipy_on_awkward_masks_at_every_regions_area(mo
         for min_area in {2, 3, 1000, *(int(a) for a in picked), *(int(a) + 1 for a in picked)}:
             kept = (areas[labels] >= min_area) & (labels > 0)
             for fill in (True, False):
-                got = postprocess.clean_by_borders(np.ascontiguousarray(mask), min_area, fill)
-                if got is None:
+                traced = postprocess.clean_by_borders(np.ascontiguousarray(mask), min_area, fill)
+                if traced is None:
                     declined += 1
                     assert not fill
                     continue
+                got, regions = traced
                 want = ndimage.binary_fill_holes(kept) if fill else kept
-                np.testing.assert_array_equal(got, want.astype(np.uint8), err_msg=f"seed {seed}, min_area {min_area}, fill {fill}")
-    assert 0 < declined
+                where = f"seed {seed}, min_area {min_area}, fill {fill}"
+                np.testing.assert_array_equal(got, want.astype(np.uint8), err_msg=where)
+                assert regions == ndimage.label(want, structure=np.ones((3, 3)))[1], where
+                nested += fill and regions < np.count_nonzero(np.bincount(labels[kept])) if kept.any() else 0
+    assert 0 < declined and 0 < nested, "some masks had a kept region in another's filled hole"
+
+
+def test_regions_in_a_filled_hole_are_not_counted_twice(monkeypatch):
+    """A ring holding a blob, a ring in a ring holding a blob, and a blob beside them: filled, two regions
+    are left. Past MAX_NESTING_TESTS the borders' way does not know (None), and the mask is the same."""
+    borders_always(monkeypatch)
+    yy, xx = np.mgrid[0:80, 0:120]
+    d = np.hypot(yy - 40, xx - 40)
+    mask = ((d > 30) & (d < 34)) | ((d > 15) & (d < 18)) | (d < 5) | (np.abs(xx - 100) + np.abs(yy - 40) < 8)
+    mask = mask.astype(np.uint8)
+    assert ndimage.label(mask, structure=np.ones((3, 3)))[1] == 4
+    got, regions = postprocess.clean_by_borders(mask, 10)
+    np.testing.assert_array_equal(got, ndimage.binary_fill_holes(mask).astype(np.uint8))
+    assert regions == 2
+    assert postprocess.clean_by_borders(mask, 10, fill=False)[1] == 4
+    monkeypatch.setattr(postprocess, "MAX_NESTING_TESTS", 1)
+    got_again, unknown = postprocess.clean_by_borders(mask, 10)
+    assert unknown is None and np.array_equal(got_again, got)
 
 
 def test_clean_regions_and_fill_holes_take_empty_masks_and_refuse_other_shapes():
