@@ -78,11 +78,14 @@ def clean_regions(mask: np.ndarray, min_area: int, fill: bool = True) -> np.ndar
     return clean_regions_counted(mask, min_area, fill)[0]
 
 
-def clean_regions_counted(mask: np.ndarray, min_area: int, fill: bool = True) -> tuple[np.ndarray, int | None]:
+def clean_regions_counted(mask: np.ndarray, min_area: int, fill: bool = True,
+                          zero_one: bool = False) -> tuple[np.ndarray, int | None]:
     """``remove_small_regions(mask, min_area)``, then ``fill_holes`` when
     ``fill``: the same {0, 1} mask, and the number of its 8-connected
     regions where the way it took tells them for free (``clean_by_borders``;
-    else None).
+    else None). ``zero_one``: ``mask`` is a C-contiguous uint8 array of 0s
+    and 1s that the caller hands over (it is read as it is, and may be
+    returned or written).
 
     From its regions' borders where they are few for its size
     (``clean_by_borders``: a trained network's windows, and most of a random
@@ -103,7 +106,12 @@ def clean_regions_counted(mask: np.ndarray, min_area: int, fill: bool = True) ->
     Intel Xeon with AMX. Then one flood fill of the background from the
     border fills the holes.
     """
-    m = np.ascontiguousarray(np.asarray(mask) != 0).view(np.uint8)  # any nonzero value is foreground
+    if zero_one:
+        m = mask
+        if m.dtype != np.uint8 or m.ndim != 2 or not m.flags.c_contiguous:
+            raise ValueError(f"zero_one takes a C-contiguous uint8 (H, W) mask, got {m.dtype} {m.shape}")
+    else:
+        m = np.ascontiguousarray(np.asarray(mask) != 0).view(np.uint8)  # any nonzero value is foreground
     if m.size == 0:
         return m, 0  # no pixels: nothing to label (OpenCV refuses an empty image)
     if min_area <= 1:

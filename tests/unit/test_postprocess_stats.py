@@ -271,6 +271,23 @@ def test_regions_in_a_filled_hole_are_not_counted_twice(monkeypatch):
     assert unknown is None and np.array_equal(got_again, got)
 
 
+def test_clean_regions_counted_takes_a_zero_one_mask_as_it_is_and_refuses_others():
+    """zero_one: the caller's contiguous 0/1 uint8 mask is read without a copy; the same result."""
+    from model.postprocess import clean_regions_counted
+
+    mask = np.zeros((40, 50), np.uint8)
+    mask[5:15, 5:15] = 1
+    mask[30, 30] = 1  # below the smallest kept area
+    mask[8:11, 8:11] = 0  # a hole
+    want = clean_regions_counted(mask * 255, 4)
+    got = clean_regions_counted(mask.copy(), 4, zero_one=True)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1] == want[1] == 1 and got[0].sum() == 100
+    for bad in (mask[:, ::2], mask.astype(bool), mask[None]):
+        with pytest.raises(ValueError, match="zero_one"):
+            clean_regions_counted(bad, 4, zero_one=True)
+
+
 def test_clean_regions_and_fill_holes_take_empty_masks_and_refuse_other_shapes():
     for shape in ((0, 5), (4, 0)):
         for min_area in (1, 3):
