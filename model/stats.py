@@ -183,11 +183,12 @@ def _box_sums(mask: np.ndarray, prob: np.ndarray | None, window: tuple[int, int,
         # zero outside the mask, then whole-array passes: on the bench's random-network masks 14 ms against
         # 25 for OpenCV's masked minMaxLoc and mean (one core); a band at a time (PROB_BAND_PIXELS)
         rows = max(1, PROB_BAND_PIXELS // bw)
-        prob_max, prob_sum = 0.0, 0.0
+        maxima, prob_sum = [], 0.0
         for y in range(0, bh, rows):
             masked = cv2.copyTo(prob_box[y : y + rows], inside_box[y : y + rows])
-            prob_max = max(prob_max, float(masked.max()))
+            maxima.append(masked.max())
             prob_sum += cv2.sumElems(masked)[0]  # summed in double: cv2.mean's value to ~1e-14
+        prob_max = float(np.max(maxima))  # a NaN in the mask is reported, as numpy's max of the whole box did
         if prob_max <= 0:  # the mask's maximum could be below the zeros outside it
             prob_max = float(cv2.minMaxLoc(prob_box, inside_box)[1])
     return _Sums(

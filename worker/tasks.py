@@ -330,9 +330,11 @@ def write_results(ctx: WorkerContext, claimed: list[Claimed], results: list[Imag
         owned = owned_rows(session, claimed)
         keys = store_blobs(ctx, owned, results, token)
         rows: dict[tuple[str, ...], list[dict]] = defaultdict(list)  # the columns a row sets -> those rows
+        written: set[str] = set()
         for r in results:
-            if r.image_id not in owned:
-                continue
+            if r.image_id not in owned or r.image_id in written:
+                continue  # another claim's row; or an image seen twice, whose first result stands as it did
+            written.add(r.image_id)
             values = dict(
                 finished_at=now,
                 lease_expires_at=None,

@@ -138,6 +138,14 @@ def test_a_chunk_of_every_kind_of_result_writes_each_row_its_own_values(tmp_path
     assert all(rows[i].lease_expires_at is None and rows[i].finished_at is not None for i in ids[:5])
     assert rows[ids[5]].attempts == 2 and rows[ids[5]].lease_expires_at is not None and rows[ids[5]].mask_key is None
 
+    # an image whose result came twice, after another done one: its first result stands, as one UPDATE each left it
+    other, twice = queued_images(ctx, 2)
+    results = [result(other, 10), ImageResult(twice, error="truncated JPEG", processing_ms=1.0), result(twice, 10)]
+    assert write_results(ctx, claim(ctx, [other, twice]), results) == 2
+    with ctx.sessions() as session:
+        assert dict(session.execute(select(Image.id, Image.status).where(Image.id.in_([other, twice]))).all()) == {
+            other: "done", twice: "failed"}
+
 
 def test_a_lazy_rerun_removes_the_overlay_an_earlier_attempt_left(tmp_path, pg_url):
     """An eager worker stored its blobs and died before its commit; a lazy worker (OVERLAYS=lazy) redoes

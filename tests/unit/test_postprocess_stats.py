@@ -255,7 +255,7 @@ def test_clean_by_borders_equals_scipy_on_awkward_masks_at_every_regions_area(mo
 
 def test_regions_in_a_filled_hole_are_not_counted_twice(monkeypatch):
     """A ring holding a blob, a ring in a ring holding a blob, and a blob beside them: filled, two regions
-    are left. Past MAX_NESTING_TESTS the borders' way does not know (None), and the mask is the same."""
+    are left. Past MAX_NESTING_EDGES the borders' way does not know (None), and the mask is the same."""
     borders_always(monkeypatch)
     yy, xx = np.mgrid[0:80, 0:120]
     d = np.hypot(yy - 40, xx - 40)
@@ -266,7 +266,7 @@ def test_regions_in_a_filled_hole_are_not_counted_twice(monkeypatch):
     np.testing.assert_array_equal(got, ndimage.binary_fill_holes(mask).astype(np.uint8))
     assert regions == 2
     assert postprocess.clean_by_borders(mask, 10, fill=False)[1] == 4
-    monkeypatch.setattr(postprocess, "MAX_NESTING_TESTS", 1)
+    monkeypatch.setattr(postprocess, "MAX_NESTING_EDGES", 1)
     got_again, unknown = postprocess.clean_by_borders(mask, 10)
     assert unknown is None and np.array_equal(got_again, got)
 
