@@ -317,11 +317,13 @@ def run(args, argv, tmp: Path) -> int:
     args.worker_concurrency = args.worker_concurrency or default_concurrency()  # auto, as the workers resolve it
     standin_env, worker_app = {}, "worker.app"
     if args.standin_device:
-        from bench.standin import PLANES_ENV, RATE_ENV, StandInDevice, save_reference
+        from bench.standin import PLANES_ENV, RATE_ENV, SHARED_ENV, StandInDevice, save_reference
 
         planes = save_reference(segmenter, tp.frames_of(segmenter, paths, 8), tmp / "standin-planes.npy")
         segmenter = StandInDevice(segmenter, args.standin_device, np.load(planes))
-        standin_env, worker_app = {RATE_ENV: str(args.standin_device), PLANES_ENV: str(planes)}, "bench.standin"
+        # the workers' stand-ins are one device between them, as a GPU host's worker processes share its GPU
+        standin_env, worker_app = {RATE_ENV: str(args.standin_device), PLANES_ENV: str(planes),
+                                   SHARED_ENV: str(tmp / "standin-device")}, "bench.standin"
         model_text += f", its network replaced by a stand-in device of {args.standin_device:g} img/s (bench/standin.py)"
         out["model"], out["standin_device"] = model_text, args.standin_device
     out["tta_served"] = segmenter.tta  # INFER_TTA resolved against the checkpoint (auto: its recommended mode)
@@ -382,7 +384,9 @@ def run(args, argv, tmp: Path) -> int:
     for r in results.values():
         r.notes["load"] = r.notes.pop("load", None)  # keep it last
     model = results.get("model")
-    scale = args.workers if "system" in results else 1
+    # K CPU workers have K times the cores of one; K workers on a GPU (or the stand-in) share its one device
+    shared_device = segmenter.cuda or bool(args.standin_device)
+    scale = args.workers if "system" in results and not shared_device else 1
     print()
     print(f"device:   {device}")
     print(f"machine:  {out['machine']}")
@@ -425,6 +429,8 @@ def run(args, argv, tmp: Path) -> int:
         print(f"WARNING: {drift_warning}")
     if scale > 1:
         print(f"(system / model compares {args.workers} workers with {args.workers} x the one-thread model figure)")
+    elif args.workers > 1 and "system" in results:
+        print(f"(system / model compares {args.workers} workers sharing the one device with the device's own figure)")
     if by_step:
         r = results["pipeline"]
         other = (r.cpu_ms_per_image or 0.0) - sum(by_step.values())

@@ -23,13 +23,20 @@ image's probabilities, and the rows' model version says "+stand-in".
 Workers use it through this module as their Celery app
 (``celery -A bench.standin``): the worker's own app, tasks and signals,
 with ``worker.tasks.warm_segmenter`` wrapped; BENCH_STANDIN_RATE and
-BENCH_STANDIN_PLANES (an .npy of reference planes) say what to stand in.
+BENCH_STANDIN_PLANES (an .npy of reference planes) say what to stand in,
+and BENCH_STANDIN_SHARED a file through which the workers' stand-ins are
+one device, as a GPU host's worker processes share its GPU: each batch
+queues behind every process's batches before it (the device's queue time
+kept in the file, under an flock), so K workers get the device's rate
+between them, not K times it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
+import struct
 import threading
 import time
 from pathlib import Path
@@ -38,27 +45,29 @@ import numpy as np
 
 from model.inference import Planes, Segmenter
 
-RATE_ENV, PLANES_ENV = "BENCH_STANDIN_RATE", "BENCH_STANDIN_PLANES"
+RATE_ENV, PLANES_ENV, SHARED_ENV = "BENCH_STANDIN_RATE", "BENCH_STANDIN_PLANES", "BENCH_STANDIN_SHARED"
 
 
 class _Deadline:
-    """Stands in for the CUDA event ``Planes`` waits on: done at a perf_counter time."""
+    """Stands in for the CUDA event ``Planes`` waits on: done at a ``time.monotonic`` time (CLOCK_MONOTONIC:
+    one clock for every process of the host)."""
 
     def __init__(self, at: float):
         self.at = at
 
     def query(self) -> bool:
-        return time.perf_counter() >= self.at
+        return time.monotonic() >= self.at
 
     def synchronize(self) -> None:
-        time.sleep(max(0.0, self.at - time.perf_counter()))
+        time.sleep(max(0.0, self.at - time.monotonic()))
 
 
 class StandInDevice(Segmenter):
     """``segmenter`` with its network replaced by a device of ``rate`` images/s that uses no CPU (module
-    docstring); ``planes``: (k, S, S) float32 probabilities handed out in turn."""
+    docstring); ``planes``: (k, S, S) float32 probabilities handed out in turn. ``shared``: a file that makes
+    every StandInDevice given it, in any process of this host, one device (its queue time in the file)."""
 
-    def __init__(self, segmenter: Segmenter, rate: float, planes: np.ndarray):
+    def __init__(self, segmenter: Segmenter, rate: float, planes: np.ndarray, shared: str | Path | None = None):
         if rate <= 0:
             raise ValueError(f"a stand-in device needs a positive rate, got {rate!r}")
         size = segmenter.preprocessor.size
@@ -69,8 +78,24 @@ class StandInDevice(Segmenter):
         self.version = f"{segmenter.version}+stand-in"
         self._planes = np.ascontiguousarray(planes, dtype=np.float32)
         self._turn = itertools.cycle(range(len(planes)))
-        self._free_at = 0.0  # when the device finishes what it has queued
+        self._free_at = 0.0  # when the device finishes what it has queued (unless ``shared``: in the file)
         self._lock = threading.Lock()
+        self._shared = None if shared is None else os.open(shared, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def _queue(self, seconds: float) -> float:
+        """Queue ``seconds`` of work behind what the device holds; returns when it will be done."""
+        now = time.monotonic()
+        if self._shared is None:
+            self._free_at = max(now, self._free_at) + seconds
+            return self._free_at
+        fcntl.flock(self._shared, fcntl.LOCK_EX)
+        try:
+            held = os.pread(self._shared, 8, 0)
+            done = max(now, struct.unpack("d", held)[0] if len(held) == 8 else 0.0) + seconds
+            os.pwrite(self._shared, struct.pack("d", done), 0)
+            return done
+        finally:
+            fcntl.flock(self._shared, fcntl.LOCK_UN)
 
     def submit(self, frames: list) -> Planes:
         n = len(frames)
@@ -80,10 +105,9 @@ class StandInDevice(Segmenter):
         if host:
             np.stack(host)  # the host's part: the batch assembled, as on CUDA
         with self._lock:
-            start = max(time.perf_counter(), self._free_at)
-            self._free_at = start + n / self.rate
+            done = self._queue(n / self.rate)
             planes = self._planes[[next(self._turn) for _ in range(n)]]
-            return Planes(planes, _Deadline(self._free_at))
+            return Planes(planes, _Deadline(done))
 
     def warmup(self, batch_size: int | None = None) -> None:
         pass
@@ -110,6 +134,7 @@ if os.environ.get(RATE_ENV):
     def _stand_in(loaded, settings, cuda):
         """The worker's own warm-up, then the stand-in in the network's place."""
         segmenter = _warm_segmenter(loaded, settings, cuda)
-        return StandInDevice(segmenter, float(os.environ[RATE_ENV]), np.load(os.environ[PLANES_ENV]))
+        return StandInDevice(segmenter, float(os.environ[RATE_ENV]), np.load(os.environ[PLANES_ENV]),
+                             shared=os.environ.get(SHARED_ENV) or None)
 
     _tasks.warm_segmenter = _stand_in

@@ -219,6 +219,28 @@ def test_a_stand_in_device_queues_batches_at_its_rate_and_hands_back_the_real_ne
         StandInDevice(segmenter, 0, planes)
 
 
+def test_stand_ins_given_one_file_are_one_device_between_them(tmp_path):
+    """BENCH_STANDIN_SHARED: the stand-ins of several worker processes (here two of this one, each with its
+    own handle on the file) queue behind each other's batches, as worker processes share a host's GPU."""
+    import time
+
+    from bench.standin import StandInDevice
+
+    segmenter = tp.load_segmenter(SYNTHETIC_CHECKPOINT, batch=2, threads=1, device="cpu")
+    size = segmenter.preprocessor.size
+    planes = np.zeros((2, size, size), np.float32)
+    frames = list(planes)
+    one, other = (StandInDevice(segmenter, 10.0, planes, shared=tmp_path / "device") for _ in range(2))
+    alone = StandInDevice(segmenter, 10.0, planes)  # its own device
+    start = time.monotonic()
+    batches = [one.submit(frames), other.submit(frames), alone.submit(frames)]  # 200 ms each
+    batches[2].result()
+    assert time.monotonic() - start < 0.39, "a device of its own waits for no one"
+    batches[1].result()
+    assert time.monotonic() - start >= 0.39, "the second process's batch waited for the first's"
+    assert batches[0].ready
+
+
 def test_bench_with_a_stand_in_device_two_chunks_at_once_and_jobs_uploaded_at_once_runs_every_stage(tmp_path, capsys):
     """--standin-device RATE in every stage (the workers through bench.standin as their Celery app),
     --worker-concurrency 2 for the pipeline stage and the workers, and the system stage's batch as two
