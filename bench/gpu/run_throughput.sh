@@ -26,9 +26,8 @@
 #   DEADLINE_S  seconds the whole script may take (default 540, under the device tool's 600 s per
 #            command): every step's limit is cut to what is left less 45 s, and a step that would get
 #            under 45 s (and less than it asked for) is skipped, exit 99 for the first one. Steps run in order of what the issue asks: the compiled end-to-end
-#            run, the same batch as one job in 8 parts from 4 clients to 4 API processes, one chunk
-#            at a time,
-#            the sweep, the sweep with cuDNN's heuristics
+#            run, the same batch as one job in 8 parts from 4 clients to 4 API processes, 1 and 2
+#            worker processes on the GPU, one chunk at a time, the sweep, the sweep with cuDNN's heuristics
 #   OUT      where the results go (the device tool sets it; default runs/gpu-bench)
 #   PYTHON   default python3
 #   SWEEP    forward batches for the network-alone sweep (default 16,64,128; empty: no sweep)
@@ -42,10 +41,14 @@
 #            a job sent whole cannot be processed faster than one request is uploaded, nor before
 #            its last byte has arrived (docs/benchmarks.md); 0: not
 #   JOBS_AB  0 (default): 1: the same as 8 jobs sent whole (--jobs 8), as measured before parts
+#   WORKERS_AB  1 (default): the system again with 2 worker processes sharing the GPU (--workers 2; the bench
+#            first runs 1 worker for its scaling line): one process's finishing holds Python's lock ~13% of
+#            its CPU time, ~1.3 ms an image on a Zen 4 core, so one process may not pass ~800 images/s
+#            whatever its cores (docs/benchmarks.md, 2026-12-07 10:00); 0: not
 #
 # What comes back in $OUT: bench-log.txt (everything printed), bench.json (the compiled run),
-# bench-parts.json (its system as one job in 8 parts), bench-jobs.json (as 8 jobs, with JOBS_AB=1)
-# and bench-one-chunk.json (its pipeline and system with one
+# bench-parts.json (its system as one job in 8 parts), bench-two-workers.json (1 and 2 worker processes on the
+# GPU), bench-jobs.json (as 8 jobs, with JOBS_AB=1) and bench-one-chunk.json (its pipeline and system with one
 # chunk at a time).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -119,6 +122,11 @@ if [ "${PARTS_AB:-1}" = 1 ]; then
     # a job sent whole is capped by its own upload (about 300 MB/s, 370 radiographs/s, on 2026-11-27 and 2026-12-06)
     step "system again, the batch as one job in 8 parts by 4 clients, API under gunicorn x4" 150 \
         "${END_TO_END[@]}" --stages system --parts 8 --uploaders 4 --api-workers 4 --json "$OUT/bench-parts.json"
+fi
+if [ "${WORKERS_AB:-1}" = 1 ]; then
+    # one worker process per GPU: its threads share one Python lock, which its finishing holds ~1.3 ms an image
+    step "system again with 2 worker processes sharing the GPU (after 1 worker, for the scaling line)" 180 \
+        "${END_TO_END[@]}" --stages system --workers 2 --json "$OUT/bench-two-workers.json"
 fi
 if [ "${JOBS_AB:-0}" = 1 ]; then
     step "system again, the batch as 8 jobs by 4 clients, API under gunicorn x4" 150 \
