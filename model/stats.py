@@ -171,9 +171,11 @@ def _box_sums(mask: np.ndarray, prob: np.ndarray | None, window: tuple[int, int,
     per_col = cv2.reduce(inside_box, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel().astype(np.int64)
     per_row = cv2.reduce(inside_box, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel().astype(np.int64)
     area = int(per_col.sum())
-    if regions is None and hole_free:  # one outer border per 8-connected region (findContours follows 8-connected borders)
+    if regions is not None:
+        pass  # counted by the clean-up that made the mask
+    elif hole_free:  # one outer border per 8-connected region (findContours follows 8-connected borders)
         regions = len(cv2.findContours(inside_box, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0])
-    elif regions is None:
+    else:
         regions = cv2.connectedComponentsWithAlgorithm(inside_box, 8, cv2.CV_32S, cv2.CCL_BBDT)[0] - 1  # as clean_regions
     prob_max = prob_sum = None
     if prob is not None:
