@@ -24,10 +24,12 @@ Read top to bottom: the config, the conv block, the attention gate, the network.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 @dataclass
@@ -169,3 +171,29 @@ class AttentionUNet(nn.Module):
             x = up(x)  # (N, skip width, h, w)
             x = block(torch.cat([gate(skip, x), x], dim=1))  # (2 * width) -> (N, width, h, w)
         return self.head(x)  # (N, out_channels, H, W) logits
+
+
+def fold_batchnorm(network: nn.Module) -> nn.Module:
+    """An inference copy of ``network`` with every BatchNorm that follows a
+    convolution folded into it (the ``network`` itself is left as it is).
+
+    In eval mode BatchNorm is an affine map per channel, so conv -> BN equals
+    one conv whose weights are scaled and whose bias is shifted by it
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``); each BN becomes an
+    ``nn.Identity``. Every BatchNorm of this network follows a convolution in
+    an ``nn.Sequential`` (the conv blocks and the attention gates' linear
+    maps), so none is left. The outputs equal the unfolded network's to float
+    rounding (tests: 1e-5 in float32), and a pass over every activation
+    per BatchNorm is saved: the full-size network at 512 ran 11-17% faster on
+    a 2-core CPU (docs/benchmarks.md). Serving only: the copy is in eval mode
+    and cannot be trained or saved as the checkpoint's network (its layers
+    differ)."""
+    folded = copy.deepcopy(network).eval()
+    for module in folded.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        for i in range(len(module) - 1):
+            conv, bn = module[i], module[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                module[i], module[i + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+    return folded

@@ -187,6 +187,20 @@ def test_segmenter_prob_equals_a_manual_forward_pass(saved, segmenter):
     np.testing.assert_array_equal(pred.mask, loaded.postprocessor(prob))
 
 
+def test_segmenter_serves_a_folded_copy_and_leaves_the_checkpoint_network_alone(saved):
+    loaded = load_checkpoint(saved[0])
+    keys = set(loaded.network.state_dict())
+    folded = Segmenter(loaded, device="cpu", batch_size=2)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.network.modules())
+    assert set(loaded.network.state_dict()) == keys  # still savable as the checkpoint's network
+    as_trained = Segmenter(loaded, device="cpu", batch_size=2, fold_bn=False)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in as_trained.network.modules())
+    images = [np.random.default_rng(s).integers(0, 256, (50 + 7 * s, 41)).astype(np.uint8) for s in range(3)]
+    for a, b in zip(folded.predict(images), as_trained.predict(images)):
+        np.testing.assert_allclose(a.prob, b.prob, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(a.mask, b.mask)
+
+
 def test_batching_does_not_change_results(saved):
     images = [np.random.default_rng(s).integers(0, 256, (40 + s, 33)).astype(np.uint8) for s in range(3)]
     one = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=1).predict(images)

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from model.network import AttentionGate, AttentionUNet, UNetConfig
+from model.network import AttentionGate, AttentionUNet, UNetConfig, fold_batchnorm
 
 TINY = UNetConfig(filters=(8, 16, 32, 64))
 
@@ -92,3 +92,39 @@ def test_bad_input_raises_value_error(shape):
     net = AttentionUNet(TINY)  # needs H, W divisible by 8
     with pytest.raises(ValueError, match="divisible by 8|expected input"):
         net(torch.randn(shape))
+
+
+def _trained_looking(config: UNetConfig, seed: int = 0) -> AttentionUNet:
+    """A network whose BatchNorms are not the identity: scale, shift and running statistics all set."""
+    torch.manual_seed(seed)
+    net = AttentionUNet(config)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.3, 3.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("config", [TINY, UNetConfig(filters=(4, 8, 16), dropout=0.3)])
+def test_folding_batchnorm_keeps_the_outputs_and_leaves_the_network_alone(config):
+    net = _trained_looking(config)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not folded.training
+    # every conv that had a BatchNorm after it now carries that BatchNorm's shift as its bias
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == sum(
+        isinstance(m, torch.nn.Conv2d) and m.bias is not None for m in folded.modules()) - sum(
+        isinstance(m, torch.nn.Conv2d) and m.bias is not None for m in net.modules())
+    x = torch.randn(3, 1, 32, 48)
+    with torch.no_grad():
+        expected = net(x)
+        torch.testing.assert_close(folded(x), expected, rtol=0, atol=1e-5)
+        cl = fold_batchnorm(net).to(memory_format=torch.channels_last)
+        torch.testing.assert_close(cl(x.contiguous(memory_format=torch.channels_last)), expected, rtol=0, atol=1e-5)
+    # the network as trained is untouched: its BatchNorms, its weights, its state dict's keys
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) > 0
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
