@@ -449,7 +449,7 @@ class Segmenter:
         fold_bn: serve ``model.network.fold_batchnorm``'s copy of the network,
             every BatchNorm folded into the convolution before it: the same
             function to float rounding, one pass over the activations less
-            per BatchNorm (the thesis network at 512 on a 2-core CPU 11-17%
+            per BatchNorm (the thesis network at 512 on a 2-core CPU ~5%
             faster); False runs the network as trained, layer by layer.
     """
 

@@ -43,8 +43,8 @@
 #   JOBS_AB  0 (default): 1: the same as 8 jobs sent whole (--jobs 8), as measured before parts
 #   WORKERS_AB  1 (default): the system again with 2 worker processes sharing the GPU (--workers 2; the bench
 #            first runs 1 worker for its scaling line): one process's finishing holds Python's lock ~13% of
-#            its CPU time, ~1.3 ms an image on a Zen 4 core, so one process may not pass ~800 images/s
-#            whatever its cores (docs/benchmarks.md, 2026-12-07 10:00); 0: not
+#            its CPU time, ~1.4 ms an image, and the rest of its Python work ~0.3 more, so one process may
+#            not pass ~600 images/s whatever its cores (docs/benchmarks.md, 2026-12-07 10:00 and 11:00); 0: not
 #
 # What comes back in $OUT: bench-log.txt (everything printed), bench.json (the compiled run),
 # bench-parts.json (its system as one job in 8 parts), bench-two-workers.json (1 and 2 worker processes on the
