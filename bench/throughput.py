@@ -198,7 +198,7 @@ def widen_network(small, config):
 
 
 def load_segmenter(checkpoint: Path, batch: int | None, threads: int, device: str | None = None, compile_network: bool = False,
-                   cpu_bf16: bool = False, tta: str = "auto", cudnn_benchmark: bool = True):
+                   cpu_bf16: bool = False, tta: str = "auto", cudnn_benchmark: bool = True, fold_bn: bool = True):
     """The Segmenter a worker with these settings serves (``tta``: INFER_TTA's value, "auto" included)."""
     import torch
 
@@ -209,7 +209,8 @@ def load_segmenter(checkpoint: Path, batch: int | None, threads: int, device: st
         torch.set_num_threads(threads)
     loaded = load_checkpoint(checkpoint)
     return Segmenter(loaded, device=device, batch_size=batch, compile_network=compile_network,
-                     cpu_bf16=cpu_bf16, flip_tta=serving_tta(tta, loaded), cudnn_benchmark=cudnn_benchmark)
+                     cpu_bf16=cpu_bf16, flip_tta=serving_tta(tta, loaded), cudnn_benchmark=cudnn_benchmark,
+                     fold_bn=fold_bn)
 
 
 def device_name(segmenter) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import torch
 import pytest
 
 from bench import throughput as tp
@@ -174,6 +175,26 @@ def test_batch_sweep_times_each_batch_and_names_the_automatic_choice(tmp_path, c
     assert re.search(r"^bench sweep: best batch [13] \(.* img/s\); INFER_BATCH_SIZE=auto picks 1 here$", out, re.M), out  # the shipped BTXRD-256 network, served flip4: 4 passes
     with pytest.raises(SystemExit, match="positive integers"):
         main(["--sweep-batches", "0,2", "--cache", str(tmp_path / "cache")])
+
+
+def test_the_network_as_trained_is_measured_against_the_folded_one_but_never_served_by_workers(tmp_path, capsys):
+    import json
+
+    from bench.throughput import load_segmenter
+    from model.checkpoint import DEFAULT_CHECKPOINT
+
+    def batchnorms(segmenter):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in segmenter.network.modules())
+
+    assert batchnorms(load_segmenter(DEFAULT_CHECKPOINT, 1, 1)) == 0
+    assert batchnorms(load_segmenter(DEFAULT_CHECKPOINT, 1, 1, fold_bn=False)) > 0
+    report = tmp_path / "off.json"
+    status = main(["--fold-bn", "off", "--stages", "model", "--images", "2", "--size", "120x100", "--batch", "1",
+                   "--threads", "1", "--tta", "off", "--cache", str(tmp_path / "cache"), "--json", str(report)])
+    assert status == 0 and json.loads(report.read_text())["fold_bn"] == "off"
+    assert "BatchNorm folded off" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="workers always serve the folded network"):
+        main(["--fold-bn", "off", "--stages", "model,system", "--cache", str(tmp_path / "cache")])
 
 
 def test_memory_probes_report_worker_and_api_rss(tmp_path, capsys):
