@@ -411,8 +411,10 @@ class Segmenter:
     """Runs a loaded checkpoint over lists of images in batches.
 
     Args:
-        loaded: from ``load_checkpoint``; its network is copied to ``device``
-            (once, here) with its BatchNorms folded (``fold_bn``).
+        loaded: from ``load_checkpoint``; a copy of its network with the
+            BatchNorms folded is moved to ``device`` (once, here) and served,
+            the network itself left as it is (``fold_bn``; with
+            ``fold_bn=False`` the network itself is moved and served).
         device: "cuda", "cpu", ...; None picks "cuda" when available.
         batch_size: images per forward pass; None picks ``default_batch_size``
             for the device (16 on CUDA; on a CPU 1-16 by the network's size).
@@ -477,7 +479,7 @@ class Segmenter:
         if self.cuda:
             torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
         self.channels_last = bool(channels_last)
-        # BatchNorm folded into the convolutions (an inference copy; loaded.network is left as it is)
+        # BatchNorm folded into the convolutions: an inference copy; loaded.network is left as it is unless not folding
         network = (fold_batchnorm(loaded.network) if fold_bn else loaded.network).to(self.device).eval()
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
