@@ -58,6 +58,10 @@ prefer_passive_wait()  # as the workers do (worker/app.py), before this process 
 from bench import throughput as tp  # noqa: E402
 
 
+# --fold-bn -> Segmenter(fold_bn=...): None folds where the network runs in float32, as workers do
+FOLD_BN = {"auto": None, "on": True, "off": False}
+
+
 def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -112,8 +116,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cudnn-benchmark", choices=CUDNN_BENCHMARK_MODES, default=s.cudnn_benchmark,
                    help=f"CUDNN_BENCHMARK for every stage (now {s.cudnn_benchmark}; CUDA only): cuDNN times its "
                         "algorithms for the frames' shape and keeps the fastest, or chooses by heuristics")
-    p.add_argument("--fold-bn", choices=("on", "off"), default="on",
-                   help="on (as workers serve it): the network with its BatchNorms folded into its convolutions; "
+    p.add_argument("--fold-bn", choices=("auto", "on", "off"), default="auto",
+                   help="auto (as workers serve it): the network with its BatchNorms folded into its convolutions "
+                        "where it runs in float32 (a CPU without bf16), as trained under bf16 (CUDA); on: folded; "
                         "off: layer by layer, as trained. Model and pipeline stages and --sweep-batches only")
     p.add_argument("--gpu-decode", choices=("auto", "on", "off"), default=os.environ.get("GPU_DECODE") or "auto")
     p.add_argument("--allocator", choices=ALLOCATOR_MODES, default=s.allocator,
@@ -238,7 +243,7 @@ def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
             torch._dynamo.reset()  # a fresh compilation per batch, not torch's recompile limit
         segmenter = tp.load_segmenter(ckpt, batch, args.threads, args.device, compile_network=args.compile,
                                       cpu_bf16=wants_cpu_bf16(args.cpu_bf16), tta=args.tta,
-                                      cudnn_benchmark=args.cudnn_benchmark == "on", fold_bn=args.fold_bn == "on")
+                                      cudnn_benchmark=args.cudnn_benchmark == "on", fold_bn=FOLD_BN[args.fold_bn])
         frames = frames if rows else tp.frames_of(segmenter, paths, 8)  # the same frames at every batch
         r = tp.measure_model(segmenter, frames, max(n, 2 * batch))
         rows.append({"batch": batch, "images": r.images, "img_s": round(r.rate, 3), "cpu_ms_per_image": round(r.cpu_ms_per_image, 1)})
@@ -250,7 +255,7 @@ def run_sweep(args, ckpt: Path, out: dict, n: int, h: int, w: int) -> int:
     print(f"\ndevice:   {tp.device_name(segmenter)}\nmachine:  {out['machine']}\nmodel:    {out['model']}")
     if segmenter.cuda:
         print(f"config:   compile {args.compile}; cudnn.benchmark {args.cudnn_benchmark}; TTA {segmenter.tta}; "
-              f"BatchNorm folded {args.fold_bn}")
+              f"BatchNorm folded {segmenter.fold_bn} (--fold-bn {args.fold_bn})")
     print(f"\n{'batch':>6}{'images':>8}{'img/s':>9}{'CPU ms/img':>12}{'/ best':>8}")
     for r in rows:
         print(f"{r['batch']:>6}{r['images']:>8}{r['img_s']:>9.3f}{r['cpu_ms_per_image']:>12.0f}{r['img_s'] / best['img_s']:>8.2f}")
@@ -279,8 +284,8 @@ def run(args, argv, tmp: Path) -> int:
                          "--api-workers 0 or more")
     if args.parts > 1 and args.jobs > 1:
         raise SystemExit("--parts sends one job in parts: not with --jobs")
-    if args.fold_bn == "off" and "system" in stages and not args.sweep_batches:
-        raise SystemExit("--fold-bn off: workers always serve the folded network; use it with --stages model,pipeline "
+    if args.fold_bn != "auto" and "system" in stages and not args.sweep_batches:
+        raise SystemExit(f"--fold-bn {args.fold_bn}: workers fold as auto does; use it with --stages model,pipeline "
                          "or --sweep-batches")
     import torch
 
@@ -317,7 +322,7 @@ def run(args, argv, tmp: Path) -> int:
 
     segmenter = tp.load_segmenter(ckpt, args.batch, args.threads, args.device, compile_network=args.compile,
                                   cpu_bf16=wants_cpu_bf16(args.cpu_bf16), tta=args.tta,
-                                  cudnn_benchmark=args.cudnn_benchmark == "on", fold_bn=args.fold_bn == "on")
+                                  cudnn_benchmark=args.cudnn_benchmark == "on", fold_bn=FOLD_BN[args.fold_bn])
     args.batch = segmenter.batch_size  # auto resolved here, for the model and pipeline stages and the table
     from worker.app import default_concurrency
 
@@ -406,7 +411,7 @@ def run(args, argv, tmp: Path) -> int:
           f"{min(args.uploaders, max(args.jobs, args.parts))} uploader(s); API "
           f"{f'gunicorn x{args.api_workers}' if args.api_workers else 'in this process'}"
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
-          f"channels_last {segmenter.channels_last}; BatchNorm folded {args.fold_bn}; compile {args.compile}; "
+          f"channels_last {segmenter.channels_last}; BatchNorm folded {segmenter.fold_bn}; compile {args.compile}; "
           f"{f'cudnn.benchmark {args.cudnn_benchmark}; ' if segmenter.cuda else ''}overlays {args.overlays}; "
           f"JPEG decode {args.jpeg_decode}; allocator {args.allocator}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}; "
           f"CPU bf16 {segmenter.cpu_bf16}; TTA {segmenter.tta} (INFER_TTA={args.tta})")

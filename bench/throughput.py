@@ -198,7 +198,7 @@ def widen_network(small, config):
 
 
 def load_segmenter(checkpoint: Path, batch: int | None, threads: int, device: str | None = None, compile_network: bool = False,
-                   cpu_bf16: bool = False, tta: str = "auto", cudnn_benchmark: bool = True, fold_bn: bool = True):
+                   cpu_bf16: bool = False, tta: str = "auto", cudnn_benchmark: bool = True, fold_bn: bool | None = None):
     """The Segmenter a worker with these settings serves (``tta``: INFER_TTA's value, "auto" included)."""
     import torch
 

@@ -185,7 +185,9 @@ def fold_batchnorm(network: nn.Module) -> nn.Module:
     maps), so none is left. The outputs equal the unfolded network's to float
     rounding (tests: 1e-5 in float32), and a pass over every activation
     per BatchNorm is saved: the full-size network at 512 ran ~5% faster on
-    a 2-core CPU (11-17% without ALLOCATOR=keep; docs/benchmarks.md). Serving only: the copy is in eval mode
+    a 2-core CPU (11-17% without ALLOCATOR=keep; docs/benchmarks.md). Under
+    bf16 autocast the folded weights round differently (``Segmenter`` folds
+    only in float32 by default). Serving only: the copy is in eval mode
     and cannot be trained or saved as the checkpoint's network (its layers
     differ)."""
     folded = copy.deepcopy(network).eval()

@@ -187,7 +187,7 @@ def test_segmenter_prob_equals_a_manual_forward_pass(saved, segmenter):
     np.testing.assert_array_equal(pred.mask, loaded.postprocessor(prob))
 
 
-def test_segmenter_serves_a_folded_copy_and_leaves_the_checkpoint_network_alone(saved):
+def test_segmenter_serves_a_folded_copy_in_float32_and_leaves_the_checkpoint_network_alone(saved):
     loaded = load_checkpoint(saved[0])
     keys = set(loaded.network.state_dict())
     folded = Segmenter(loaded, device="cpu", batch_size=2)
@@ -195,6 +195,11 @@ def test_segmenter_serves_a_folded_copy_and_leaves_the_checkpoint_network_alone(
     assert set(loaded.network.state_dict()) == keys  # still savable as the checkpoint's network
     as_trained = Segmenter(loaded, device="cpu", batch_size=2, fold_bn=False)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in as_trained.network.modules())
+    assert folded.fold_bn and not as_trained.fold_bn
+    # under bf16 the folded weights round differently: served as trained unless asked
+    bf16 = Segmenter(load_checkpoint(saved[0]), device="cpu", batch_size=2, cpu_bf16=True)
+    assert not bf16.fold_bn and any(isinstance(m, torch.nn.BatchNorm2d) for m in bf16.network.modules())
+    assert Segmenter(load_checkpoint(saved[0]), device="cpu", cpu_bf16=True, fold_bn=True).fold_bn
     images = [np.random.default_rng(s).integers(0, 256, (50 + 7 * s, 41)).astype(np.uint8) for s in range(3)]
     for a, b in zip(folded.predict(images), as_trained.predict(images)):
         np.testing.assert_allclose(a.prob, b.prob, rtol=0, atol=1e-6)
@@ -317,6 +322,14 @@ def test_cuda_segmenter_lets_cudnn_time_its_algorithms(saved, monkeypatch):
     assert torch.backends.cudnn.benchmark is True
     Segmenter(load_checkpoint(saved[0]), device="cuda", cudnn_benchmark=False)
     assert torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_serves_the_network_as_trained_unless_asked_to_fold(saved):
+    """bf16 always on CUDA: the BatchNorms stay unless fold_bn=True (the GPU script's FOLD_AB measures both)."""
+    assert not Segmenter(load_checkpoint(saved[0]), device="cuda").fold_bn
+    assert Segmenter(load_checkpoint(saved[0]), device="cuda", fold_bn=True).fold_bn
 
 
 @pytest.mark.parametrize("tta", ["off", "flip4"])
