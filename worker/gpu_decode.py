@@ -26,13 +26,26 @@ project (PyPI's wheels are built against one torch release each; install
 the torchvision that matches the worker's torch on GPU hosts).
 
 Only plain JPEGs go to the GPU: complete (ending in the end-of-image
-marker), 8-bit grayscale or RGB, without an EXIF rotation (nvJPEG on CUDA
-does not apply it), within the pixel limit, at least
-``MIN_SIDE`` pixels a side. Everything else (PNG, DICOM,
-CMYK, a file nvJPEG rejects) is decoded on the CPU exactly as before, so the
+marker), baseline (not progressive), 8-bit grayscale or RGB, without an EXIF
+rotation (nvJPEG on CUDA does not apply it), within the pixel limit, at least
+``MIN_SIDE`` pixels a side. Everything else (PNG, DICOM, CMYK, progressive
+JPEGs, a file nvJPEG rejects) is decoded on the CPU exactly as before, so the
 user sees the same error messages. nvJPEG's IDCT and colour conversion are
 not bit-identical to libjpeg-turbo's: pixels may differ by a grey level or
 two, well below what changes a mask.
+
+Decoded together (``decode_batch``; GPU_DECODE_BATCH=on, the default): the
+pipeline hands nvJPEG a forward batch's plain JPEGs in one call, because of
+how torchvision drives it (torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp,
+0.19 and later). Every call holds one mutex for the whole process and ends
+with a stream synchronisation, so calls from several threads run one after
+another; on GPUs with JPEG engines (A100, H100) a call's baseline JPEGs go to
+the engines as one batch (``nvjpegDecodeBatched``), one image per call using
+one engine at a time. Progressive JPEGs are decoded there image by image with
+the entropy decoding on the CPU, inside that mutex: one core for the whole
+process, which the CPU's decoders (every pool thread, at 1/2-1/8 size) beat.
+When a batched call fails (one file nvJPEG refuses fails the call), its
+images are decoded one by one, so each gets its own outcome.
 """
 
 from __future__ import annotations
@@ -95,24 +108,34 @@ class GpuJpegDecoder:
             tensor, grayscale (files with an EXIF orientation go to the CPU); default
             ``torchvision.io.decode_jpeg`` on ``device``. Tests pass a CPU
             stand-in, since this machine has no GPU.
+        gpu_decode_batch: a list of such tensors -> a list of such images, in one
+            call (``decode_batch``); default ``torchvision.io.decode_jpeg`` with the
+            list, or ``gpu_decode`` on each when only that is given.
         fallback: the CPU decoder for everything else.
     """
 
     def __init__(self, device, gpu_decode: Callable | None = None, fallback: Decoder = decode_image,
-                 keep_on_device: bool = True):
+                 keep_on_device: bool = True, gpu_decode_batch: Callable | None = None):
         self.device = device
         self.keep_on_device = keep_on_device
         self.fallback = fallback
         self._gpu_decode = gpu_decode or self._torchvision_decode
+        if gpu_decode_batch is None:
+            gpu_decode_batch = self._torchvision_decode if gpu_decode is None else self._one_by_one
+        self._gpu_decode_batch = gpu_decode_batch
         self._lock = threading.Lock()
         self.gpu_images = 0  # how many went through the GPU (the benchmark reports it)
         self.cpu_images = 0
 
     def _torchvision_decode(self, data):
+        """One tensor of a file's bytes, or a list of them (decoded in one call): torchvision's decode_jpeg."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        # EXIF-oriented files never come here (_plain_jpeg): on CUDA decode_jpeg ignores apply_exif_orientation
+        # EXIF-oriented files never come here (takes): on CUDA decode_jpeg ignores apply_exif_orientation
         return decode_jpeg(data, mode=ImageReadMode.GRAY, device=self.device)
+
+    def _one_by_one(self, tensors):
+        return [self._gpu_decode(t) for t in tensors]
 
     def _count(self, gpu: bool) -> None:
         with self._lock:
@@ -122,16 +145,13 @@ class GpuJpegDecoder:
                 self.cpu_images += 1
 
     def __call__(self, data: bytes, max_pixels: int = 100_000_000) -> DecodedImage:
-        if not self._plain_jpeg(data, max_pixels):
+        if not self.takes(data, max_pixels):
             self._count(False)
             return self.fallback(data, max_pixels)
         import torch
 
         try:
-            decoded = self._gpu_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            pixels = decoded.reshape(decoded.shape[-2:])  # (H, W) uint8 on the device
-            if not self.keep_on_device:
-                pixels = np.ascontiguousarray(pixels.cpu().numpy(), dtype=np.uint8)
+            pixels = self._pixels(self._gpu_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
         except Exception as err:  # nvJPEG refused it: the CPU decoder gives the user's reason
             log.debug("nvJPEG could not decode a JPEG (%s); decoding on the CPU", err)
             self._count(False)
@@ -139,9 +159,42 @@ class GpuJpegDecoder:
         self._count(True)
         return DecodedImage(pixels=pixels, format="JPEG")
 
+    def decode_batch(self, files: list[bytes], max_pixels: int = 100_000_000) -> list[DecodedImage | Exception]:
+        """Files that ``takes`` accepted, decoded in one nvJPEG call (module docstring): a DecodedImage
+        each, in order, or the exception (a DecodeError with the user's reason) that decoding it alone
+        raised. When the call fails, each file is decoded alone (``__call__``: the GPU, else the CPU)."""
+        import torch
+
+        if len(files) > 1:
+            try:
+                decoded = self._gpu_decode_batch([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in files])
+                if len(decoded) != len(files):
+                    raise RuntimeError(f"{len(decoded)} images decoded from {len(files)} files")
+                images = [DecodedImage(pixels=self._pixels(one), format="JPEG") for one in decoded]
+            except Exception as err:
+                log.debug("nvJPEG could not decode %d JPEGs together (%s); decoding them one by one", len(files), err)
+            else:
+                for _ in images:
+                    self._count(True)
+                return images
+        results: list[DecodedImage | Exception] = []
+        for data in files:
+            try:
+                results.append(self(data, max_pixels))
+            except Exception as err:
+                results.append(err)
+        return results
+
+    def _pixels(self, decoded):
+        pixels = decoded.reshape(decoded.shape[-2:])  # (H, W) uint8 on the device
+        if not self.keep_on_device:
+            pixels = np.ascontiguousarray(pixels.cpu().numpy(), dtype=np.uint8)
+        return pixels
+
     @staticmethod
-    def _plain_jpeg(data: bytes, max_pixels: int) -> bool:
-        """A complete 8-bit grayscale or RGB JPEG within the limits (reads the header only)."""
+    def takes(data: bytes, max_pixels: int) -> bool:
+        """Whether ``data`` goes to the GPU: a complete baseline 8-bit grayscale or RGB JPEG within the limits,
+        without an EXIF rotation (reads the header only)."""
         if not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
             return False  # not a JPEG, or truncated (no end-of-image marker): the CPU decoder says why
         try:
@@ -149,6 +202,8 @@ class GpuJpegDecoder:
                 w, h = im.size
                 if im.getexif().get(0x0112, 1) not in (0, 1):
                     return False  # rotated or mirrored by EXIF: nvJPEG on CUDA ignores that, Pillow applies it
+                if im.info.get("progressive"):
+                    return False  # torchvision decodes these with the entropy decoding on one CPU core, under a lock
                 return im.format == "JPEG" and im.mode in ("L", "RGB") and w * h <= max_pixels and min(w, h) >= MIN_SIDE
         except Exception:
             return False

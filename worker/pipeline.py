@@ -10,7 +10,8 @@ the previous ones finished in the pool while it runs. At most
 images wait to be finished, so memory does not grow with the chunk (a
 decoded 3000x2500 radiograph is 7.5 MB, its full-size probability map 30 MB).
 One bad image never fails its chunk: it gets an ImageResult with its reason.
-JPEGs can be decoded on the GPU (worker/gpu_decode.py, GPU_DECODE=auto|on|off).
+JPEGs can be decoded on the GPU (worker/gpu_decode.py, GPU_DECODE=auto|on|off),
+a batch's plain JPEGs in one nvJPEG call (GPU_DECODE_BATCH=on|off).
 On the CPU, with lazy overlays, a JPEG is decoded at 1/2, 1/4 or 1/8 of its
 size, as long as that keeps twice the network's frame (worker/decode.py,
 JPEG_DECODE=reduced|full): the worker never needs its full-size pixels.
@@ -84,6 +85,7 @@ class _Decoded:
     frame: np.ndarray | None = None  # (S, S) float32, the network's input (a tensor when prepared on the GPU)
     geometry: Geometry | None = None
     shape: tuple[int, int] | None = None  # (H, W) of the image as uploaded (DecodedImage.shape), read before pixels go
+    data: bytes | None = None  # the file, read and left for its batch's one nvJPEG call (Pipeline._decode_together)
 
 
 def _on_device(pixels) -> bool:
@@ -103,6 +105,13 @@ def _synchronised(stream):
 def _host(pixels) -> np.ndarray:
     """Pixels as a numpy array (decoded on the GPU, they are a torch tensor there)."""
     return pixels if isinstance(pixels, np.ndarray) else pixels.cpu().numpy()
+
+
+def _decode_error(err: Exception) -> str:
+    """The user's reason for a file that did not decode."""
+    if isinstance(err, DecodeError):
+        return str(err)
+    return f"not a decodable image: {type(err).__name__}: {err}"  # a decoder bug must not fail the chunk either
 
 
 class FairLock:
@@ -150,6 +159,11 @@ class Pipeline:
             CUDA and torchvision imports), "on" (required; ValueError if not
             possible) or "off"; None reads GPU_DECODE from the environment
             (default "auto").
+        gpu_decode_batch: with JPEGs decoded on the GPU, a batch's plain JPEGs
+            in one nvJPEG call after each was read and its header checked in
+            the pool (worker/gpu_decode.py says why); False: one call per
+            image, in the pool's threads. None reads GPU_DECODE_BATCH (on|off,
+            default on).
         prefetch_batches: batches decoded ahead of the network.
         max_pending: images decoded and run through the network but not yet
             finished, before the network waits; None: two batches, at least
@@ -203,12 +217,19 @@ class Pipeline:
         max_pending: int | None = None,
         overlays: bool = True,
         reduced_jpeg: bool = True,
+        gpu_decode_batch: bool | None = None,
     ):
         if threads < 1 or prefetch_batches < 1:
             raise ValueError(f"threads and prefetch_batches must be at least 1, got {threads} and {prefetch_batches}")
         self.segmenter = segmenter
         self.max_pixels = max_pixels
         self.decode = select_decoder(gpu_decode or os.environ.get("GPU_DECODE") or "auto", segmenter.device)
+        if gpu_decode_batch is None:
+            setting = (os.environ.get("GPU_DECODE_BATCH") or "on").strip().lower()
+            if setting not in ("on", "off"):
+                raise ValueError(f"GPU_DECODE_BATCH must be on or off, got {setting!r}")
+            gpu_decode_batch = setting == "on"
+        self.gpu_decode_batch = bool(gpu_decode_batch)
         self.prefetch_batches = prefetch_batches
         self.overlays = bool(overlays)
         self.reduces_jpeg = bool(reduced_jpeg and not self.overlays and self.decode is decode_image)
@@ -236,8 +257,9 @@ class Pipeline:
             with self._cpu_lock:
                 self.cpu_seconds[name] += spent
 
-    def _decode(self, image_id: str, read: Callable[[], bytes]) -> _Decoded:
-        """Read, decode and preprocess one image (pool thread)."""
+    def _decode(self, image_id: str, read: Callable[[], bytes], together: bool = False) -> _Decoded:
+        """Read, decode and preprocess one image (pool thread). ``together``: a file the GPU decoder takes is
+        only read, and left in ``data`` for its batch's ``_decode_together``."""
         item = _Decoded(image_id, time.perf_counter())
         try:
             with self._step("read"):
@@ -245,38 +267,66 @@ class Pipeline:
         except Exception as err:  # a blob that cannot be read fails alone
             item.error = f"could not read the uploaded file: {err}"
             return item
+        if together:
+            with self._step("decode"):
+                if self.decode.takes(data, self.max_pixels):
+                    item.data = data
+                    return item
         with self._device_stream():
             try:
                 with self._step("decode"):
                     item.image = self.decode(data, self.max_pixels)
-            except DecodeError as err:
-                item.error = str(err)
-                return item
-            except Exception as err:  # a decoder bug must not fail the chunk either
-                item.error = f"not a decodable image: {type(err).__name__}: {err}"
-                return item
-            pixels = item.image.pixels
-            try:
-                with self._step("prepare"):
-                    try:
-                        item.frame, item.geometry = self.segmenter.prepare(pixels, item.image.full_shape)
-                    except Exception:
-                        if not _on_device(pixels):
-                            raise
-                        # out of GPU memory, say: the CPU prepares it as for any other file
-                        log.warning("image %s: preparing on the GPU failed; preparing on the CPU", image_id, exc_info=True)
-                        pixels = item.image.pixels = _host(pixels)
-                        item.frame, item.geometry = self.segmenter.prepare(pixels)
             except Exception as err:
-                item.error = f"preprocessing failed: {err}"
-                item.image = None
+                item.error = _decode_error(err)
                 return item
-            item.shape = item.image.shape
-            if not self.overlays:
-                item.image.pixels = None  # only an eager overlay reads them again
-            elif _on_device(pixels):
-                item.image.pixels = _host(pixels)  # the GPU's copy is freed; the overlay is drawn on the host
+            self._prepare(item)
         return item
+
+    def _decode_together(self, reads: list[Future[_Decoded]]) -> list[_Decoded]:
+        """A batch's images, read (and those the GPU decoder does not take decoded) by ``_decode(together=True)``
+        in the pool: the rest decoded in one nvJPEG call, then prepared (pool thread). It waits only for
+        tasks that were queued before it in the pool's first-in first-out queue, so they are running or done."""
+        items = [f.result() for f in reads]
+        waiting = [d for d in items if d.data is not None]
+        if waiting:
+            with self._device_stream():
+                with self._step("decode"):
+                    try:
+                        decoded = self.decode.decode_batch([d.data for d in waiting], self.max_pixels)
+                    except Exception as err:  # a decoder bug fails these images, not the chunk
+                        decoded = [err] * len(waiting)
+                for item, image in zip(waiting, decoded):
+                    item.data = None
+                    if isinstance(image, Exception):
+                        item.error = _decode_error(image)
+                    else:
+                        item.image = image
+                        self._prepare(item)
+        return items
+
+    def _prepare(self, item: _Decoded) -> None:
+        """The decoded image's frame and geometry, or its error (inside the caller's ``_device_stream``)."""
+        pixels = item.image.pixels
+        try:
+            with self._step("prepare"):
+                try:
+                    item.frame, item.geometry = self.segmenter.prepare(pixels, item.image.full_shape)
+                except Exception:
+                    if not _on_device(pixels):
+                        raise
+                    # out of GPU memory, say: the CPU prepares it as for any other file
+                    log.warning("image %s: preparing on the GPU failed; preparing on the CPU", item.image_id, exc_info=True)
+                    pixels = item.image.pixels = _host(pixels)
+                    item.frame, item.geometry = self.segmenter.prepare(pixels)
+        except Exception as err:
+            item.error = f"preprocessing failed: {err}"
+            item.image = None
+            return
+        item.shape = item.image.shape
+        if not self.overlays:
+            item.image.pixels = None  # only an eager overlay reads them again
+        elif _on_device(pixels):
+            item.image.pixels = _host(pixels)  # the GPU's copy is freed; the overlay is drawn on the host
 
     def _device_stream(self):
         """A CUDA stream of this pool thread's own while it decodes and prepares on the GPU.
@@ -364,16 +414,16 @@ class Pipeline:
     def _run(self, items: Sequence[tuple[str, Callable[[], bytes]]], walls: Counter) -> list[ImageResult]:
         batch = max(1, self.segmenter.batch_size)
         batches = [items[start : start + batch] for start in range(0, len(items), batch)]
-        decoding: deque[list[Future[_Decoded]]] = deque()
+        decoding: deque[Callable[[], list[_Decoded]]] = deque()  # each batch's decoded images, when asked for
         pending: deque[Future[ImageResult]] = deque()  # submitted to finish, oldest first
         finished: list[Future[ImageResult] | ImageResult] = []
         launched = None  # (decoded items, Planes) of the batch on the device, read after the next one is launched
         for k in range(len(batches)):
             # Keep prefetch_batches batches decoding ahead of the network.
             while len(decoding) < self.prefetch_batches and k + len(decoding) < len(batches):
-                decoding.append([self.pool.submit(self._decode, i, r) for i, r in batches[k + len(decoding)]])
+                decoding.append(self._submit_decoding(batches[k + len(decoding)]))
             t0 = time.perf_counter()
-            ready = [f.result() for f in decoding.popleft()]
+            ready = decoding.popleft()()
             good = [d for d in ready if d.image is not None]
             t1 = time.perf_counter()
             # Backpressure: finishing is the slower side on a GPU; bound what waits for it, counting the batch
@@ -407,6 +457,16 @@ class Pipeline:
         results = [f.result() if isinstance(f, Future) else f for f in finished]
         walls["draining"] += time.perf_counter() - t0
         return results
+
+    def _submit_decoding(self, batch: Sequence[tuple[str, Callable[[], bytes]]]) -> Callable[[], list[_Decoded]]:
+        """The batch's images to the pool: read, decoded and prepared one per task, or with the GPU decoder
+        and ``gpu_decode_batch`` read one per task and decoded together (``_decode_together``, queued after
+        them). Returns what waits for the decoded images, in order."""
+        together = self.gpu_decode_batch and isinstance(self.decode, GpuJpegDecoder)
+        reads = [self.pool.submit(self._decode, image_id, read, together) for image_id, read in batch]
+        if not together:
+            return lambda: [f.result() for f in reads]
+        return self.pool.submit(self._decode_together, reads).result
 
     def _wait_for_finishing(self, pending: deque, incoming: int) -> None:
         """Drop finished futures from the front of ``pending``, and wait for the oldest until ``incoming`` more

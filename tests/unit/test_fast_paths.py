@@ -20,7 +20,7 @@ from model.inference import Segmenter, postprocess_cropped
 from model.network import AttentionUNet, UNetConfig
 from model.postprocess import Postprocessor
 from model.preprocess import Preprocessor
-from worker.decode import DecodeError, decode_image
+from worker.decode import DecodedImage, DecodeError, decode_image
 from worker.gpu_decode import GpuJpegDecoder, gpu_decode_unavailable, select_decoder
 from worker.pipeline import Pipeline, encode_png
 
@@ -203,6 +203,19 @@ def test_without_cuda_auto_decodes_on_the_cpu_and_on_says_why_not(segmenter):
     assert Pipeline(segmenter, gpu_decode="auto").decode is decode_image
 
 
+def test_gpu_decode_batch_setting(segmenter, monkeypatch):
+    monkeypatch.delenv("GPU_DECODE_BATCH", raising=False)
+    for value, want in ((None, True), (" Off", False), ("on", True)):
+        if value is not None:
+            monkeypatch.setenv("GPU_DECODE_BATCH", value)
+        pipeline = Pipeline(segmenter, gpu_decode="off")
+        pipeline.close()
+        assert pipeline.gpu_decode_batch is want
+    monkeypatch.setenv("GPU_DECODE_BATCH", "16")
+    with pytest.raises(ValueError, match="GPU_DECODE_BATCH must be on or off, got '16'"):
+        Pipeline(segmenter, gpu_decode="off")
+
+
 def cpu_stand_in(data: torch.Tensor) -> torch.Tensor:
     """Plays torchvision.io.decode_jpeg(..., mode=GRAY): (1, H, W) uint8, or raises."""
     pixels = cv2.imdecode(data.numpy(), cv2.IMREAD_GRAYSCALE)
@@ -243,6 +256,82 @@ def test_gpu_decoder_takes_plain_jpegs_and_leaves_the_rest_to_the_cpu():
     assert (decoder.gpu_images, decoder.cpu_images) == (2, 6)
 
 
+class BatchStandIn:
+    """Plays torchvision.io.decode_jpeg(list, mode=GRAY) on the GPU: one call for the list, which fails as a whole
+    when nvJPEG refuses one of its files (torchvision checks each and raises); records each call's size."""
+
+    def __init__(self, refuse: set[int] = frozenset()):
+        self.refuse, self.calls = refuse, []
+
+    def one(self, data: torch.Tensor) -> torch.Tensor:
+        if len(data) in self.refuse:
+            raise RuntimeError("nvjpeg: unsupported bitstream")
+        return cpu_stand_in(data)
+
+    def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.calls.append(len(tensors))
+        return [self.one(t) for t in tensors]
+
+
+def progressive_jpeg(seed: int, h: int, w: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w), dtype=np.uint8)).save(buf, "JPEG", progressive=True)
+    return buf.getvalue()
+
+
+def test_gpu_decoder_decodes_a_batch_in_one_call_and_a_refused_file_alone():
+    files = [jpeg(10 + i, 40 + i, 50) for i in range(4)]
+    batch = BatchStandIn()
+    decoder = GpuJpegDecoder("cuda", gpu_decode=batch.one, gpu_decode_batch=batch)
+    assert all(decoder.takes(f, 10**8) for f in files)
+    got = decoder.decode_batch(files)
+    assert batch.calls == [4] and (decoder.gpu_images, decoder.cpu_images) == (4, 0)
+    for data, image in zip(files, got):
+        assert isinstance(image.pixels, torch.Tensor) and image.format == "JPEG"
+        assert np.abs(image.pixels.numpy().astype(int) - decode_image(data).pixels.astype(int)).max() <= 2
+
+    # nvJPEG refuses one file: the call fails, so each file is decoded alone; that one on the CPU
+    batch = BatchStandIn(refuse={len(files[2])})
+    decoder = GpuJpegDecoder("cuda", gpu_decode=batch.one, gpu_decode_batch=batch)
+    got = decoder.decode_batch(files)
+    assert batch.calls == [4] and (decoder.gpu_images, decoder.cpu_images) == (3, 1)
+    assert [isinstance(image.pixels, torch.Tensor) for image in got] == [True, True, False, True]
+    np.testing.assert_array_equal(got[2].pixels, decode_image(files[2]).pixels)
+    # a file nothing decodes comes back as the CPU decoder's error, the others decoded
+    broken = files[1][: files[1].index(b"\xff\xda")] + b"\xff\xd9"  # the header, then the end: no picture
+    batch = BatchStandIn(refuse={len(broken)})
+    decoder = GpuJpegDecoder("cuda", gpu_decode=batch.one, gpu_decode_batch=batch)
+    assert decoder.takes(broken, 10**8)
+    got = decoder.decode_batch([files[0], broken])
+    assert isinstance(got[0], DecodedImage) and isinstance(got[0].pixels, torch.Tensor)
+    with pytest.raises(DecodeError) as cpu_error:
+        decode_image(broken)
+    assert isinstance(got[1], DecodeError) and str(got[1]) == str(cpu_error.value)
+    # progressive JPEGs stay on the CPU: torchvision decodes them on one core under its lock
+    progressive = progressive_jpeg(5, 64, 48)
+    assert not decoder.takes(progressive, 10**8) and decoder.takes(files[0], 10**8)
+    before = decoder.cpu_images
+    assert isinstance(decoder(progressive).pixels, np.ndarray) and decoder.cpu_images == before + 1
+
+
+@pytest.mark.skipif(gpu_decode_unavailable("cuda") is not None, reason="needs CUDA and torchvision's nvJPEG")
+def test_nvjpeg_decodes_a_batch_as_it_decodes_each_file():
+    """torchvision's decode_jpeg on a list (the JPEG engines, where the GPU has them) against one file per call
+    and against Pillow: gray and RGB files of several sizes, 4:2:0 and 4:4:4."""
+    files = [jpeg(20 + i, 250 + 37 * i, 300 - 21 * i, "RGB" if i % 2 else "L") for i in range(5)]
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(buf, "JPEG", subsampling=0)
+    files.append(buf.getvalue())
+    decoder = GpuJpegDecoder("cuda")
+    together = decoder.decode_batch(files)
+    assert decoder.gpu_images == len(files), "all of them in one call"
+    for data, image in zip(files, together):
+        alone = decoder(data).pixels.cpu().numpy().astype(int)
+        got = image.pixels.cpu().numpy().astype(int)
+        np.testing.assert_array_equal(got, alone)
+        assert np.abs(got - decode_image(data).pixels.astype(int)).max() <= 2
+
+
 @pytest.mark.parametrize("shape", [(2500, 3000), (1000, 777), (300, 200), (64, 64), (40, 300)])
 def test_frames_prepared_from_a_tensor_equal_opencvs(shape):
     """Preprocessor.prepare_tensor (pixels decoded on the GPU) resamples as OpenCV does: INTER_AREA to shrink."""
@@ -263,9 +352,12 @@ def test_frames_prepared_from_a_tensor_equal_opencvs(shape):
 
 @pytest.mark.parametrize("overlays", [True, False], ids=["eager", "lazy"])
 @pytest.mark.parametrize("device_prepare_fails", [False, True], ids=["", "prepare-falls-back"])
-def test_pipeline_with_pixels_left_on_the_device_gives_the_cpu_results(overlays, device_prepare_fails, monkeypatch):
+@pytest.mark.parametrize("together", [True, False], ids=["batched", "one-by-one"])
+def test_pipeline_with_pixels_left_on_the_device_gives_the_cpu_results(overlays, device_prepare_fails, together,
+                                                                      monkeypatch):
     """GPU_DECODE's path end to end, with a CPU stand-in for nvJPEG: the frames are prepared from tensors
-    (or, when that fails, as out of GPU memory would, on the host)."""
+    (or, when that fails, as out of GPU memory would, on the host); a batch's plain JPEGs decoded in one call
+    (GPU_DECODE_BATCH=on, the default) or one call each."""
     from model.checkpoint import SYNTHETIC_CHECKPOINT
     from training.synthetic import synthetic_jpegs
 
@@ -274,8 +366,9 @@ def test_pipeline_with_pixels_left_on_the_device_gives_the_cpu_results(overlays,
     items = [(name, (lambda data=data: data)) for name, data in files]
     segmenter = Segmenter(load_checkpoint(SYNTHETIC_CHECKPOINT), device="cpu", batch_size=2)
     cpu_path = Pipeline(segmenter, threads=2, gpu_decode="off")
-    device_path = Pipeline(segmenter, threads=2, gpu_decode="off", overlays=overlays)
-    decoder = GpuJpegDecoder("cpu", gpu_decode=cpu_stand_in)
+    device_path = Pipeline(segmenter, threads=2, gpu_decode="off", overlays=overlays, gpu_decode_batch=together)
+    batch = BatchStandIn()
+    decoder = GpuJpegDecoder("cpu", gpu_decode=cpu_stand_in, gpu_decode_batch=batch)
     device_path.decode = decoder
     if device_prepare_fails:
         def out_of_memory(pixels):
@@ -287,6 +380,8 @@ def test_pipeline_with_pixels_left_on_the_device_gives_the_cpu_results(overlays,
     finally:
         cpu_path.close(), device_path.close()
     assert decoder.gpu_images == 5 and not b[-1].ok and "truncated" in b[-1].error
+    # batches of 2: [0, 1], [2, 3], [4, truncated]: the truncated file goes to the CPU, so 4 is decoded alone
+    assert batch.calls == ([2, 2] if together else []), "one call per batch, of its plain JPEGs"
     for x, y in zip(a[:-1], b[:-1]):
         assert x.ok and y.ok and (x.width, x.height) == (y.width, y.height)
         mx = cv2.imdecode(np.frombuffer(x.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE) > 0
