@@ -97,9 +97,19 @@ def _synchronised(stream):
     import torch
 
     with torch.cuda.stream(stream):
-        stream.synchronize()
+        _sleep_until_done(stream)
         yield stream
-        stream.synchronize()
+        _sleep_until_done(stream)
+
+
+def _sleep_until_done(stream) -> None:
+    """``stream.synchronize()``, sleeping instead of spinning: with fewer CUDA contexts than cores, CUDA's
+    default waits spin a core, one the finishing threads need (as ``Planes.result`` does)."""
+    import torch
+
+    done = torch.cuda.Event(blocking=True)
+    done.record(stream)
+    done.synchronize()
 
 
 def _host(pixels) -> np.ndarray:
