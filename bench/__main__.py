@@ -121,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
                         "where it runs in float32 (a CPU without bf16), as trained under bf16 (CUDA); on: folded; "
                         "off: layer by layer, as trained. Model and pipeline stages and --sweep-batches only")
     p.add_argument("--gpu-decode", choices=("auto", "on", "off"), default=os.environ.get("GPU_DECODE") or "auto")
+    p.add_argument("--gpu-decode-batch", choices=("on", "off"), default=os.environ.get("GPU_DECODE_BATCH") or "on",
+                   help="GPU_DECODE_BATCH for the pipeline and the workers (default on): with JPEGs decoded on the GPU, "
+                        "a forward batch's in one nvJPEG call; off: one call per image")
     p.add_argument("--allocator", choices=ALLOCATOR_MODES, default=s.allocator,
                    help=f"ALLOCATOR for the workers and, so that the stages compare like with like, this process "
                         f"(now {s.allocator}; bonedetect/allocator.py)")
@@ -362,7 +365,8 @@ def run(args, argv, tmp: Path) -> int:
         reduced = args.jpeg_decode == "reduced"
         results["pipeline"] = tp.measure_pipeline(segmenter, paths, args.chunk, args.io_threads, args.gpu_decode,
                                                   overlays=args.overlays == "eager", reduced_jpeg=reduced,
-                                                  concurrency=args.worker_concurrency)
+                                                  concurrency=args.worker_concurrency,
+                                                  gpu_decode_batch=args.gpu_decode_batch == "on")
         costs = tp.step_costs(segmenter, paths, reduced_jpeg=reduced and args.overlays == "lazy")
         out["step_ms"] = {k: round(v, 1) for k, v in costs.items()}
     if "system" in stages and args.workers > 1 and (n % args.chunk or (n // args.chunk) % args.workers):
@@ -370,7 +374,8 @@ def run(args, argv, tmp: Path) -> int:
             "the last chunk runs alone and the scaling looks worse than it is")
     if "system" in stages:
         kw = dict(threads=args.threads, batch=worker_batch, chunk=args.chunk, io_threads=args.io_threads,
-                  broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode, "OVERLAYS": args.overlays,
+                  broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode,
+                                                 "GPU_DECODE_BATCH": args.gpu_decode_batch, "OVERLAYS": args.overlays,
                                                              "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode,
                                                              "INFER_CPU_BF16": args.cpu_bf16, "INFER_TTA": args.tta,
                                                              "CUDNN_BENCHMARK": args.cudnn_benchmark,
@@ -412,7 +417,8 @@ def run(args, argv, tmp: Path) -> int:
           f"{f'gunicorn x{args.api_workers}' if args.api_workers else 'in this process'}"
           f"{' (one core each)' if args.pin_workers else ''}; broker {args.broker}; "
           f"channels_last {segmenter.channels_last}; BatchNorm folded {segmenter.fold_bn}; compile {args.compile}; "
-          f"{f'cudnn.benchmark {args.cudnn_benchmark}; ' if segmenter.cuda else ''}overlays {args.overlays}; "
+          f"{f'cudnn.benchmark {args.cudnn_benchmark}; ' if segmenter.cuda else ''}"
+          f"{f'GPU decode {args.gpu_decode}, batched {args.gpu_decode_batch}; ' if segmenter.cuda else ''}overlays {args.overlays}; "
           f"JPEG decode {args.jpeg_decode}; allocator {args.allocator}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}; "
           f"CPU bf16 {segmenter.cpu_bf16}; TTA {segmenter.tta} (INFER_TTA={args.tta})")
     print()

@@ -366,17 +366,19 @@ def bracketed(before: StageResult, after: StageResult) -> tuple[StageResult, str
 
 def measure_pipeline(
     segmenter, paths: Sequence[Path], chunk: int, threads: int, gpu_decode: str | None = None, overlays: bool = True,
-    reduced_jpeg: bool = True, concurrency: int = 1,
+    reduced_jpeg: bool = True, concurrency: int = 1, gpu_decode_batch: bool = True,
 ) -> StageResult:
     """``Pipeline.run`` on chunks of ``chunk`` files, as the worker calls it per task
     (``overlays``: render overlay PNGs too, as OVERLAYS=eager workers do;
     ``reduced_jpeg``: JPEG_DECODE=reduced; ``concurrency``: chunks run at once
-    from that many threads, as a WORKER_CONCURRENCY worker's task threads do)."""
+    from that many threads, as a WORKER_CONCURRENCY worker's task threads do;
+    ``gpu_decode_batch``: GPU_DECODE_BATCH)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from worker.pipeline import Pipeline
 
-    pipeline = Pipeline(segmenter, threads=threads, gpu_decode=gpu_decode, overlays=overlays, reduced_jpeg=reduced_jpeg)
+    pipeline = Pipeline(segmenter, threads=threads, gpu_decode=gpu_decode, overlays=overlays, reduced_jpeg=reduced_jpeg,
+                        gpu_decode_batch=gpu_decode_batch)
     chunks = [[(f"img-{i + j}", p.read_bytes) for j, p in enumerate(paths[i : i + chunk])] for i in range(0, len(paths), chunk)]
     try:
         pipeline.run([("warm-up", paths[0].read_bytes)])
@@ -396,6 +398,11 @@ def measure_pipeline(
     name = getattr(getattr(decoder, "func", decoder), "__name__", type(decoder).__name__)
     if pipeline.reduces_jpeg:
         name += f"(long_side={decoder.keywords['long_side']})"
+    from worker.gpu_decode import GpuJpegDecoder
+
+    if isinstance(decoder, GpuJpegDecoder):  # how many went to nvJPEG, and how
+        name += (f"(gpu={decoder.gpu_images}, cpu={decoder.cpu_images}, "
+                 f"{'batched' if pipeline.gpu_decode_batch else 'one call per image'})")
     notes = {"tumor_detected": tumors, "decoder": name, "steal_pct": steal, "load": load_average(),
              # core-ms per image of each step in this run (Pipeline.cpu_seconds); run() prints it under the table
              "cpu_ms_by_step": {k: 1000.0 * v / len(paths) for k, v in pipeline.cpu_seconds.items() if v > 0}}

@@ -26,7 +26,8 @@
 #   DEADLINE_S  seconds the whole script may take (default 540, under the device tool's 600 s per
 #            command): every step's limit is cut to what is left less 45 s, and a step that would get
 #            under 45 s (and less than it asked for) is skipped, exit 99 for the first one. Steps run in order of what the issue asks: the compiled end-to-end
-#            run, the same batch as one job in 8 parts from 4 clients to 4 API processes, 1 and 2
+#            run, its pipeline with one nvJPEG call per image, the same batch as one job in 8 parts from 4
+#            clients to 4 API processes, 1 and 2
 #            worker processes on the GPU, one chunk at a time, the sweep, the sweep with cuDNN's heuristics,
 #            the sweep with the BatchNorms folded
 #   OUT      where the results go (the device tool sets it; default runs/gpu-bench)
@@ -45,12 +46,17 @@
 #            a job sent whole cannot be processed faster than one request is uploaded, nor before
 #            its last byte has arrived (docs/benchmarks.md); 0: not
 #   JOBS_AB  0 (default): 1: the same as 8 jobs sent whole (--jobs 8), as measured before parts
+#   DECODE_AB  1 (default): the pipeline again with each JPEG its own nvJPEG call (--gpu-decode-batch off, as
+#            before 2026-12-07 14:00) against a forward batch's in one call: torchvision runs every call under
+#            one process-wide lock and synchronises at its end, and gives a call's baseline JPEGs to the JPEG
+#            engines (A100, H100) as one batch (worker/gpu_decode.py); 0: not
 #   WORKERS_AB  1 (default): the system again with 2 worker processes sharing the GPU (--workers 2; the bench
 #            first runs 1 worker for its scaling line): one process's finishing holds Python's lock ~13% of
 #            its CPU time, ~1.4 ms an image, and the rest of its Python work ~0.3 more, so one process may
 #            not pass ~600 images/s whatever its cores (docs/benchmarks.md, 2026-12-07 10:00 and 11:00); 0: not
 #
 # What comes back in $OUT: bench-log.txt (everything printed), bench.json (the compiled run),
+# bench-decode-per-image.json (its pipeline with one nvJPEG call per image),
 # bench-parts.json (its system as one job in 8 parts), bench-two-workers.json (1 and 2 worker processes on the
 # GPU), bench-jobs.json (as 8 jobs, with JOBS_AB=1) and bench-one-chunk.json (its pipeline and system with one
 # chunk at a time).
@@ -116,12 +122,38 @@ try:
 except ImportError as e:
     print(f"no torchvision: JPEGs decode on the CPU ({e})")
 EOF
+"$PY" - <<'EOF' || echo "nvJPEG check failed (the runs go on)"
+# a forward batch's JPEGs in one nvJPEG call (GPU_DECODE_BATCH=on) against one call each and against Pillow
+import time
+import numpy as np, torch
+from worker.decode import decode_image
+from worker.gpu_decode import GpuJpegDecoder, gpu_decode_unavailable
+from bench.throughput import radiograph_jpeg
+if gpu_decode_unavailable("cuda"):
+    print(f"no nvJPEG check: {gpu_decode_unavailable('cuda')}")
+    raise SystemExit(0)
+files = [radiograph_jpeg(i, 2500, 3000) for i in range(16)]  # the bench's radiographs, ~0.8 MB each
+decoder = GpuJpegDecoder("cuda")
+for _ in range(2):  # the second round is timed
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    together = decoder.decode_batch(files); torch.cuda.synchronize(); t1 = time.perf_counter()
+    alone = [decoder(f) for f in files]; torch.cuda.synchronize(); t2 = time.perf_counter()
+same = all(torch.equal(a.pixels, b.pixels) for a, b in zip(together, alone))
+off = max(int(np.abs(a.pixels.cpu().numpy().astype(int) - decode_image(f).pixels).max()) for a, f in zip(together, files))
+print(f"nvJPEG, 16 JPEGs of ~3000x2500 from one thread: {16 / (t1 - t0):.0f} img/s in one call, "
+      f"{16 / (t2 - t1):.0f} one call each; the same pixels either way: {same}; at most {off} gray levels from Pillow's")
+EOF
 
 SWEEP=${SWEEP-16,64,128}
 END_TO_END=("${MODEL_ARGS[@]}" --compile --batch "$BATCH" --images "$IMAGES" --chunk "$CHUNK" --io-threads "$IO")
 step "model / pipeline / system, compiled, batch $BATCH, $IMAGES images, chunk $CHUNK, $IO io threads" "$LIMIT_S" \
     "${END_TO_END[@]}" --json "$OUT/bench.json"
 rc=$?
+if [ "${DECODE_AB:-1}" = 1 ]; then
+    # nvJPEG was called once per image from the pool's threads until 2026-12-07; never measured either way
+    step "pipeline again with one nvJPEG call per image (--gpu-decode-batch off)" 100 \
+        "${END_TO_END[@]}" --stages pipeline --gpu-decode-batch off --json "$OUT/bench-decode-per-image.json"
+fi
 if [ "${PARTS_AB:-1}" = 1 ]; then
     # a job sent whole is capped by its own upload (about 300 MB/s, 370 radiographs/s, on 2026-11-27 and 2026-12-06)
     step "system again, the batch as one job in 8 parts by 4 clients, API under gunicorn x4" 150 \
