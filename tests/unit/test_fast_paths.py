@@ -335,7 +335,7 @@ def test_nvjpeg_decodes_a_batch_as_it_decodes_each_file():
 @pytest.mark.parametrize("shape", [(2500, 3000), (1000, 777), (300, 200), (64, 64), (40, 300)])
 def test_frames_prepared_from_a_tensor_equal_opencvs(shape):
     """Preprocessor.prepare_tensor (pixels decoded on the GPU) resamples as OpenCV does: INTER_AREA to shrink."""
-    from model.preprocess import area_weights
+    from model.preprocess import area_taps
 
     rng = np.random.default_rng(shape[0])
     pixels = cv2.GaussianBlur(rng.integers(0, 256, shape).astype(np.uint8), (0, 0), 3)
@@ -345,7 +345,14 @@ def test_frames_prepared_from_a_tensor_equal_opencvs(shape):
     got, g2 = pre.prepare_tensor(torch.from_numpy(pixels))
     assert g2 == g and got.dtype == torch.float32 and tuple(got.shape) == (128, 128)
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=2e-5)
-    torch.testing.assert_close(area_weights(5, 13).sum(1), torch.ones(5))
+    for dst, src in ((5, 13), (427, 2500), (512, 3000), (3, 3), (7, 8)):
+        index, weights = area_taps(dst, src)
+        torch.testing.assert_close(weights.sum(1), torch.ones(dst))
+        assert index.min() >= 0 and index.max() < src and (weights >= 0).all()
+        dense = torch.zeros(dst, src).index_put_((torch.arange(dst)[:, None].expand_as(index), index), weights, accumulate=True)
+        inside = torch.arange(src)[None, :] + 1 > torch.arange(dst)[:, None] * src / dst  # the pixels each one overlaps
+        inside &= torch.arange(src)[None, :] < (torch.arange(dst)[:, None] + 1) * src / dst
+        assert ((dense > 0) == inside).all(), "every pixel it overlaps, and no other"
     with pytest.raises(ValueError, match="uint8"):
         pre.prepare_tensor(torch.zeros((4, 4), dtype=torch.int16))
 
