@@ -142,6 +142,28 @@ same = all(torch.equal(a.pixels, b.pixels) for a, b in zip(together, alone))
 off = max(int(np.abs(a.pixels.cpu().numpy().astype(int) - decode_image(f).pixels).max()) for a, f in zip(together, files))
 print(f"nvJPEG, 16 JPEGs of ~3000x2500 from one thread: {16 / (t1 - t0):.0f} img/s in one call, "
       f"{16 / (t2 - t1):.0f} one call each; the same pixels either way: {same}; at most {off} gray levels from Pillow's")
+# preparing their frames on the GPU (INTER_AREA from each pixel's taps) against the dense matrices used before 2026-12-07
+from model.preprocess import Preprocessor
+pre, weights = Preprocessor(512, 0.5, 0.25), {}
+def dense_weights(dst, src, device):
+    if (dst, src) not in weights:
+        scale, j = src / dst, torch.arange(src, dtype=torch.float64, device=device)
+        e = torch.arange(dst + 1, dtype=torch.float64, device=device) * scale
+        overlap = torch.minimum(e[1:, None], j[None] + 1) - torch.maximum(e[:-1, None], j[None])
+        weights[dst, src] = (overlap.clamp_min_(0) / scale).to(torch.float32)
+    return weights[dst, src]
+def dense(pixels):
+    g = pre.geometry(*pixels.shape)
+    unit = pixels.to(torch.float32).div_(255.0)
+    return dense_weights(g.scaled_h, g.orig_h, pixels.device) @ unit @ dense_weights(g.scaled_w, g.orig_w, pixels.device).T
+pixels, ms = [image.pixels for image in together], {}
+for name, prepare in (("taps", lambda p: pre.prepare_tensor(p)[0]), ("dense", dense)) * 2:  # the second round is timed
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    for p in pixels:
+        prepare(p)
+    torch.cuda.synchronize(); ms[name] = 1000 * (time.perf_counter() - t0) / len(pixels)
+print(f"preparing a frame on the GPU, one thread: {ms['taps']:.3f} ms per image from the taps, "
+      f"{ms['dense']:.3f} by the dense matrices used before")
 EOF
 
 SWEEP=${SWEEP-16,64,128}
