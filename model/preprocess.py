@@ -106,7 +106,10 @@ def area_taps(dst: int, src: int, device=None):
     j = first[:, None] + torch.arange(k, device=device)  # (dst, K) candidate source pixels
     overlap = torch.minimum(hi[:, None], j + 1) - torch.maximum(lo[:, None], j.to(torch.float64))
     weights = (overlap.clamp_min_(0) / scale).to(torch.float32)
-    return torch.clamp(j, max=src - 1), weights
+    index = torch.clamp(j, max=src - 1)
+    if index.is_cuda:  # cached for every thread's stream: complete before any other stream reads it
+        torch.cuda.current_stream(index.device).synchronize()
+    return index, weights
 
 
 @dataclass(frozen=True)
@@ -212,8 +215,14 @@ class Preprocessor:
             if g.scaled_h * g.scaled_w < g.orig_h * g.orig_w:  # shrinking, as _resize decides
                 rows, row_weights = area_taps(g.scaled_h, g.orig_h, pixels.device)
                 cols, col_weights = area_taps(g.scaled_w, g.orig_w, pixels.device)
-                unit = (unit[rows] * row_weights[:, :, None]).sum(1)  # (scaled_h, K, W) -> (scaled_h, W)
-                unit = (unit[:, cols] * col_weights).sum(2)  # (scaled_h, scaled_w, K) -> (scaled_h, scaled_w)
+                if unit.is_cuda:  # the cache's tensors are used on this stream too: not reused before it is done
+                    for t in (rows, row_weights, cols, col_weights):
+                        t.record_stream(torch.cuda.current_stream(unit.device))
+                # rows a tap at a time (a (scaled_h, K, W) gather would be 72 MB for a 3000x2500 radiograph)
+                shrunk = unit.index_select(0, rows[:, 0]).mul_(row_weights[:, :1])
+                for t in range(1, rows.shape[1]):
+                    shrunk.addcmul_(unit.index_select(0, rows[:, t]), row_weights[:, t : t + 1])
+                unit = (shrunk[:, cols] * col_weights).sum(2)  # (scaled_h, scaled_w, K) -> (scaled_h, scaled_w)
             else:
                 unit = F.interpolate(unit[None, None], size=(g.scaled_h, g.scaled_w), mode="bilinear",
                                      align_corners=False)[0, 0]
