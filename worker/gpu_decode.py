@@ -43,7 +43,7 @@ another; on GPUs with JPEG engines (A100, H100) a call's baseline JPEGs go to
 the engines as one batch (``nvjpegDecodeBatched``), one image per call using
 one engine at a time. Progressive JPEGs are decoded there image by image with
 the entropy decoding on the CPU, inside that mutex: one core for the whole
-process, which the CPU's decoders (every pool thread, at 1/2-1/8 size) beat.
+process, where the CPU decoder (``decode_image``) runs in every pool thread.
 When a batched call fails (one file nvJPEG refuses fails the call), its
 images are decoded one by one, so each gets its own outcome.
 """
@@ -99,6 +99,17 @@ def select_decoder(mode: str, device) -> Decoder:
     return decode_image
 
 
+def _torchvision_decodes_lists() -> bool:
+    """Whether the installed torchvision's decode_jpeg takes a list of files (0.19 and later)."""
+    try:
+        import torchvision
+
+        major, minor = (int(part) for part in torchvision.__version__.split(".")[:2])
+    except Exception:
+        return False
+    return (major, minor) >= (0, 19)
+
+
 class GpuJpegDecoder:
     """``decode_image`` with plain JPEGs decoded on the GPU (module docstring).
 
@@ -121,7 +132,8 @@ class GpuJpegDecoder:
         self.fallback = fallback
         self._gpu_decode = gpu_decode or self._torchvision_decode
         if gpu_decode_batch is None:
-            gpu_decode_batch = self._torchvision_decode if gpu_decode is None else self._one_by_one
+            batches = gpu_decode is None and _torchvision_decodes_lists()
+            gpu_decode_batch = self._torchvision_decode if batches else self._one_by_one
         self._gpu_decode_batch = gpu_decode_batch
         self._lock = threading.Lock()
         self.gpu_images = 0  # how many went through the GPU (the benchmark reports it)

@@ -278,10 +278,15 @@ class Pipeline:
             item.error = f"could not read the uploaded file: {err}"
             return item
         if together:
-            with self._step("decode"):
-                if self.decode.takes(data, self.max_pixels):
-                    item.data = data
-                    return item
+            try:
+                with self._step("decode"):
+                    takes = self.decode.takes(data, self.max_pixels)
+            except Exception as err:  # not bytes, say: this image fails, not the chunk
+                item.error = _decode_error(err)
+                return item
+            if takes:
+                item.data = data
+                return item
         with self._device_stream():
             try:
                 with self._step("decode"):

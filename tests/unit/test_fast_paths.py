@@ -273,6 +273,43 @@ class BatchStandIn:
         return [self.one(t) for t in tensors]
 
 
+def test_batched_gpu_decoding_with_one_thread_and_with_two_chunks_at_once(segmenter):
+    """The batch's decoding task waits on its reads in the pool they share: with one thread, and with two chunks
+    run at once (WORKER_CONCURRENCY 2) on one pool, it finishes, and gives what one call per image gives; a
+    reader that hands back something other than bytes fails its own image only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [jpeg(30 + i, 40 + 3 * i, 60) for i in range(7)]
+    files.insert(2, files[0][:150])  # truncated: the CPU decoder says why
+    items = [(f"i{k}", (lambda d=d: d)) for k, d in enumerate(files)]
+    items.insert(5, ("not-bytes", lambda: memoryview(files[1])))
+
+    def run(threads, together, concurrently):
+        pipeline = Pipeline(segmenter, threads=threads, gpu_decode="off", gpu_decode_batch=together)
+        batch = BatchStandIn()
+        pipeline.decode = GpuJpegDecoder("cpu", gpu_decode=cpu_stand_in, gpu_decode_batch=batch)
+        try:
+            with ThreadPoolExecutor(2) as runs:
+                chunks = [runs.submit(pipeline.run, items) for _ in range(2 if concurrently else 1)]
+                results = [chunk.result(timeout=120) for chunk in chunks]  # a deadlock fails here, not forever
+        finally:
+            pipeline.close()
+        return results, batch.calls
+
+    def summary(results):
+        return [(r.image_id, r.error is None, r.mask_png, r.stats and r.stats.area_px) for r in results]
+
+    (want,), calls = run(2, False, False)
+    assert calls == [] and [r.ok for r in want] == [True, True, False, True, True, False, True, True, True]
+    assert "truncated" in want[2].error and want[5].error.startswith("not a decodable image")
+    for threads in (1, 3):
+        got, calls = run(threads, True, True)
+        assert [summary(r) for r in got] == [summary(want)] * 2
+        # batches [i0, i1], [i2 truncated, i3], [i4, not bytes], [i5, i6], [i7]: one call each for the two whose
+        # files are both plain JPEGs, per chunk; a lone plain JPEG is decoded by itself
+        assert calls == [2] * 4
+
+
 def progressive_jpeg(seed: int, h: int, w: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w), dtype=np.uint8)).save(buf, "JPEG", progressive=True)
