@@ -121,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
                         "where it runs in float32 (a CPU without bf16), as trained under bf16 (CUDA); on: folded; "
                         "off: layer by layer, as trained. Model and pipeline stages and --sweep-batches only")
     p.add_argument("--gpu-decode", choices=("auto", "on", "off"), default=os.environ.get("GPU_DECODE") or "auto")
-    p.add_argument("--gpu-decode-batch", choices=("on", "off"), default=os.environ.get("GPU_DECODE_BATCH") or "on",
+    p.add_argument("--gpu-decode-batch", choices=("on", "off"), default=(os.environ.get("GPU_DECODE_BATCH") or "on").strip().lower(),
                    help="GPU_DECODE_BATCH for the pipeline and the workers (default on): with JPEGs decoded on the GPU, "
                         "a forward batch's in one nvJPEG call; off: one call per image")
     p.add_argument("--allocator", choices=ALLOCATOR_MODES, default=s.allocator,

@@ -122,7 +122,7 @@ try:
 except ImportError as e:
     print(f"no torchvision: JPEGs decode on the CPU ({e})")
 EOF
-"$PY" - <<'EOF' || echo "nvJPEG check failed (the runs go on)"
+timeout 90 "$PY" - <<'EOF' || echo "nvJPEG check failed or took over 90 s (the runs go on)"
 # a forward batch's JPEGs in one nvJPEG call (GPU_DECODE_BATCH=on) against one call each and against Pillow
 import time
 import numpy as np, torch
@@ -152,10 +152,13 @@ def dense_weights(dst, src, device):
         overlap = torch.minimum(e[1:, None], j[None] + 1) - torch.maximum(e[:-1, None], j[None])
         weights[dst, src] = (overlap.clamp_min_(0) / scale).to(torch.float32)
     return weights[dst, src]
-def dense(pixels):
+def dense(pixels):  # prepare_tensor as it was, for a shrinking image
     g = pre.geometry(*pixels.shape)
     unit = pixels.to(torch.float32).div_(255.0)
-    return dense_weights(g.scaled_h, g.orig_h, pixels.device) @ unit @ dense_weights(g.scaled_w, g.orig_w, pixels.device).T
+    unit = dense_weights(g.scaled_h, g.orig_h, pixels.device) @ unit @ dense_weights(g.scaled_w, g.orig_w, pixels.device).T
+    frame = torch.zeros((pre.size, pre.size), dtype=torch.float32, device=pixels.device)
+    frame[g.top : g.top + g.scaled_h, g.left : g.left + g.scaled_w] = unit
+    return frame.sub_(pre.mean).div_(pre.std)
 pixels, ms = [image.pixels for image in together], {}
 for name, prepare in (("taps", lambda p: pre.prepare_tensor(p)[0]), ("dense", dense)) * 2:  # the second round is timed
     torch.cuda.synchronize(); t0 = time.perf_counter()
@@ -171,7 +174,7 @@ END_TO_END=("${MODEL_ARGS[@]}" --compile --batch "$BATCH" --images "$IMAGES" --c
 step "model / pipeline / system, compiled, batch $BATCH, $IMAGES images, chunk $CHUNK, $IO io threads" "$LIMIT_S" \
     "${END_TO_END[@]}" --json "$OUT/bench.json"
 rc=$?
-if [ "${DECODE_AB:-1}" = 1 ]; then
+if [ "${DECODE_AB:-1}" = 1 ] && "$PY" -c "import torchvision" 2> /dev/null; then
     # nvJPEG was called once per image from the pool's threads until 2026-12-07; never measured either way
     step "pipeline again with one nvJPEG call per image (--gpu-decode-batch off)" 100 \
         "${END_TO_END[@]}" --stages pipeline --gpu-decode-batch off --json "$OUT/bench-decode-per-image.json"
