@@ -26,10 +26,9 @@
 #   DEADLINE_S  seconds the whole script may take (default 540, under the device tool's 600 s per
 #            command): every step's limit is cut to what is left less 45 s, and a step that would get
 #            under 45 s (and less than it asked for) is skipped, exit 99 for the first one. Steps run in order of what the issue asks: the compiled end-to-end
-#            run, its pipeline with one nvJPEG call per image, the same batch as one job in 8 parts from 4
-#            clients to 4 API processes, 1 and 2
-#            worker processes on the GPU, one chunk at a time, the sweep, the sweep with cuDNN's heuristics,
-#            the sweep with the BatchNorms folded
+#            run, the same batch as one job in 8 parts from 4 clients to 4 API processes, 1 and 2
+#            worker processes on the GPU, its pipeline with one nvJPEG call per image, one chunk at a time,
+#            the sweep, the sweep with cuDNN's heuristics, the sweep with the BatchNorms folded
 #   OUT      where the results go (the device tool sets it; default runs/gpu-bench)
 #   PYTHON   default python3
 #   SWEEP    forward batches for the network-alone sweep (default 16,64,128; empty: no sweep)
@@ -174,11 +173,6 @@ END_TO_END=("${MODEL_ARGS[@]}" --compile --batch "$BATCH" --images "$IMAGES" --c
 step "model / pipeline / system, compiled, batch $BATCH, $IMAGES images, chunk $CHUNK, $IO io threads" "$LIMIT_S" \
     "${END_TO_END[@]}" --json "$OUT/bench.json"
 rc=$?
-if [ "${DECODE_AB:-1}" = 1 ] && "$PY" -c "import torchvision" 2> /dev/null; then
-    # nvJPEG was called once per image from the pool's threads until 2026-12-07; never measured either way
-    step "pipeline again with one nvJPEG call per image (--gpu-decode-batch off)" 100 \
-        "${END_TO_END[@]}" --stages pipeline --gpu-decode-batch off --json "$OUT/bench-decode-per-image.json"
-fi
 if [ "${PARTS_AB:-1}" = 1 ]; then
     # a job sent whole is capped by its own upload (about 300 MB/s, 370 radiographs/s, on 2026-11-27 and 2026-12-06)
     step "system again, the batch as one job in 8 parts by 4 clients, API under gunicorn x4" 150 \
@@ -188,6 +182,11 @@ if [ "${WORKERS_AB:-1}" = 1 ]; then
     # one worker process per GPU: its threads share one Python lock, which its finishing holds ~1.3 ms an image
     step "system again with 2 worker processes sharing the GPU (after 1 worker, for the scaling line)" 180 \
         "${END_TO_END[@]}" --stages system --workers 2 --json "$OUT/bench-two-workers.json"
+fi
+if [ "${DECODE_AB:-1}" = 1 ] && "$PY" -c "import torchvision" 2> /dev/null; then
+    # nvJPEG was called once per image from the pool's threads until 2026-12-07; never measured either way
+    step "pipeline again with one nvJPEG call per image (--gpu-decode-batch off)" 100 \
+        "${END_TO_END[@]}" --stages pipeline --gpu-decode-batch off --json "$OUT/bench-decode-per-image.json"
 fi
 if [ "${JOBS_AB:-0}" = 1 ]; then
     step "system again, the batch as 8 jobs by 4 clients, API under gunicorn x4" 150 \
