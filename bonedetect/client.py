@@ -124,6 +124,52 @@ RETRY_STATUSES = (502, 503, 504)  # the API (or its load balancer) says: not now
 FINISHED = ("done", "done_with_errors", "cancelled")  # a job in any other state (receiving, queued, processing) goes on
 
 
+def images_through(job: dict) -> int:
+    """A job answer's images that are through: done, failed or cancelled."""
+    counts = job.get("counts") or {}
+    return sum(counts.get(status, 0) for status in ("done", "failed", "cancelled"))
+
+
+class PollPacer:
+    """How long to wait before looking at a job again, from what the looks so
+    far saw. While nothing has finished the wait grows by half each look,
+    from ``shortest`` to ``longest`` (a job queued behind others, a worker
+    starting). Once images finish, the job's rate since the first look gives
+    the time its last image should finish, counted from the last look that
+    saw a change (images finish a chunk at a time); the wait is ``share`` of
+    the time until then, within [shortest, longest]. With share 0.05 a job
+    due in a minute is looked at every 3 s, one due in 2 s every 0.1 s. Once
+    that time has passed, the wait starts again from ``shortest`` and grows
+    by a quarter each look that sees no change (a slow last chunk; a job
+    open for parts that has finished what it was sent)."""
+
+    def __init__(self, shortest: float, longest: float, share: float = 0.05):
+        if shortest <= 0 or longest < shortest:
+            raise ValueError(f"poll intervals need 0 < shortest <= longest, got {shortest} and {longest}")
+        self.shortest, self.longest, self.share = shortest, longest, share
+        self.first: tuple[float, int] | None = None  # (time, finished) at the first look
+        self.changed: tuple[float, int] | None = None  # the last look that saw a change
+        self.waits = {"idle": shortest, "late": shortest}
+
+    def next_delay(self, now: float, finished: int, total: int) -> float:
+        if self.first is None:
+            self.first = (now, finished)
+        if finished != (self.changed or self.first)[1]:
+            self.changed, self.waits["late"] = (now, finished), self.shortest
+        if self.changed is None or self.changed[1] <= self.first[1]:
+            return self._grow("idle", 1.5)
+        (t0, f0), (t1, f1) = self.first, self.changed
+        end = t1 + max(0, total - f1) * (t1 - t0) / (f1 - f0)
+        if now < end:
+            return min(self.longest, max(self.shortest, self.share * (end - now)))
+        return self._grow("late", 1.25)
+
+    def _grow(self, which: str, factor: float) -> float:
+        delay = self.waits[which]
+        self.waits[which] = min(self.longest, delay * factor)
+        return delay
+
+
 class Client:
     """Args:
         retries: how often a request is tried again when the API is briefly
@@ -303,17 +349,26 @@ class Client:
     def job(self, job_id: str) -> dict:
         return self.get_json(f"/v1/jobs/{job_id}")
 
-    def wait(self, job_id: str, timeout: float = 600.0, poll: float = 0.5, on_poll=None) -> dict:
+    def wait(self, job_id: str, timeout: float = 600.0, poll: float = 0.5, on_poll=None,
+             max_poll: float | None = None) -> dict:
+        """Poll the job until it finishes; its last answer. ``poll``: the
+        shortest time between two looks; ``max_poll`` (default 10 x ``poll``)
+        the longest. Between the two, the job's progress sets the pace
+        (``PollPacer``): seldom while its end is far, every ``poll`` near it,
+        so that a night's batch is not asked about twice a second for hours
+        and its end is still seen within about ``poll``."""
         deadline = time.monotonic() + timeout
+        pacer = PollPacer(poll, max_poll if max_poll is not None else 10 * poll)
         while True:
             job = self.job(job_id)
             if on_poll:
                 on_poll(job)
             if job["status"] in FINISHED:
                 return job
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s: {job['counts']}")
-            time.sleep(poll)
+            time.sleep(min(pacer.next_delay(now, images_through(job), job.get("total", 0)), max(0.0, deadline - now) + poll))
 
     def images(self, job_id: str, limit: int = 500) -> Iterator[dict]:
         cursor = None

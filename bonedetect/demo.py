@@ -139,7 +139,7 @@ def run_demo(
         def progress(j):
             print(f"  {j['status']:<17} {j['counts']}", flush=True)
 
-        final = client.wait(job["job_id"], timeout=900, poll=1.0, on_poll=progress)
+        final = client.wait(job["job_id"], timeout=900, poll=0.5, max_poll=3.0, on_poll=progress)
         print(f"job {final['status']} in {time.monotonic() - t0:.1f} s, model {', '.join(final['model_versions'])}\n")
         print_results(client, job["job_id"], truth, real=bool(data))
         if not serve:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bonedetect.client import ApiError, Client
+from bonedetect.client import ApiError, Client, PollPacer
 
 
 class Flaky:
@@ -258,3 +259,108 @@ def test_submit_in_parts_reports_the_parts_that_failed_with_the_job_to_resume_an
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- waiting for a job: looked at seldom while its end is far, often near it ---------------------
+
+
+def chunked_job(images: int, chunk: int, seconds_per_image: float, start: float, last_late: float = 0.0):
+    """A job whose images finish a chunk at a time, as a worker commits them:
+    (finished at time t, the time its last image finishes)."""
+    commits, done, t = [], 0, start
+    while done < images:
+        k = min(chunk, images - done)
+        t += k * seconds_per_image + (last_late if done + k == images else 0.0)
+        done += k
+        commits.append((t, done))
+    return (lambda now: max((n for at, n in commits if at <= now), default=0)), t
+
+
+def look_until_done(pacer: PollPacer, finished_at, total: int) -> tuple[int, float, list[float]]:
+    """Looks at the job on the pacer's schedule (no sleeping: simulated time):
+    how many looks, the time of the first that saw it finished, the waits."""
+    now, looks, waits = 0.0, 0, []
+    while True:
+        finished, looks = finished_at(now), looks + 1
+        if finished >= total:
+            return looks, now, waits
+        waits.append(pacer.next_delay(now, finished, total))
+        now += waits[-1]
+
+
+def test_a_job_is_looked_at_a_third_as_often_as_every_poll_and_its_end_is_seen_within_a_poll():
+    # the benchmark's 200 images on a 2-core CPU: chunks of 32, ~0.47 s an image, the first after 2 s
+    finished_at, end = chunked_job(200, 32, 15 / 32, start=2.0)
+    looks, seen, waits = look_until_done(PollPacer(0.1, 1.0), finished_at, 200)
+    every_poll = int(end / 0.1) + 1
+    assert looks < every_poll / 3 and looks < end / 0.25 / 2  # 142 looks here; every 0.25 s would be 384
+    assert end <= seen <= end + 0.1
+    assert min(waits) == 0.1 and max(waits) == 1.0
+
+
+def test_a_job_later_than_its_rate_promised_is_still_seen_soon_after_it_ends():
+    finished_at, end = chunked_job(200, 32, 15 / 32, start=2.0, last_late=5.0)
+    looks, seen, waits = look_until_done(PollPacer(0.1, 1.0), finished_at, 200)
+    assert end <= seen <= end + 0.25 * 5.0  # the waits grow by a quarter a look once the end was due
+    assert max(waits) <= 1.0
+
+
+def test_a_night_batch_is_looked_at_every_few_seconds_not_twice_a_second():
+    finished_at, end = chunked_job(5000, 32, 0.05, start=30.0)  # queued 30 s behind another job
+    looks, seen, waits = look_until_done(PollPacer(0.5, 5.0), finished_at, 5000)
+    assert looks < end / 0.5 / 4
+    assert end <= seen <= end + 0.5
+    assert waits[:4] == [0.5, 0.75, 1.125, 1.6875]  # nothing finished yet: half as long again each look
+    assert max(waits) == 5.0
+
+
+def test_a_pacer_with_a_longest_wait_below_its_shortest_is_refused():
+    with pytest.raises(ValueError, match="shortest <= longest"):
+        PollPacer(1.0, 0.5)
+
+
+def test_wait_returns_the_finished_job_after_looking_at_it_less_often_than_every_poll():
+    """A real loopback server plays the API: a job of 60 images, 10 finishing
+    every 0.25 s after the first second (the answers' counts and total)."""
+    started = time.monotonic()
+    seen = []
+
+    class Job(BaseHTTPRequestHandler):
+        def do_GET(self):
+            elapsed = time.monotonic() - started
+            finished = min(60, 10 * max(0, int((elapsed - 1.0) / 0.25)))
+            status = "done" if finished == 60 else "processing"
+            seen.append(elapsed)
+            payload = json.dumps({"job_id": "j1", "status": status, "total": 60,
+                                  "counts": {"queued": 60 - finished, "processing": 0, "done": finished - 2,
+                                             "failed": 2 if finished else 0, "cancelled": 0}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Job)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = Client(f"http://127.0.0.1:{server.server_address[1]}", "key")
+        looked = []
+        job = client.wait("j1", timeout=30, poll=0.02, max_poll=0.5, on_poll=looked.append)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert job["status"] == "done" and job["counts"]["failed"] == 2
+    assert len(looked) == len(seen) and looked[-1] is job
+    assert len(seen) < (2.5 / 0.02) / 2  # every 0.02 s would be 125 looks until the end at 2.5 s
+    assert seen[-1] - 2.5 < 0.5  # seen done soon after it was
+
+
+def test_wait_gives_up_at_its_timeout_with_the_job_as_last_seen(flaky):
+    server = flaky(0)  # answers every look with a job still queued
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="j1 still queued"):
+        Client(server.url, "key").wait("j1", timeout=0.5, poll=0.05, max_poll=5.0)
+    assert time.monotonic() - started < 0.5 + 0.05 + 2.0  # not a long wait past the timeout
