@@ -132,42 +132,40 @@ def images_through(job: dict) -> int:
 
 class PollPacer:
     """How long to wait before looking at a job again, from what the looks so
-    far saw. While nothing has finished the wait grows by half each look,
-    from ``shortest`` to ``longest`` (a job queued behind others, a worker
-    starting). Once images finish, the job's rate since the first look gives
-    the time its last image should finish, counted from the last look that
-    saw a change (images finish a chunk at a time); the wait is ``share`` of
-    the time until then, within [shortest, longest]. With share 0.05 a job
-    due in a minute is looked at every 3 s, one due in 2 s every 0.1 s. Once
-    that time has passed, the wait starts again from ``shortest`` and grows
-    by a quarter each look that sees no change (a slow last chunk; a job
-    open for parts that has finished what it was sent)."""
+    far saw, within [``shortest``, ``longest``]. Once images finish, the
+    job's rate since the first look gives the time its last image should
+    finish, counted from the last look that saw a change (images finish a
+    chunk at a time); the wait is ``share`` of the time until then: with
+    share 0.05, a job due in a minute is looked at every 3 s, one due in 2 s
+    every 0.1 s. While nothing has finished since the first look (a job
+    queued behind others, a chunk still running), and once the time it was
+    due has passed (a slow last chunk; an open job that has finished what it
+    was sent), the wait is ``patience`` of the time since then: with 0.1, a
+    job done within ten ``shortest`` waits is seen as soon as with a look
+    every ``shortest``, and one seen late is seen at most a tenth late."""
 
-    def __init__(self, shortest: float, longest: float, share: float = 0.05):
+    def __init__(self, shortest: float, longest: float, share: float = 0.05, patience: float = 0.1):
         if shortest <= 0 or longest < shortest:
             raise ValueError(f"poll intervals need 0 < shortest <= longest, got {shortest} and {longest}")
-        self.shortest, self.longest, self.share = shortest, longest, share
+        self.shortest, self.longest, self.share, self.patience = shortest, longest, share, patience
         self.first: tuple[float, int] | None = None  # (time, finished) at the first look
         self.changed: tuple[float, int] | None = None  # the last look that saw a change
-        self.waits = {"idle": shortest, "late": shortest}
 
     def next_delay(self, now: float, finished: int, total: int) -> float:
         if self.first is None:
             self.first = (now, finished)
         if finished != (self.changed or self.first)[1]:
-            self.changed, self.waits["late"] = (now, finished), self.shortest
+            self.changed = (now, finished)
         if self.changed is None or self.changed[1] <= self.first[1]:
-            return self._grow("idle", 1.5)
+            return self._within(self.patience * (now - self.first[0]))
         (t0, f0), (t1, f1) = self.first, self.changed
         end = t1 + max(0, total - f1) * (t1 - t0) / (f1 - f0)
         if now < end:
-            return min(self.longest, max(self.shortest, self.share * (end - now)))
-        return self._grow("late", 1.25)
+            return self._within(self.share * (end - now))
+        return self._within(self.patience * (now - end))
 
-    def _grow(self, which: str, factor: float) -> float:
-        delay = self.waits[which]
-        self.waits[which] = min(self.longest, delay * factor)
-        return delay
+    def _within(self, delay: float) -> float:
+        return min(self.longest, max(self.shortest, delay))
 
 
 class Client:
