@@ -133,33 +133,38 @@ def images_through(job: dict) -> int:
 class PollPacer:
     """How long to wait before looking at a job again, from what the looks so
     far saw, within [``shortest``, ``longest``]. Once images finish, the
-    job's rate since the first look gives the time its last image should
-    finish, counted from the last look that saw a change (images finish a
-    chunk at a time); the wait is ``share`` of the time until then: with
-    share 0.05, a job due in a minute is looked at every 3 s, one due in 2 s
-    every 0.1 s. While nothing has finished since the first look (a job
-    queued behind others, a chunk still running), and once the time it was
-    due has passed (a slow last chunk; an open job that has finished what it
-    was sent), the wait is ``patience`` of the time since then: with 0.1, a
-    job done within ten ``shortest`` waits is seen as soon as with a look
-    every ``shortest``, and one seen late is seen at most a tenth late."""
+    job's rate since the first look that saw it moving (an image processing
+    or finished: a job may wait in the queue first) gives the time its last
+    image should finish, counted from the last look that saw a change
+    (images finish a chunk at a time); the wait is ``share`` of the time
+    until then: with share 0.05, a job due in a minute is looked at every
+    3 s, one due in 2 s every 0.1 s. While nothing has finished since the
+    first look (a job queued behind others, a chunk still running), and once
+    the time it was due has passed (a slow last chunk; an open job that has
+    finished what it was sent), the wait is ``patience`` of the time since
+    then: with 0.1, a job done within ten ``shortest`` waits is seen as soon
+    as with a look every ``shortest``, and one seen late is seen at most a
+    tenth late."""
 
     def __init__(self, shortest: float, longest: float, share: float = 0.05, patience: float = 0.1):
         if shortest <= 0 or longest < shortest:
             raise ValueError(f"poll intervals need 0 < shortest <= longest, got {shortest} and {longest}")
         self.shortest, self.longest, self.share, self.patience = shortest, longest, share, patience
         self.first: tuple[float, int] | None = None  # (time, finished) at the first look
+        self.moving: float | None = None  # the first look that saw an image processing or finished
         self.changed: tuple[float, int] | None = None  # the last look that saw a change
 
-    def next_delay(self, now: float, finished: int, total: int) -> float:
+    def next_delay(self, now: float, finished: int, total: int, processing: int = 0) -> float:
         if self.first is None:
             self.first = (now, finished)
         if finished != (self.changed or self.first)[1]:
             self.changed = (now, finished)
+        if self.moving is None and (processing > 0 or self.changed is not None):
+            self.moving = now
         if self.changed is None or self.changed[1] <= self.first[1]:
             return self._within(self.patience * (now - self.first[0]))
-        (t0, f0), (t1, f1) = self.first, self.changed
-        end = t1 + max(0, total - f1) * (t1 - t0) / (f1 - f0)
+        (t1, f1), f0 = self.changed, self.first[1]
+        end = t1 + max(0, total - f1) * (t1 - self.moving) / (f1 - f0)
         if now < end:
             return self._within(self.share * (end - now))
         return self._within(self.patience * (now - end))
@@ -353,8 +358,9 @@ class Client:
         shortest time between two looks; ``max_poll`` (default 10 x ``poll``)
         the longest. Between the two, the job's progress sets the pace
         (``PollPacer``): seldom while its end is far, every ``poll`` near it,
-        so that a night's batch is not asked about twice a second for hours
-        and its end is still seen within about ``poll``."""
+        so that a night's batch is not asked about twice a second for hours,
+        and its end is still seen within about ``poll`` while its rate
+        holds (at most a tenth of the time it ran late when it does not)."""
         deadline = time.monotonic() + timeout
         pacer = PollPacer(poll, max_poll if max_poll is not None else 10 * poll)
         while True:
@@ -366,7 +372,8 @@ class Client:
             now = time.monotonic()
             if now > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s: {job['counts']}")
-            time.sleep(min(pacer.next_delay(now, images_through(job), job.get("total", 0)), max(0.0, deadline - now) + poll))
+            delay = pacer.next_delay(now, images_through(job), job.get("total", 0), (job.get("counts") or {}).get("processing", 0))
+            time.sleep(min(delay, deadline - now + poll))
 
     def images(self, job_id: str, limit: int = 500) -> Iterator[dict]:
         cursor = None

@@ -276,23 +276,24 @@ def chunked_job(images: int, chunk: int, seconds_per_image: float, start: float,
     return (lambda now: max((n for at, n in commits if at <= now), default=0)), t
 
 
-def look_until_done(pacer: PollPacer, finished_at, total: int) -> tuple[list[float], float, list[float]]:
-    """Looks at the job on the pacer's schedule (no sleeping: simulated time):
-    the times of the looks until one saw it finished, that time, the waits."""
+def look_until_done(pacer: PollPacer, finished_at, total: int, start: float = 0.0) -> tuple[list[float], float, list[float]]:
+    """Looks at the job on the pacer's schedule (no sleeping: simulated time),
+    its images processing from ``start``: the times of the looks until one
+    saw it finished, that time, the waits."""
     now, looks, waits = 0.0, [], []
     while True:
         finished = finished_at(now)
         looks.append(now)
         if finished >= total:
             return looks, now, waits
-        waits.append(pacer.next_delay(now, finished, total))
+        waits.append(pacer.next_delay(now, finished, total, processing=int(now >= start)))
         now += waits[-1]
 
 
 def test_a_job_is_looked_at_a_third_as_often_as_every_poll_and_its_end_is_seen_within_a_poll():
     # the benchmark's 200 images on a 2-core CPU: chunks of 32, ~0.47 s an image, the first after 2 s
     finished_at, end = chunked_job(200, 32, 15 / 32, start=2.0)
-    looks, seen, waits = look_until_done(PollPacer(0.1, 1.0), finished_at, 200)
+    looks, seen, waits = look_until_done(PollPacer(0.1, 1.0), finished_at, 200, start=2.0)
     assert len(looks) < (end / 0.1) / 3 and len(looks) < (end / 0.25) / 2  # 160 here; every 0.25 s: 384
     assert end <= seen <= end + 0.1
     assert min(waits) == 0.1 and max(waits) == 1.0
@@ -300,7 +301,7 @@ def test_a_job_is_looked_at_a_third_as_often_as_every_poll_and_its_end_is_seen_w
 
 def test_a_job_later_than_its_rate_promised_is_seen_at_most_a_tenth_late():
     finished_at, end = chunked_job(200, 32, 15 / 32, start=2.0, last_late=5.0)
-    looks, seen, waits = look_until_done(PollPacer(0.1, 1.0), finished_at, 200)
+    looks, seen, waits = look_until_done(PollPacer(0.1, 1.0), finished_at, 200, start=2.0)
     assert end <= seen <= end + 0.1 * 5.0 + 0.1  # the end was due 5 s before it came
     assert max(waits) <= 1.0
 
@@ -313,12 +314,21 @@ def test_a_small_job_done_at_once_is_seen_as_soon_as_with_a_look_every_poll():
 
 def test_a_night_batch_is_looked_at_every_few_seconds_not_twice_a_second():
     finished_at, end = chunked_job(5000, 32, 0.05, start=30.0)  # queued 30 s behind another job
-    looks, seen, waits = look_until_done(PollPacer(0.5, 5.0), finished_at, 5000)
+    looks, seen, waits = look_until_done(PollPacer(0.5, 5.0), finished_at, 5000, start=30.0)
     assert len(looks) < (end / 0.5) / 4  # 119 here; every 0.5 s: 559
     assert end <= seen <= end + 0.5
     first_seen = next(t for t in looks if finished_at(t) > 0)
     assert first_seen <= 31.6 * 1.1  # while nothing finished, looked at within a tenth of the time waited
     assert max(waits) == 5.0
+
+
+@pytest.mark.parametrize("shortest, longest", [(0.1, 1.0), (0.5, 5.0)])
+def test_a_job_that_waited_in_the_queue_is_paced_by_its_rate_since_it_started_not_since_the_first_look(shortest, longest):
+    # two chunks of 32 after 60 s behind other jobs: counted from the first look, its rate would be a fifth of
+    # the real one and its end would be looked for up to `longest` late
+    finished_at, end = chunked_job(64, 32, 0.5, start=60.0)
+    looks, seen, waits = look_until_done(PollPacer(shortest, longest), finished_at, 64, start=60.0)
+    assert end <= seen <= end + shortest + 0.1 * longest  # the start is seen up to a wait late
 
 
 def test_a_pacer_with_a_longest_wait_below_its_shortest_is_refused():
@@ -327,8 +337,8 @@ def test_a_pacer_with_a_longest_wait_below_its_shortest_is_refused():
 
 
 def test_wait_returns_the_finished_job_after_looking_at_it_less_often_than_every_poll():
-    """A real loopback server plays the API: a job of 60 images, 10 finishing
-    every 0.25 s after the first second (the answers' counts and total)."""
+    """A real loopback server plays the API: a job of 60 images queued for a
+    second, then 10 finishing every 0.25 s (the answers' counts and total)."""
     started = time.monotonic()
     seen = []
 
@@ -336,11 +346,12 @@ def test_wait_returns_the_finished_job_after_looking_at_it_less_often_than_every
         def do_GET(self):
             elapsed = time.monotonic() - started
             finished = min(60, 10 * max(0, int((elapsed - 1.0) / 0.25)))
-            status = "done" if finished == 60 else "processing"
+            busy = 10 if elapsed >= 1.0 and finished < 60 else 0  # the chunk being processed
+            status = "done" if finished == 60 else "processing" if elapsed >= 1.0 else "queued"
             seen.append(elapsed)
             payload = json.dumps({"job_id": "j1", "status": status, "total": 60,
-                                  "counts": {"queued": 60 - finished, "processing": 0, "done": finished - 2,
-                                             "failed": 2 if finished else 0, "cancelled": 0}}).encode()
+                                  "counts": {"queued": 60 - finished - busy, "processing": busy, "done": max(0, finished - 2),
+                                             "failed": min(2, finished), "cancelled": 0}}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
@@ -355,19 +366,46 @@ def test_wait_returns_the_finished_job_after_looking_at_it_less_often_than_every
     try:
         client = Client(f"http://127.0.0.1:{server.server_address[1]}", "key")
         looked = []
-        job = client.wait("j1", timeout=30, poll=0.02, max_poll=0.5, on_poll=looked.append)
+        job = client.wait("j1", timeout=30, poll=0.01, max_poll=0.5, on_poll=looked.append)
     finally:
         server.shutdown()
         server.server_close()
     assert job["status"] == "done" and job["counts"]["failed"] == 2
     assert len(looked) == len(seen) and looked[-1] is job
-    assert len(seen) < (2.5 / 0.02) / 2  # every 0.02 s would be 125 looks until the end at 2.5 s
+    assert len(seen) < (2.5 / 0.01) / 2  # every 0.01 s would be 250 looks until the end at 2.5 s
     assert seen[-1] - 2.5 < 0.5  # seen done soon after it was
 
 
-def test_wait_gives_up_at_its_timeout_with_the_job_as_last_seen(flaky):
-    server = flaky(0)  # answers every look with a job still queued
-    started = time.monotonic()
-    with pytest.raises(TimeoutError, match="j1 still queued"):
-        Client(server.url, "key").wait("j1", timeout=0.5, poll=0.05, max_poll=5.0)
-    assert time.monotonic() - started < 0.5 + 0.05 + 2.0  # not a long wait past the timeout
+def test_wait_gives_up_at_its_timeout_though_the_job_is_paced_for_a_longer_wait():
+    """The job moves an image a look out of 1,000, so the pacer asks for waits
+    of seconds; the timeout still ends the wait within a poll of it."""
+    looks = []
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):
+            looks.append(time.monotonic())
+            payload = json.dumps({"job_id": "j1", "status": "processing", "total": 1000,
+                                  "counts": {"queued": 999 - len(looks), "processing": 1, "done": len(looks),
+                                             "failed": 0, "cancelled": 0}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = Client(f"http://127.0.0.1:{server.server_address[1]}", "key")
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="j1 still processing"):
+            client.wait("j1", timeout=1.0, poll=0.05, max_poll=30.0)
+        waited = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert max(b - a for a, b in zip(looks, looks[1:])) > 0.3  # paced: the waits had grown past the poll
+    assert 1.0 <= waited < 1.0 + 0.05 + 0.5  # yet it stopped within a poll (and a look) of the timeout
