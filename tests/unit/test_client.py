@@ -4,6 +4,7 @@ A real HTTP server on loopback plays an API in the middle of a restart."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -336,22 +337,14 @@ def test_a_pacer_with_a_longest_wait_below_its_shortest_is_refused():
         PollPacer(1.0, 0.5)
 
 
-def test_wait_returns_the_finished_job_after_looking_at_it_less_often_than_every_poll():
-    """A real loopback server plays the API: a job of 60 images queued for a
-    second, then 10 finishing every 0.25 s (the answers' counts and total)."""
-    started = time.monotonic()
-    seen = []
+@contextlib.contextmanager
+def job_api(answer):
+    """A real loopback server playing the API's GET /v1/jobs/<id>: each look
+    is answered with ``answer()``; yields a Client of it."""
 
     class Job(BaseHTTPRequestHandler):
         def do_GET(self):
-            elapsed = time.monotonic() - started
-            finished = min(60, 10 * max(0, int((elapsed - 1.0) / 0.25)))
-            busy = 10 if elapsed >= 1.0 and finished < 60 else 0  # the chunk being processed
-            status = "done" if finished == 60 else "processing" if elapsed >= 1.0 else "queued"
-            seen.append(elapsed)
-            payload = json.dumps({"job_id": "j1", "status": status, "total": 60,
-                                  "counts": {"queued": 60 - finished - busy, "processing": busy, "done": max(0, finished - 2),
-                                             "failed": min(2, finished), "cancelled": 0}}).encode()
+            payload = json.dumps(answer()).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
@@ -364,12 +357,30 @@ def test_wait_returns_the_finished_job_after_looking_at_it_less_often_than_every
     server = ThreadingHTTPServer(("127.0.0.1", 0), Job)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        client = Client(f"http://127.0.0.1:{server.server_address[1]}", "key")
-        looked = []
-        job = client.wait("j1", timeout=30, poll=0.01, max_poll=0.5, on_poll=looked.append)
+        yield Client(f"http://127.0.0.1:{server.server_address[1]}", "key")
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_wait_returns_the_finished_job_after_looking_at_it_less_often_than_every_poll():
+    """A job of 60 images queued for a second, then 10 finishing every 0.25 s
+    (the answers' counts and total)."""
+    started = time.monotonic()
+    seen = []
+
+    def answer():
+        elapsed = time.monotonic() - started
+        finished = min(60, 10 * max(0, int((elapsed - 1.0) / 0.25)))
+        busy = 10 if elapsed >= 1.0 and finished < 60 else 0  # the chunk being processed
+        seen.append(elapsed)
+        return {"job_id": "j1", "status": "done" if finished == 60 else "processing" if elapsed >= 1.0 else "queued",
+                "total": 60, "counts": {"queued": 60 - finished - busy, "processing": busy,
+                                        "done": max(0, finished - 2), "failed": min(2, finished), "cancelled": 0}}
+
+    looked = []
+    with job_api(answer) as client:
+        job = client.wait("j1", timeout=30, poll=0.01, max_poll=0.5, on_poll=looked.append)
     assert job["status"] == "done" and job["counts"]["failed"] == 2
     assert len(looked) == len(seen) and looked[-1] is job
     assert len(seen) < (2.5 / 0.01) / 2  # every 0.01 s would be 250 looks until the end at 2.5 s
@@ -381,31 +392,15 @@ def test_wait_gives_up_at_its_timeout_though_the_job_is_paced_for_a_longer_wait(
     of seconds; the timeout still ends the wait within a poll of it."""
     looks = []
 
-    class Slow(BaseHTTPRequestHandler):
-        def do_GET(self):
-            looks.append(time.monotonic())
-            payload = json.dumps({"job_id": "j1", "status": "processing", "total": 1000,
-                                  "counts": {"queued": 999 - len(looks), "processing": 1, "done": len(looks),
-                                             "failed": 0, "cancelled": 0}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+    def answer():
+        looks.append(time.monotonic())
+        return {"job_id": "j1", "status": "processing", "total": 1000,
+                "counts": {"queued": 999 - len(looks), "processing": 1, "done": len(looks), "failed": 0, "cancelled": 0}}
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = Client(f"http://127.0.0.1:{server.server_address[1]}", "key")
+    with job_api(answer) as client:
         started = time.monotonic()
         with pytest.raises(TimeoutError, match="j1 still processing"):
             client.wait("j1", timeout=1.0, poll=0.05, max_poll=30.0)
         waited = time.monotonic() - started
-    finally:
-        server.shutdown()
-        server.server_close()
     assert max(b - a for a, b in zip(looks, looks[1:])) > 0.3  # paced: the waits had grown past the poll
     assert 1.0 <= waited < 1.0 + 0.05 + 0.5  # yet it stopped within a poll (and a look) of the timeout
