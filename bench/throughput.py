@@ -849,6 +849,8 @@ class RssSampler:
 def worker_memory(system: System, paths: Sequence[Path], log=print) -> dict:
     """Worker RSS over one job of len(paths) images: after warm-up (start),
     after the first 10% of images, at the end, and the maximum; MiB."""
+    from bonedetect.client import images_through
+
     warm_up(system, paths[0])
     client = system.client()
     worker = system.workers[0]
@@ -862,7 +864,7 @@ def worker_memory(system: System, paths: Sequence[Path], log=print) -> dict:
 
         def on_poll(j):
             now = time.perf_counter()
-            progress.append((now, j["counts"]["done"] + j["counts"]["failed"]))
+            progress.append((now, images_through(j)))
             if now - last[0] > 30:
                 last[0] = now
                 log(f"  {progress[-1][1]}/{len(paths)} images, worker RSS {rss.samples[-1][1] / 2**20:.0f} MiB")
