@@ -365,7 +365,7 @@ def bracketed(before: StageResult, after: StageResult) -> tuple[StageResult, str
 
 
 def measure_pipeline(
-    segmenter, paths: Sequence[Path], chunk: int, threads: int, gpu_decode: str | None = None, overlays: bool = True,
+    segmenter, paths: Sequence[Path], chunk: int, threads: int, gpu_decode: str = "auto", overlays: bool = True,
     reduced_jpeg: bool = True, concurrency: int = 1, gpu_decode_batch: bool = True,
 ) -> StageResult:
     """``Pipeline.run`` on chunks of ``chunk`` files, as the worker calls it per task

@@ -35,6 +35,8 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         OPENCV_THREADS=str(settings.opencv_threads),
         OVERLAYS=settings.overlays,
         JPEG_DECODE=settings.jpeg_decode,
+        GPU_DECODE=settings.gpu_decode,
+        GPU_DECODE_BATCH=settings.gpu_decode_batch,
         ALLOCATOR=settings.allocator,
         TORCH_COMPILE=settings.torch_compile,
         CUDNN_BENCHMARK=settings.cudnn_benchmark,

@@ -37,6 +37,8 @@ def positive_or_auto(env: dict, name: str) -> int | None:
 ALLOCATOR_MODES = ("keep", "system")  # ALLOCATOR; the first is the default (bonedetect/allocator.py)
 JPEG_DECODE_MODES = ("reduced", "full")  # JPEG_DECODE; the first is the default (worker/decode.py)
 OVERLAY_MODES = ("lazy", "eager")  # OVERLAYS; the first is the default (worker/overlay.py)
+GPU_DECODE_MODES = ("auto", "on", "off")  # GPU_DECODE; the first is the default (worker/gpu_decode.py)
+GPU_DECODE_BATCH_MODES = ("on", "off")  # GPU_DECODE_BATCH; the first is the default (worker/gpu_decode.py)
 CUDNN_BENCHMARK_MODES = ("on", "off")  # CUDNN_BENCHMARK; the first is the default (model.inference.Segmenter)
 CPU_BF16_MODES = ("off", "on", "auto")  # INFER_CPU_BF16; the first is the default (model.inference.wants_cpu_bf16)
 # INFER_TTA: auto = the mode the checkpoint was validated to be served with (its "tta"; none: off), or one of
@@ -83,6 +85,8 @@ class Settings:
     cudnn_benchmark: str = "on"  # on: cuDNN times its algorithms for the frames' shape once and keeps the fastest (CUDA only); off: its heuristics
     allocator: str = "keep"  # keep: workers keep freed memory for the next image (no page faults); system: glibc's defaults
     jpeg_decode: str = "reduced"  # reduced: with lazy overlays, CPU workers decode JPEGs at 1/2-1/8 size when the frame is that small; full
+    gpu_decode: str = "auto"  # auto: CUDA workers decode JPEGs with nvJPEG where torchvision can; on: nvJPEG, or the worker does not load its model and logs why; off: the CPU
+    gpu_decode_batch: str = "on"  # on: with gpu_decode, a forward batch's plain JPEGs in one nvJPEG call; off: one call per image
     overlays: str = "lazy"  # lazy: the API renders an overlay on its first request; eager: the worker writes each (worker/overlay.py)
     log_level: str = "INFO"
     log_format: str = "json"  # json: one object per line with job/image ids (bonedetect/logs.py); text: for a terminal
@@ -135,6 +139,8 @@ class Settings:
             opencv_threads=_int(env, "OPENCV_THREADS", 1),
             overlays=_choice(env, "OVERLAYS", OVERLAY_MODES),
             jpeg_decode=_choice(env, "JPEG_DECODE", JPEG_DECODE_MODES),
+            gpu_decode=_choice(env, "GPU_DECODE", GPU_DECODE_MODES),
+            gpu_decode_batch=_choice(env, "GPU_DECODE_BATCH", GPU_DECODE_BATCH_MODES),
             allocator=_choice(env, "ALLOCATOR", ALLOCATOR_MODES),
             torch_compile=_choice(env, "TORCH_COMPILE", ("auto", "on", "off")),
             cudnn_benchmark=_choice(env, "CUDNN_BENCHMARK", CUDNN_BENCHMARK_MODES),

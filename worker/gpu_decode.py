@@ -58,11 +58,12 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from bonedetect.settings import GPU_DECODE_MODES
 from worker.decode import MIN_SIDE, DecodedImage, decode_image
 
 log = logging.getLogger("bonedetect.worker")
 
-MODES = ("auto", "on", "off")
+MODES = GPU_DECODE_MODES  # GPU_DECODE
 Decoder = Callable[[bytes, int], DecodedImage]  # (file bytes, max_pixels) -> DecodedImage; raises DecodeError
 
 

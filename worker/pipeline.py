@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -167,13 +166,11 @@ class Pipeline:
         threads: decode/finish threads that overlap the network.
         gpu_decode: "auto" (nvJPEG through torchvision when the segmenter is on
             CUDA and torchvision imports), "on" (required; ValueError if not
-            possible) or "off"; None reads GPU_DECODE from the environment
-            (default "auto").
+            possible) or "off" (the worker passes its GPU_DECODE setting).
         gpu_decode_batch: with JPEGs decoded on the GPU, a batch's plain JPEGs
             in one nvJPEG call after each was read and its header checked in
             the pool (worker/gpu_decode.py says why); False: one call per
-            image, in the pool's threads. None reads GPU_DECODE_BATCH (on|off,
-            default on).
+            image, in the pool's threads (GPU_DECODE_BATCH=off).
         prefetch_batches: batches decoded ahead of the network.
         max_pending: images decoded and run through the network but not yet
             finished, before the network waits; None: two batches, at least
@@ -222,23 +219,18 @@ class Pipeline:
         segmenter: Segmenter,
         max_pixels: int = 100_000_000,
         threads: int = 4,
-        gpu_decode: str | None = None,
+        gpu_decode: str = "auto",
         prefetch_batches: int = 2,
         max_pending: int | None = None,
         overlays: bool = True,
         reduced_jpeg: bool = True,
-        gpu_decode_batch: bool | None = None,
+        gpu_decode_batch: bool = True,
     ):
         if threads < 1 or prefetch_batches < 1:
             raise ValueError(f"threads and prefetch_batches must be at least 1, got {threads} and {prefetch_batches}")
         self.segmenter = segmenter
         self.max_pixels = max_pixels
-        self.decode = select_decoder(gpu_decode or os.environ.get("GPU_DECODE") or "auto", segmenter.device)
-        if gpu_decode_batch is None:
-            setting = (os.environ.get("GPU_DECODE_BATCH") or "on").strip().lower()
-            if setting not in ("on", "off"):
-                raise ValueError(f"GPU_DECODE_BATCH must be on or off, got {setting!r}")
-            gpu_decode_batch = setting == "on"
+        self.decode = select_decoder(gpu_decode, segmenter.device)
         self.gpu_decode_batch = bool(gpu_decode_batch)
         self.prefetch_batches = prefetch_batches
         self.overlays = bool(overlays)

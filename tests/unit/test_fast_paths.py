@@ -203,17 +203,40 @@ def test_without_cuda_auto_decodes_on_the_cpu_and_on_says_why_not(segmenter):
     assert Pipeline(segmenter, gpu_decode="auto").decode is decode_image
 
 
-def test_gpu_decode_batch_setting(segmenter, monkeypatch):
-    monkeypatch.delenv("GPU_DECODE_BATCH", raising=False)
-    for value, want in ((None, True), (" Off", False), ("on", True)):
-        if value is not None:
-            monkeypatch.setenv("GPU_DECODE_BATCH", value)
-        pipeline = Pipeline(segmenter, gpu_decode="off")
-        pipeline.close()
-        assert pipeline.gpu_decode_batch is want
-    monkeypatch.setenv("GPU_DECODE_BATCH", "16")
-    with pytest.raises(ValueError, match="GPU_DECODE_BATCH must be on or off, got '16'"):
-        Pipeline(segmenter, gpu_decode="off")
+def test_gpu_decode_settings_are_read_once_and_reach_the_workers_pipeline(tmp_path):
+    """GPU_DECODE and GPU_DECODE_BATCH are settings like the others: checked when they are read (the API and
+    the worker refuse a value they do not know), passed to worker processes, and the worker builds its
+    pipeline from them."""
+    from bonedetect.local import settings_env
+    from bonedetect.settings import Settings
+    from model.checkpoint import SYNTHETIC_CHECKPOINT
+    from worker.tasks import build_context
+
+    default = Settings.from_env({})
+    assert (default.gpu_decode, default.gpu_decode_batch) == ("auto", "on")
+    chosen = Settings.from_env({"GPU_DECODE": " Off", "GPU_DECODE_BATCH": "OFF"})
+    assert (chosen.gpu_decode, chosen.gpu_decode_batch) == ("off", "off")
+    passed = Settings.from_env(settings_env(chosen))
+    assert (passed.gpu_decode, passed.gpu_decode_batch) == ("off", "off")
+    with pytest.raises(ValueError, match="GPU_DECODE_BATCH must be one of on, off, got '16'"):
+        Settings.from_env({"GPU_DECODE_BATCH": "16"})
+    with pytest.raises(ValueError, match="GPU_DECODE must be one of auto, on, off, got 'nvjpeg'"):
+        Settings.from_env({"GPU_DECODE": "nvjpeg"})
+
+    # the worker's own construction, on this machine's CPU (ALLOCATOR=system and OPENCV_THREADS=0 leave this
+    # test process's allocator and OpenCV as they are)
+    env = {"BONEDETECT_HOME": str(tmp_path), "MODEL_CHECKPOINT": str(SYNTHETIC_CHECKPOINT), "TORCH_COMPILE": "off",
+           "ALLOCATOR": "system", "OPENCV_THREADS": "0", "INFER_TTA": "off", "OVERLAYS": "eager"}
+    for batch in ("on", "off"):
+        ctx = build_context(Settings.from_env({**env, "GPU_DECODE": "auto", "GPU_DECODE_BATCH": batch}))
+        try:
+            assert ctx.pipeline.decode is decode_image  # auto: the CPU, where the network is
+            assert ctx.pipeline.gpu_decode_batch is (batch == "on")
+        finally:
+            ctx.pipeline.close()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="GPU_DECODE=on, but JPEGs cannot be decoded on the GPU"):
+            build_context(Settings.from_env({**env, "GPU_DECODE": "on"}))
 
 
 def cpu_stand_in(data: torch.Tensor) -> torch.Tensor:
