@@ -83,8 +83,8 @@ def concurrency_arg(text: str) -> int | None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from bonedetect.settings import (ALLOCATOR_MODES, CPU_BF16_MODES, CUDNN_BENCHMARK_MODES, JPEG_DECODE_MODES,
-                                     OVERLAY_MODES, TTA_MODES, Settings)
+    from bonedetect.settings import (ALLOCATOR_MODES, CPU_BF16_MODES, CUDNN_BENCHMARK_MODES, GPU_DECODE_BATCH_MODES,
+                                     GPU_DECODE_MODES, JPEG_DECODE_MODES, OVERLAY_MODES, TTA_MODES, Settings)
 
     s = Settings.from_env()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,8 +120,9 @@ def parser() -> argparse.ArgumentParser:
                    help="auto (as workers serve it): the network with its BatchNorms folded into its convolutions "
                         "where it runs in float32 (a CPU without bf16), as trained under bf16 (CUDA); on: folded; "
                         "off: layer by layer, as trained. Model and pipeline stages and --sweep-batches only")
-    p.add_argument("--gpu-decode", choices=("auto", "on", "off"), default=os.environ.get("GPU_DECODE") or "auto")
-    p.add_argument("--gpu-decode-batch", choices=("on", "off"), default=(os.environ.get("GPU_DECODE_BATCH") or "on").strip().lower(),
+    p.add_argument("--gpu-decode", choices=GPU_DECODE_MODES, default=s.gpu_decode,
+                   help="GPU_DECODE for the pipeline and the workers (default auto): nvJPEG where the network runs on CUDA")
+    p.add_argument("--gpu-decode-batch", choices=GPU_DECODE_BATCH_MODES, default=s.gpu_decode_batch,
                    help="GPU_DECODE_BATCH for the pipeline and the workers (default on): with JPEGs decoded on the GPU, "
                         "a forward batch's in one nvJPEG call; off: one call per image")
     p.add_argument("--allocator", choices=ALLOCATOR_MODES, default=s.allocator,

@@ -227,10 +227,14 @@ def test_gpu_decode_settings_are_read_once_and_reach_the_workers_pipeline(tmp_pa
     # test process's allocator and OpenCV as they are)
     env = {"BONEDETECT_HOME": str(tmp_path), "MODEL_CHECKPOINT": str(SYNTHETIC_CHECKPOINT), "TORCH_COMPILE": "off",
            "ALLOCATOR": "system", "OPENCV_THREADS": "0", "INFER_TTA": "off", "OVERLAYS": "eager"}
-    for batch in ("on", "off"):
-        ctx = build_context(Settings.from_env({**env, "GPU_DECODE": "auto", "GPU_DECODE_BATCH": batch}))
+    for decode, batch in (("auto", "on"), ("off", "off")):
+        ctx = build_context(Settings.from_env({**env, "GPU_DECODE": decode, "GPU_DECODE_BATCH": batch}))
         try:
-            assert ctx.pipeline.decode is decode_image  # auto: the CPU, where the network is
+            on_gpu = decode == "auto" and gpu_decode_unavailable(ctx.pipeline.segmenter.device) is None
+            if on_gpu:  # a CUDA host with torchvision's nvJPEG
+                assert isinstance(ctx.pipeline.decode, GpuJpegDecoder)
+            else:  # off, or auto where the network is on the CPU
+                assert ctx.pipeline.decode is decode_image
             assert ctx.pipeline.gpu_decode_batch is (batch == "on")
         finally:
             ctx.pipeline.close()
