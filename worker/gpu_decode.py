@@ -63,7 +63,6 @@ from worker.decode import MIN_SIDE, DecodedImage, decode_image
 
 log = logging.getLogger("bonedetect.worker")
 
-MODES = GPU_DECODE_MODES  # GPU_DECODE
 Decoder = Callable[[bytes, int], DecodedImage]  # (file bytes, max_pixels) -> DecodedImage; raises DecodeError
 
 
@@ -86,8 +85,8 @@ def gpu_decode_unavailable(device) -> str | None:
 def select_decoder(mode: str, device) -> Decoder:
     """The decoder for GPU_DECODE=``mode`` with the network on ``device``."""
     choice = (mode or "auto").strip().lower()
-    if choice not in MODES:
-        raise ValueError(f"GPU_DECODE must be one of {', '.join(MODES)}, got {mode!r}")
+    if choice not in GPU_DECODE_MODES:
+        raise ValueError(f"GPU_DECODE must be one of {', '.join(GPU_DECODE_MODES)}, got {mode!r}")
     if choice == "off":
         return decode_image
     reason = gpu_decode_unavailable(device)
