@@ -111,10 +111,11 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
 "$PY" - <<'EOF' || { echo "preflight failed: a package the system stage needs is missing"; exit 1; }
-import celery, cv2, flask, kombu, sqlalchemy, torch
-import api, worker.tasks  # noqa: F401  the system stage's imports
+import worker.tasks, api  # noqa: F401  the system stage's imports, first: the worker sets OpenMP's wait policy before torch loads
+from importlib.metadata import version
+import celery, cv2, kombu, sqlalchemy, torch  # noqa: F401
 print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, opencv {cv2.__version__}, "
-      f"celery {celery.__version__}, flask {flask.__version__}, sqlalchemy {sqlalchemy.__version__}")
+      f"celery {celery.__version__}, flask {version('flask')}, sqlalchemy {sqlalchemy.__version__}")
 try:
     import torchvision
     print(f"torchvision {torchvision.__version__} (nvJPEG decoding)")
