@@ -377,11 +377,11 @@ def run(args, argv, tmp: Path) -> int:
         kw = dict(threads=args.threads, batch=worker_batch, chunk=args.chunk, io_threads=args.io_threads,
                   broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode,
                                                  "GPU_DECODE_BATCH": args.gpu_decode_batch, "OVERLAYS": args.overlays,
-                                                             "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode,
-                                                             "INFER_CPU_BF16": args.cpu_bf16, "INFER_TTA": args.tta,
-                                                             "CUDNN_BENCHMARK": args.cudnn_benchmark,
-                                                             "WORKER_CONCURRENCY": str(args.worker_concurrency),
-                                                             **standin_env},
+                                                 "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode,
+                                                 "INFER_CPU_BF16": args.cpu_bf16, "INFER_TTA": args.tta,
+                                                 "CUDNN_BENCHMARK": args.cudnn_benchmark,
+                                                 "WORKER_CONCURRENCY": str(args.worker_concurrency),
+                                                 **standin_env},
                   pin_workers=args.pin_workers, app=worker_app, api_workers=args.api_workers)
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")
