@@ -8,6 +8,8 @@ idempotent), prefetch 1, results ignored (the SQL database is the record).
 
 from __future__ import annotations
 
+import time
+
 from celery import Celery
 
 from bonedetect.settings import Settings
@@ -51,7 +53,40 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
     )
+    if settings.embedded:
+        prepare_embedded_broker(app, settings)
     return app
+
+
+def prepare_embedded_broker(app: Celery, settings: Settings, attempts: int = 6) -> None:
+    """Make the embedded broker's tables and this deployment's two queues now, tolerating other processes
+    that do the same at the same moment.
+
+    kombu's SQLAlchemy transport makes its tables (``create_all``) and a queue's row by looking first and
+    then inserting, guarded by a lock of one process only (celery/kombu#1187): processes that start at once
+    on a new broker file can both insert, and the loser's error reaches it unhandled. A worker's consumer
+    declares its queues at start, so one of two workers started together could stop at once ("Unrecoverable
+    error: IntegrityError: UNIQUE constraint failed: kombu_queue.name"; one benchmark run in ~20 lost its
+    second worker that way). Here the loser meets the winner's table or row and tries again on a fresh
+    connection, which then finds them: a worker, the API and the reconciler all make their app here before
+    anything of theirs declares a queue."""
+    from kombu import Queue
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            with app.connection_for_write() as conn:
+                channel = conn.default_channel
+                try:
+                    for name in (settings.queue_name, settings.callback_queue):
+                        Queue(name, channel=channel).declare()
+                finally:
+                    _close_session(channel)
+            return
+        except (IntegrityError, OperationalError):  # another process made the table or row first; or held the file
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def worker_pool(concurrency: int) -> dict:
@@ -95,6 +130,11 @@ def waiting_messages(channel, queue: str) -> int:
     try:
         return channel.queue_declare(queue=queue, passive=True).message_count
     finally:
-        session = getattr(channel, "_session", None)
-        if session is not None:
-            session.close()
+        _close_session(channel)
+
+
+def _close_session(channel) -> None:
+    """Give back the SQLAlchemy session kombu's SQLAlchemy channel opened (it never does; waiting_messages)."""
+    session = getattr(channel, "_session", None)
+    if session is not None:
+        session.close()

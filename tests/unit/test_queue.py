@@ -89,3 +89,47 @@ def test_the_worker_app_holds_one_chunk_at_a_time_on_a_cpu_unless_told(tmp_path)
         out = subprocess.run([sys.executable, "-c", probe], env={**env, "WORKER_CONCURRENCY": value},
                              capture_output=True, text=True, check=True).stdout
         assert json.loads(out.strip().splitlines()[-1]) == expected
+
+
+def _start_like_a_worker(home: str, start, errors) -> None:
+    """A child process: make the Celery app, then declare its queues on the broker as a worker's consumer does
+    at start (kombu's Queue.declare), all children at the same moment."""
+    from kombu import Queue
+
+    try:
+        settings = Settings.from_env({"BONEDETECT_HOME": home})
+        start.wait(30)
+        app = make_celery(settings)
+        with app.connection_for_write() as conn:
+            for name in (settings.queue_name, settings.callback_queue):
+                Queue(name, channel=conn.default_channel).declare()
+    except BaseException as err:  # noqa: BLE001 - the parent reports it
+        errors.put(f"{type(err).__name__}: {err}")
+        raise
+
+
+def test_workers_started_together_on_a_fresh_embedded_broker_all_start(tmp_path):
+    """kombu's SQLAlchemy transport makes its tables and a queue's row by looking, then inserting: two processes
+    that start at once on a new broker file can both insert, and the loser's worker stopped with "Unrecoverable
+    error: IntegrityError: UNIQUE constraint failed: kombu_queue.name" (one of two benchmark workers started
+    together sat out a whole run). make_celery prepares the embedded broker's queues so that none of them do."""
+    import multiprocessing
+    import sqlite3
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch's threads
+    for attempt in range(4):
+        home = tmp_path / f"home{attempt}"
+        start, errors = ctx.Barrier(6), ctx.Queue()
+        children = [ctx.Process(target=_start_like_a_worker, args=(str(home), start, errors)) for _ in range(6)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join(120)
+        failures = []
+        while not errors.empty():
+            failures.append(errors.get())
+        assert not failures, failures
+        assert [child.exitcode for child in children] == [0] * 6
+        with sqlite3.connect(home / "broker.sqlite") as db:
+            names = sorted(name for (name,) in db.execute("SELECT name FROM kombu_queue"))
+        assert names == ["segment", "segment-callbacks"]
