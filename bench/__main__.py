@@ -84,7 +84,8 @@ def concurrency_arg(text: str) -> int | None:
 
 def parser() -> argparse.ArgumentParser:
     from bonedetect.settings import (ALLOCATOR_MODES, CPU_BF16_MODES, CUDNN_BENCHMARK_MODES, GPU_DECODE_BATCH_MODES,
-                                     GPU_DECODE_MODES, JPEG_DECODE_MODES, OVERLAY_MODES, TTA_MODES, Settings)
+                                     GPU_DECODE_MODES, IO_PRIORITY_MODES, JPEG_DECODE_MODES, OVERLAY_MODES, TTA_MODES,
+                                     Settings)
 
     s = Settings.from_env()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +107,10 @@ def parser() -> argparse.ArgumentParser:
                         "auto: 16 on CUDA, 1-16 on a CPU by the network's size)")
     p.add_argument("--chunk", type=int, default=s.chunk_size, help=f"images per task (CHUNK_SIZE, now {s.chunk_size})")
     p.add_argument("--io-threads", type=int, default=s.io_threads, help=f"pipeline decode/encode threads (IO_THREADS, now {s.io_threads})")
+    p.add_argument("--io-priority", choices=IO_PRIORITY_MODES, default=s.io_priority,
+                   help=f"IO_PRIORITY for the pipeline and the workers (now {s.io_priority}): idle: the decode/encode "
+                        "threads run only on cores the network leaves free (SCHED_IDLE); auto: idle where the network "
+                        "runs on the CPU")
     p.add_argument("--worker-concurrency", type=concurrency_arg, default=s.worker_concurrency,
                    help=f"chunks each worker holds at once, sharing its model, and chunks the pipeline stage runs at once "
                         f"(WORKER_CONCURRENCY, now {s.worker_concurrency or 'auto'}; auto: 2 on a GPU host, 1 on a CPU)")
@@ -329,6 +334,7 @@ def run(args, argv, tmp: Path) -> int:
                                   cudnn_benchmark=args.cudnn_benchmark == "on", fold_bn=FOLD_BN[args.fold_bn])
     args.batch = segmenter.batch_size  # auto resolved here, for the model and pipeline stages and the table
     from worker.app import default_concurrency
+    from worker.pipeline import pool_priority
 
     args.worker_concurrency = args.worker_concurrency or default_concurrency()  # auto, as the workers resolve it
     standin_env, worker_app = {}, "worker.app"
@@ -344,6 +350,7 @@ def run(args, argv, tmp: Path) -> int:
         out["model"], out["standin_device"] = model_text, args.standin_device
     out["tta_served"] = segmenter.tta  # INFER_TTA resolved against the checkpoint (auto: its recommended mode)
     out["worker_concurrency"] = args.worker_concurrency
+    out["io_priority"] = pool_priority(args.io_priority, segmenter.cuda)  # auto, as the workers resolve it
     device = tp.device_name(segmenter)
     results: dict[str, tp.StageResult] = {}
     drift_warning = None
@@ -367,7 +374,8 @@ def run(args, argv, tmp: Path) -> int:
         results["pipeline"] = tp.measure_pipeline(segmenter, paths, args.chunk, args.io_threads, args.gpu_decode,
                                                   overlays=args.overlays == "eager", reduced_jpeg=reduced,
                                                   concurrency=args.worker_concurrency,
-                                                  gpu_decode_batch=args.gpu_decode_batch == "on")
+                                                  gpu_decode_batch=args.gpu_decode_batch == "on",
+                                                  io_priority=args.io_priority)
         costs = tp.step_costs(segmenter, paths, reduced_jpeg=reduced and args.overlays == "lazy")
         out["step_ms"] = {k: round(v, 1) for k, v in costs.items()}
     if "system" in stages and args.workers > 1 and (n % args.chunk or (n // args.chunk) % args.workers):
@@ -379,7 +387,7 @@ def run(args, argv, tmp: Path) -> int:
                                                  "GPU_DECODE_BATCH": args.gpu_decode_batch, "OVERLAYS": args.overlays,
                                                  "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode,
                                                  "INFER_CPU_BF16": args.cpu_bf16, "INFER_TTA": args.tta,
-                                                 "CUDNN_BENCHMARK": args.cudnn_benchmark,
+                                                 "CUDNN_BENCHMARK": args.cudnn_benchmark, "IO_PRIORITY": args.io_priority,
                                                  "WORKER_CONCURRENCY": str(args.worker_concurrency),
                                                  **standin_env},
                   pin_workers=args.pin_workers, app=worker_app, api_workers=args.api_workers)
@@ -411,7 +419,7 @@ def run(args, argv, tmp: Path) -> int:
     print(f"model:    {model_text} ({ckpt})")
     chunks = -(-n // args.chunk)
     print(f"config:   {n} images of {h}x{w} JPEG; forward batch {args.batch}; chunk {args.chunk} ({chunks} chunks); torch threads {args.threads}"
-          f" per worker; decode/encode threads {args.io_threads}; workers {args.workers}"
+          f" per worker; decode/encode threads {args.io_threads} at {out['io_priority']} priority; workers {args.workers}"
           f" of {args.worker_concurrency} chunk(s) at once; "
           f"{f'1 job in {args.parts} parts' if args.parts > 1 else f'{args.jobs} job(s)'} by "
           f"{min(args.uploaders, max(args.jobs, args.parts))} uploader(s); API "

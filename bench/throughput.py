@@ -366,19 +366,19 @@ def bracketed(before: StageResult, after: StageResult) -> tuple[StageResult, str
 
 def measure_pipeline(
     segmenter, paths: Sequence[Path], chunk: int, threads: int, gpu_decode: str = "auto", overlays: bool = True,
-    reduced_jpeg: bool = True, concurrency: int = 1, gpu_decode_batch: bool = True,
+    reduced_jpeg: bool = True, concurrency: int = 1, gpu_decode_batch: bool = True, io_priority: str = "auto",
 ) -> StageResult:
     """``Pipeline.run`` on chunks of ``chunk`` files, as the worker calls it per task
     (``overlays``: render overlay PNGs too, as OVERLAYS=eager workers do;
     ``reduced_jpeg``: JPEG_DECODE=reduced; ``concurrency``: chunks run at once
     from that many threads, as a WORKER_CONCURRENCY worker's task threads do;
-    ``gpu_decode_batch``: GPU_DECODE_BATCH)."""
+    ``gpu_decode_batch``: GPU_DECODE_BATCH; ``io_priority``: IO_PRIORITY)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from worker.pipeline import Pipeline
 
     pipeline = Pipeline(segmenter, threads=threads, gpu_decode=gpu_decode, overlays=overlays, reduced_jpeg=reduced_jpeg,
-                        gpu_decode_batch=gpu_decode_batch)
+                        gpu_decode_batch=gpu_decode_batch, io_priority=io_priority)
     chunks = [[(f"img-{i + j}", p.read_bytes) for j, p in enumerate(paths[i : i + chunk])] for i in range(0, len(paths), chunk)]
     try:
         pipeline.run([("warm-up", paths[0].read_bytes)])

@@ -31,6 +31,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         LEASE_S=str(settings.lease_s),
         TORCH_THREADS=str(settings.torch_threads),
         IO_THREADS=str(settings.io_threads),
+        IO_PRIORITY=settings.io_priority,
         WORKER_CONCURRENCY=str(settings.worker_concurrency or "auto"),
         OPENCV_THREADS=str(settings.opencv_threads),
         OVERLAYS=settings.overlays,

@@ -41,6 +41,7 @@ GPU_DECODE_MODES = ("auto", "on", "off")  # GPU_DECODE; the first is the default
 GPU_DECODE_BATCH_MODES = ("on", "off")  # GPU_DECODE_BATCH; the first is the default (worker/gpu_decode.py)
 CUDNN_BENCHMARK_MODES = ("on", "off")  # CUDNN_BENCHMARK; the first is the default (model.inference.Segmenter)
 CPU_BF16_MODES = ("off", "on", "auto")  # INFER_CPU_BF16; the first is the default (model.inference.wants_cpu_bf16)
+IO_PRIORITY_MODES = ("auto", "idle", "normal")  # IO_PRIORITY; the first is the default (worker.pipeline.pool_priority)
 # INFER_TTA: auto = the mode the checkpoint was validated to be served with (its "tta"; none: off), or one of
 # model.inference.TTA_FLIPS's modes, which say what each runs
 TTA_MODES = ("auto", "off", "flip", "flip4")
@@ -73,6 +74,9 @@ class Settings:
     lease_s: int = 120  # a live worker renews its chunk's leases every lease_s/3; one that lapses means the worker died
     torch_threads: int = 0  # CPU inference threads per worker; 0: PyTorch's default
     io_threads: int = 4  # decode/encode threads that overlap the network
+    # the I/O threads' CPU scheduling: idle (Linux's SCHED_IDLE) runs them only on cores the network leaves
+    # free; normal shares the cores evenly; auto: idle where the network runs on the CPU, normal on a GPU
+    io_priority: str = "auto"
     # chunks one worker process holds at once, sharing its one loaded model (bonedetect.queue.worker_pool): 1 runs
     # them one after another (Celery's solo pool); 2 lets one chunk's decoding, finishing and database writes
     # overlap the next chunk's network, so a GPU is not left idle between chunks (Celery's threads pool).
@@ -135,6 +139,7 @@ class Settings:
             lease_s=_int(env, "LEASE_S", 120),
             torch_threads=_int(env, "TORCH_THREADS", 0),
             io_threads=_int(env, "IO_THREADS", 4),
+            io_priority=_choice(env, "IO_PRIORITY", IO_PRIORITY_MODES),
             worker_concurrency=positive_or_auto(env, "WORKER_CONCURRENCY"),
             opencv_threads=_int(env, "OPENCV_THREADS", 1),
             overlays=_choice(env, "OVERLAYS", OVERLAY_MODES),

@@ -15,6 +15,8 @@ a batch's plain JPEGs in one nvJPEG call (GPU_DECODE_BATCH=on|off).
 On the CPU, with lazy overlays, a JPEG is decoded at 1/2, 1/4 or 1/8 of its
 size, as long as that keeps twice the network's frame (worker/decode.py,
 JPEG_DECODE=reduced|full): the worker never needs its full-size pixels.
+Where the network runs on the CPU the pool's threads run only on cores it
+leaves free (IO_PRIORITY, ``pool_priority``).
 The benchmark (python -m bench) runs this same class, so what is measured is
 what runs.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -36,6 +39,7 @@ import numpy as np
 from model.inference import Segmenter
 from model.preprocess import Geometry
 from model.stats import TumorStats
+from bonedetect.settings import IO_PRIORITY_MODES
 from worker.decode import DecodedImage, DecodeError, decode_image
 from worker.gpu_decode import GpuJpegDecoder, select_decoder
 from worker.overlay import overlay_png
@@ -47,6 +51,42 @@ log = logging.getLogger("bonedetect.worker")
 # frames differ from a full decode's by up to 18 gray levels at sharp edges, with 2 by up to 5, for about
 # the same decoding time (docs/benchmarks.md).
 REDUCED_DECODE_MARGIN = 2
+
+
+def pool_priority(mode: str, cuda: bool) -> str:
+    """IO_PRIORITY resolved for a network on CUDA (``cuda``) or on the CPU: "idle" or "normal".
+
+    auto is idle on a CPU. There the network is the work, and its OpenMP threads wait for each other at
+    every layer: a pool thread that wakes and takes one of their cores stalls the other as well, so on two
+    cores a one-thread worker's decoding and finishing cost the network more wall time than their own CPU
+    time (docs/benchmarks.md). Under Linux's SCHED_IDLE a pool thread never preempts the network's: it runs
+    on the cores that the network's threads leave between layers and while the network waits for a decoded
+    batch, and the pipeline's bounds (``prefetch_batches``, ``max_pending``) make the network wait when the
+    pool falls behind, so nothing starves while the worker has the machine to itself. On a 2-core Zen 5,
+    200 full-size images through the system, four pairs of runs: system/model 0.894-0.950 against
+    0.868-0.890 with normal threads, the cores the system got 1.85-1.87 against 1.80-1.83 (nice 19 instead:
+    0.876 and 0.886). On a GPU the pool's work is what sets the rate: normal. Under other CPU-heavy
+    processes at normal priority (a machine shared with other work) idle threads get little of the CPU, and
+    the worker slows with them: IO_PRIORITY=normal there."""
+    if mode not in IO_PRIORITY_MODES:
+        raise ValueError(f"io_priority must be one of {IO_PRIORITY_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "normal" if cuda else "idle"
+    return mode
+
+
+_idle_refused = threading.Event()  # warned once that SCHED_IDLE is not available here
+
+
+def _run_when_idle() -> None:
+    """A pool thread's initializer for io_priority "idle": this thread under SCHED_IDLE. Where there is none
+    (not Linux) or it is refused, the thread keeps its priority and the worker says so once."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as err:
+        if not _idle_refused.is_set():
+            _idle_refused.set()
+            log.warning("IO_PRIORITY=idle: no SCHED_IDLE here (%s); the I/O threads run at normal priority", err)
 
 
 def reduced_decoder(segmenter: Segmenter) -> Callable[[bytes, int], DecodedImage]:
@@ -164,6 +204,9 @@ class Pipeline:
         segmenter: the loaded network; its ``batch_size`` is the forward batch.
         max_pixels: images above this are refused before decoding.
         threads: decode/finish threads that overlap the network.
+        io_priority: their CPU scheduling, IO_PRIORITY: "idle" (SCHED_IDLE: only
+            on cores the network leaves free), "normal", or "auto": idle when the
+            network runs on the CPU (``pool_priority``).
         gpu_decode: "auto" (nvJPEG through torchvision when the segmenter is on
             CUDA and torchvision imports), "on" (required; ValueError if not
             possible) or "off" (the worker passes its GPU_DECODE setting).
@@ -225,6 +268,7 @@ class Pipeline:
         overlays: bool = True,
         reduced_jpeg: bool = True,
         gpu_decode_batch: bool = True,
+        io_priority: str = "auto",
     ):
         if threads < 1 or prefetch_batches < 1:
             raise ValueError(f"threads and prefetch_batches must be at least 1, got {threads} and {prefetch_batches}")
@@ -246,7 +290,9 @@ class Pipeline:
         # One batch at a time from the runs of concurrent chunks, in the order asked: Segmenter.submit takes one
         # caller at a time, and a torch.compile'd network is not thread safe (pytorch/pytorch#118260).
         self._network = FairLock()
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bonedetect-io")
+        self.io_priority = pool_priority(io_priority, bool(segmenter.cuda))
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bonedetect-io",
+                                       initializer=_run_when_idle if self.io_priority == "idle" else None)
 
     @contextlib.contextmanager
     def _step(self, name: str):

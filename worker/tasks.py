@@ -91,7 +91,7 @@ def build_context(settings: Settings) -> WorkerContext:
              segmenter.postprocessor.threshold, loaded.label)
     engine_args = {"connect_args": {"connect_timeout": 10}} if settings.database_url.startswith("postgres") else {}
     pipeline = Pipeline(segmenter, max_pixels=settings.max_image_pixels, threads=settings.io_threads,
-                        overlays=settings.overlays == "eager", reduced_jpeg=settings.jpeg_decode == "reduced",
+                        io_priority=settings.io_priority, overlays=settings.overlays == "eager", reduced_jpeg=settings.jpeg_decode == "reduced",
                         gpu_decode=settings.gpu_decode, gpu_decode_batch=settings.gpu_decode_batch == "on")
     return WorkerContext(
         settings=settings,
