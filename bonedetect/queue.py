@@ -8,6 +8,7 @@ idempotent), prefetch 1, results ignored (the SQL database is the record).
 
 from __future__ import annotations
 
+import logging
 import time
 
 from celery import Celery
@@ -15,6 +16,8 @@ from celery import Celery
 from bonedetect.settings import Settings
 
 SEGMENT_TASK = "worker.tasks.segment_chunk"
+
+log = logging.getLogger("bonedetect.queue")
 
 # kombu's virtual transports (the embedded broker's SQLAlchemy one) look for a message and, when the queues are
 # empty, sleep polling_interval seconds, 1 by default, before looking again: an idle worker of the embedded
@@ -53,7 +56,7 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
     )
-    if settings.embedded:
+    if settings.broker_url.startswith("sqla+sqlite"):
         prepare_embedded_broker(app, settings)
     return app
 
@@ -66,10 +69,12 @@ def prepare_embedded_broker(app: Celery, settings: Settings, attempts: int = 6) 
     then inserting, guarded by a lock of one process only (celery/kombu#1187): processes that start at once
     on a new broker file can both insert, and the loser's error reaches it unhandled. A worker's consumer
     declares its queues at start, so one of two workers started together could stop at once ("Unrecoverable
-    error: IntegrityError: UNIQUE constraint failed: kombu_queue.name"; one benchmark run in ~20 lost its
-    second worker that way). Here the loser meets the winner's table or row and tries again on a fresh
-    connection, which then finds them: a worker, the API and the reconciler all make their app here before
-    anything of theirs declares a queue."""
+    error: IntegrityError: UNIQUE constraint failed: kombu_queue.name"; 3 of 35 pairs of workers started
+    together on a new home, docs/benchmarks.md). Here the loser meets the winner's table or row and tries
+    again on a fresh connection, which then finds them: a worker, the API and the reconciler all make their
+    app here before anything of theirs declares a queue. Should the broker's file not open at all (a home
+    that cannot be written), this only logs it: the process goes on as before, to Celery's own connection
+    retries and errors."""
     from kombu import Queue
     from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -83,9 +88,11 @@ def prepare_embedded_broker(app: Celery, settings: Settings, attempts: int = 6) 
                 finally:
                     _close_session(channel)
             return
-        except (IntegrityError, OperationalError):  # another process made the table or row first; or held the file
+        except (IntegrityError, OperationalError) as err:
+            # another process made the table or row first, or held the file
             if attempt == attempts - 1:
-                raise
+                log.warning("could not prepare the embedded broker's queues: %s", err)
+                return
             time.sleep(0.05 * (attempt + 1))
 
 

@@ -120,11 +120,14 @@ def test_workers_started_together_on_a_fresh_embedded_broker_all_start(tmp_path)
     for attempt in range(4):
         home = tmp_path / f"home{attempt}"
         start, errors = ctx.Barrier(6), ctx.Queue()
-        children = [ctx.Process(target=_start_like_a_worker, args=(str(home), start, errors)) for _ in range(6)]
+        children = [ctx.Process(target=_start_like_a_worker, args=(str(home), start, errors), daemon=True)
+                    for _ in range(6)]
         for child in children:
             child.start()
         for child in children:
             child.join(120)
+            if child.is_alive():  # hung: fail, and do not leave it behind
+                child.terminate()
         failures = []
         while not errors.empty():
             failures.append(errors.get())
