@@ -109,8 +109,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--io-threads", type=int, default=s.io_threads, help=f"pipeline decode/encode threads (IO_THREADS, now {s.io_threads})")
     p.add_argument("--io-priority", choices=IO_PRIORITY_MODES, default=s.io_priority,
                    help=f"IO_PRIORITY for the pipeline and the workers (now {s.io_priority}): idle: the decode/encode "
-                        "threads run only on cores the network leaves free (SCHED_IDLE); auto: idle where the network "
-                        "runs on the CPU")
+                        "threads run on the cores the network leaves free, without preempting it (SCHED_IDLE); auto: "
+                        "idle where the network runs on the CPU (not under --standin-device)")
     p.add_argument("--worker-concurrency", type=concurrency_arg, default=s.worker_concurrency,
                    help=f"chunks each worker holds at once, sharing its model, and chunks the pipeline stage runs at once "
                         f"(WORKER_CONCURRENCY, now {s.worker_concurrency or 'auto'}; auto: 2 on a GPU host, 1 on a CPU)")
@@ -350,7 +350,8 @@ def run(args, argv, tmp: Path) -> int:
         out["model"], out["standin_device"] = model_text, args.standin_device
     out["tta_served"] = segmenter.tta  # INFER_TTA resolved against the checkpoint (auto: its recommended mode)
     out["worker_concurrency"] = args.worker_concurrency
-    out["io_priority"] = pool_priority(args.io_priority, segmenter.cuda)  # auto, as the workers resolve it
+    # auto, as the workers resolve it; a stand-in device stands for a GPU's, where the pool's work sets the rate
+    args.io_priority = out["io_priority"] = pool_priority(args.io_priority, segmenter.cuda or bool(args.standin_device))
     device = tp.device_name(segmenter)
     results: dict[str, tp.StageResult] = {}
     drift_warning = None
@@ -419,7 +420,7 @@ def run(args, argv, tmp: Path) -> int:
     print(f"model:    {model_text} ({ckpt})")
     chunks = -(-n // args.chunk)
     print(f"config:   {n} images of {h}x{w} JPEG; forward batch {args.batch}; chunk {args.chunk} ({chunks} chunks); torch threads {args.threads}"
-          f" per worker; decode/encode threads {args.io_threads} at {out['io_priority']} priority; workers {args.workers}"
+          f" per worker; decode/encode threads {args.io_threads} at {args.io_priority} priority; workers {args.workers}"
           f" of {args.worker_concurrency} chunk(s) at once; "
           f"{f'1 job in {args.parts} parts' if args.parts > 1 else f'{args.jobs} job(s)'} by "
           f"{min(args.uploaders, max(args.jobs, args.parts))} uploader(s); API "

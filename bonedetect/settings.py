@@ -74,8 +74,9 @@ class Settings:
     lease_s: int = 120  # a live worker renews its chunk's leases every lease_s/3; one that lapses means the worker died
     torch_threads: int = 0  # CPU inference threads per worker; 0: PyTorch's default
     io_threads: int = 4  # decode/encode threads that overlap the network
-    # the I/O threads' CPU scheduling: idle (Linux's SCHED_IDLE) runs them only on cores the network leaves
-    # free; normal shares the cores evenly; auto: idle where the network runs on the CPU, normal on a GPU
+    # the I/O threads' CPU scheduling: idle (Linux's SCHED_IDLE) runs them on the cores the network leaves
+    # free, without preempting it; normal shares the cores evenly; auto: idle where the network runs on the
+    # CPU, normal on a GPU
     io_priority: str = "auto"
     # chunks one worker process holds at once, sharing its one loaded model (bonedetect.queue.worker_pool): 1 runs
     # them one after another (Celery's solo pool); 2 lets one chunk's decoding, finishing and database writes

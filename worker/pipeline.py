@@ -15,7 +15,7 @@ a batch's plain JPEGs in one nvJPEG call (GPU_DECODE_BATCH=on|off).
 On the CPU, with lazy overlays, a JPEG is decoded at 1/2, 1/4 or 1/8 of its
 size, as long as that keeps twice the network's frame (worker/decode.py,
 JPEG_DECODE=reduced|full): the worker never needs its full-size pixels.
-Where the network runs on the CPU the pool's threads run only on cores it
+Where the network runs on the CPU the pool's threads run on the cores it
 leaves free (IO_PRIORITY, ``pool_priority``).
 The benchmark (python -m bench) runs this same class, so what is measured is
 what runs.
@@ -59,15 +59,17 @@ def pool_priority(mode: str, cuda: bool) -> str:
     auto is idle on a CPU. There the network is the work, and its OpenMP threads wait for each other at
     every layer: a pool thread that wakes and takes one of their cores stalls the other as well, so on two
     cores a one-thread worker's decoding and finishing cost the network more wall time than their own CPU
-    time (docs/benchmarks.md). Under Linux's SCHED_IDLE a pool thread never preempts the network's: it runs
-    on the cores that the network's threads leave between layers and while the network waits for a decoded
-    batch, and the pipeline's bounds (``prefetch_batches``, ``max_pending``) make the network wait when the
-    pool falls behind, so nothing starves while the worker has the machine to itself. On a 2-core Zen 5,
-    200 full-size images through the system, four pairs of runs: system/model 0.894-0.950 against
-    0.868-0.890 with normal threads, the cores the system got 1.85-1.87 against 1.80-1.83 (nice 19 instead:
+    time (docs/benchmarks.md). Under Linux's SCHED_IDLE a waking pool thread does not preempt the
+    network's, and gets little time while they run: it runs on the cores that the network's threads leave
+    between layers and while the network waits for a decoded batch, and the pipeline's bounds
+    (``prefetch_batches``, ``max_pending``) make the network wait when the pool falls behind, so nothing
+    starves while the worker has the machine to itself. On a 2-core Zen 5, 200 full-size images through the
+    system, six alternated pairs of runs: system/model 0.894-0.950 (median 0.923) against 0.868-0.927
+    (0.882) with normal threads, the cores the system got 1.85-1.87 against 1.80-1.83 (nice 19 instead:
     0.876 and 0.886). On a GPU the pool's work is what sets the rate: normal. Under other CPU-heavy
-    processes at normal priority (a machine shared with other work) idle threads get little of the CPU, and
-    the worker slows with them: IO_PRIORITY=normal there."""
+    processes at normal priority (a machine shared with other work) idle threads get little of the CPU,
+    and one may hold Python's lock that the network's thread needs: the whole worker slows with them,
+    IO_PRIORITY=normal there."""
     if mode not in IO_PRIORITY_MODES:
         raise ValueError(f"io_priority must be one of {IO_PRIORITY_MODES}, got {mode!r}")
     if mode == "auto":
@@ -204,9 +206,9 @@ class Pipeline:
         segmenter: the loaded network; its ``batch_size`` is the forward batch.
         max_pixels: images above this are refused before decoding.
         threads: decode/finish threads that overlap the network.
-        io_priority: their CPU scheduling, IO_PRIORITY: "idle" (SCHED_IDLE: only
-            on cores the network leaves free), "normal", or "auto": idle when the
-            network runs on the CPU (``pool_priority``).
+        io_priority: their CPU scheduling, IO_PRIORITY: "idle" (SCHED_IDLE: on
+            the cores the network leaves free, without preempting it), "normal",
+            or "auto": idle when the network runs on the CPU (``pool_priority``).
         gpu_decode: "auto" (nvJPEG through torchvision when the segmenter is on
             CUDA and torchvision imports), "on" (required; ValueError if not
             possible) or "off" (the worker passes its GPU_DECODE setting).

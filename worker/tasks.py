@@ -91,8 +91,9 @@ def build_context(settings: Settings) -> WorkerContext:
              segmenter.postprocessor.threshold, loaded.label)
     engine_args = {"connect_args": {"connect_timeout": 10}} if settings.database_url.startswith("postgres") else {}
     pipeline = Pipeline(segmenter, max_pixels=settings.max_image_pixels, threads=settings.io_threads,
-                        io_priority=settings.io_priority, overlays=settings.overlays == "eager", reduced_jpeg=settings.jpeg_decode == "reduced",
-                        gpu_decode=settings.gpu_decode, gpu_decode_batch=settings.gpu_decode_batch == "on")
+                        io_priority=settings.io_priority, overlays=settings.overlays == "eager",
+                        reduced_jpeg=settings.jpeg_decode == "reduced", gpu_decode=settings.gpu_decode,
+                        gpu_decode_batch=settings.gpu_decode_batch == "on")
     return WorkerContext(
         settings=settings,
         sessions=make_sessionmaker(make_engine(settings.database_url, **engine_args)),

@@ -180,39 +180,24 @@ def test_jpeg_decode_setting_reaches_the_worker_processes():
 
 
 def test_io_threads_yield_the_cores_to_a_network_on_the_cpu(pipeline, tmp_path):
-    """IO_PRIORITY=auto where the network runs on the CPU: the pool's threads run under SCHED_IDLE, so they
-    never take a core from the network's threads (whose OpenMP team waits for its slowest member at every
-    layer); the thread that runs the network keeps its priority; normal leaves the pool as it is; on CUDA,
-    where the pool's work sets the rate, auto is normal. The masks do not depend on it."""
+    """IO_PRIORITY=auto where the network runs on the CPU: the pool's threads run under SCHED_IDLE, so a waking
+    one does not take a core from the network's threads (whose OpenMP team waits for its slowest member at
+    every layer); the thread that runs the network keeps its priority; normal leaves the pool as it is; on
+    CUDA, where the pool's work sets the rate, auto is normal. The masks do not depend on it."""
     import os
 
     from bonedetect.local import settings_env
     from bonedetect.settings import Settings
     from model.checkpoint import SYNTHETIC_CHECKPOINT
+    from worker import pipeline as pipeline_module
     from worker.pipeline import pool_priority
     from worker.tasks import build_context
-
-    def policies(pipe):
-        return set(pipe.pool.map(lambda _: os.sched_getscheduler(0), range(8)))  # every thread it started
-
-    assert pipeline.io_priority == "idle"
-    items = [(f"img{i}", (lambda d=jpeg(60 + 9 * i, 80): d)) for i in range(5)]
-    idle = pipeline.run(items)
-    assert policies(pipeline) == {os.SCHED_IDLE}
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the network's thread: this one
-    normal = Pipeline(pipeline.segmenter, threads=2, io_priority="normal")
-    try:
-        plain = normal.run(items)
-        assert policies(normal) == {os.SCHED_OTHER}
-    finally:
-        normal.close()
-    assert [r.mask_png for r in idle] == [r.mask_png for r in plain] and all(r.ok for r in idle)
-    assert [r.stats for r in idle] == [r.stats for r in plain]
 
     assert (pool_priority("auto", cuda=False), pool_priority("auto", cuda=True)) == ("idle", "normal")
     assert pool_priority("idle", cuda=True) == "idle" and pool_priority("normal", cuda=False) == "normal"
     with pytest.raises(ValueError, match="io_priority must be one of"):
         pool_priority("low", cuda=False)
+    assert pipeline.io_priority == ("normal" if pipeline.segmenter.cuda else "idle")
 
     # the setting, from the environment to the worker's pipeline
     assert Settings.from_env({}).io_priority == "auto"
@@ -229,6 +214,30 @@ def test_io_threads_yield_the_cores_to_a_network_on_the_cpu(pipeline, tmp_path):
             assert ctx.pipeline.io_priority == ("normal" if mode == "normal" or cuda else "idle")
         finally:
             ctx.pipeline.close()
+
+    # the threads themselves
+    if not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("no SCHED_IDLE here (not Linux): the pool keeps its priority")
+
+    def policies(pipe):
+        return set(pipe.pool.map(lambda _: os.sched_getscheduler(0), range(8)))  # every thread it started
+
+    items = [(f"img{i}", (lambda d=jpeg(60 + 9 * i, 80): d)) for i in range(5)]
+    idle = Pipeline(pipeline.segmenter, threads=2, io_priority="idle")
+    normal = Pipeline(pipeline.segmenter, threads=2, io_priority="normal")
+    try:
+        yielding, plain = idle.run(items), normal.run(items)
+        if pipeline_module._idle_refused.is_set():
+            pytest.skip("SCHED_IDLE refused here (a sandboxed kernel): the pool keeps its priority, logged")
+        assert policies(idle) == {os.SCHED_IDLE}
+        assert policies(normal) == {os.SCHED_OTHER}
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the network's thread: this one
+    finally:
+        idle.close()
+        normal.close()
+    assert all(r.ok for r in yielding)
+    assert [r.mask_png for r in yielding] == [r.mask_png for r in plain]
+    assert [r.stats for r in yielding] == [r.stats for r in plain]
 
 
 def _upscaled_even(data: bytes) -> bytes:
