@@ -36,10 +36,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from bonedetect.settings import IO_PRIORITY_MODES
 from model.inference import Segmenter
 from model.preprocess import Geometry
 from model.stats import TumorStats
-from bonedetect.settings import IO_PRIORITY_MODES
 from worker.decode import DecodedImage, DecodeError, decode_image
 from worker.gpu_decode import GpuJpegDecoder, select_decoder
 from worker.overlay import overlay_png
@@ -58,7 +58,7 @@ def pool_priority(mode: str, cuda: bool) -> str:
 
     auto is idle on a CPU. There the network is the work, and its OpenMP threads wait for each other at
     every layer: a pool thread that wakes and takes one of their cores stalls the other as well, so on two
-    cores a one-thread worker's decoding and finishing cost the network more wall time than their own CPU
+    cores a worker's decoding and finishing cost its two-thread network more wall time than their own CPU
     time (docs/benchmarks.md). Under Linux's SCHED_IDLE a waking pool thread does not preempt the
     network's, and gets little time while they run: it runs on the cores that the network's threads leave
     between layers and while the network waits for a decoded batch, and the pipeline's bounds
