@@ -350,8 +350,9 @@ def run(args, argv, tmp: Path) -> int:
         out["model"], out["standin_device"] = model_text, args.standin_device
     out["tta_served"] = segmenter.tta  # INFER_TTA resolved against the checkpoint (auto: its recommended mode)
     out["worker_concurrency"] = args.worker_concurrency
-    # auto, as the workers resolve it; a stand-in device stands for a GPU's, where the pool's work sets the rate
-    args.io_priority = out["io_priority"] = pool_priority(args.io_priority, segmenter.cuda or bool(args.standin_device))
+    # a GPU's device, or the stand-in for one: the workers share it, and the pool's work sets the rate
+    gpu_like = segmenter.cuda or bool(args.standin_device)
+    args.io_priority = out["io_priority"] = pool_priority(args.io_priority, gpu_like)  # auto, as the workers resolve it
     device = tp.device_name(segmenter)
     results: dict[str, tp.StageResult] = {}
     drift_warning = None
@@ -412,8 +413,7 @@ def run(args, argv, tmp: Path) -> int:
         r.notes["load"] = r.notes.pop("load", None)  # keep it last
     model = results.get("model")
     # K CPU workers have K times the cores of one; K workers on a GPU (or the stand-in) share its one device
-    shared_device = segmenter.cuda or bool(args.standin_device)
-    scale = args.workers if "system" in results and not shared_device else 1
+    scale = args.workers if "system" in results and not gpu_like else 1
     print()
     print(f"device:   {device}")
     print(f"machine:  {out['machine']}")
