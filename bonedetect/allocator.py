@@ -34,7 +34,7 @@ import logging
 import os
 import sys
 
-from bonedetect.settings import ALLOCATOR_MODES
+from bonedetect.settings import ALLOCATOR_MODES, choose
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,7 @@ def keep_freed_memory() -> bool:
 
 def apply(mode: str) -> bool:
     """``ALLOCATOR``'s value: "keep" calls ``keep_freed_memory()``; "system" changes nothing."""
-    if mode not in ALLOCATOR_MODES:
-        raise ValueError(f"allocator must be one of {ALLOCATOR_MODES}, got {mode!r}")
-    return keep_freed_memory() if mode == "keep" else False
+    return keep_freed_memory() if choose("ALLOCATOR", mode, ALLOCATOR_MODES) == "keep" else False
 
 
 def apply_from_env() -> bool:

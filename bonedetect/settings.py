@@ -47,12 +47,20 @@ IO_PRIORITY_MODES = ("auto", "idle", "normal")  # IO_PRIORITY; the first is the 
 TTA_MODES = ("auto", "off", "flip", "flip4")
 
 
-def _choice(env: dict, name: str, choices: tuple[str, ...]) -> str:
-    """env[name], lower-cased, one of choices (the first when unset)."""
-    raw = (env.get(name) or choices[0]).strip().lower()
+def choose(name: str, value: str | None, choices: tuple[str, ...]) -> str:
+    """The mode setting ``name``'s ``value``, stripped and lower-cased, one of ``choices`` (the first
+    when unset or empty); else a ValueError that names the setting, its choices and the value. The one
+    reading of a mode, from the environment (``Settings``) or passed straight to the code that uses it
+    (a ``Pipeline`` built by the bench or a test)."""
+    raw = (value or choices[0]).strip().lower()
     if raw not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {env.get(name)!r}")
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return raw
+
+
+def _choice(env: dict, name: str, choices: tuple[str, ...]) -> str:
+    """env[name] read by ``choose``."""
+    return choose(name, env.get(name), choices)
 
 
 @dataclass(frozen=True)

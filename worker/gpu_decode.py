@@ -58,7 +58,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from bonedetect.settings import GPU_DECODE_MODES
+from bonedetect.settings import GPU_DECODE_MODES, choose
 from worker.decode import MIN_SIDE, DecodedImage, decode_image
 
 log = logging.getLogger("bonedetect.worker")
@@ -84,9 +84,7 @@ def gpu_decode_unavailable(device) -> str | None:
 
 def select_decoder(mode: str, device) -> Decoder:
     """The decoder for GPU_DECODE=``mode`` with the network on ``device``."""
-    choice = (mode or "auto").strip().lower()
-    if choice not in GPU_DECODE_MODES:
-        raise ValueError(f"GPU_DECODE must be one of {', '.join(GPU_DECODE_MODES)}, got {mode!r}")
+    choice = choose("GPU_DECODE", mode, GPU_DECODE_MODES)
     if choice == "off":
         return decode_image
     reason = gpu_decode_unavailable(device)

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from bonedetect.settings import IO_PRIORITY_MODES
+from bonedetect.settings import IO_PRIORITY_MODES, choose
 from model.inference import Segmenter
 from model.preprocess import Geometry
 from model.stats import TumorStats
@@ -70,8 +70,7 @@ def pool_priority(mode: str, cuda: bool) -> str:
     processes at normal priority (a machine shared with other work) idle threads get little of the CPU,
     and one may hold Python's lock that the network's thread needs: the whole worker slows with them,
     IO_PRIORITY=normal there."""
-    if mode not in IO_PRIORITY_MODES:
-        raise ValueError(f"io_priority must be one of {IO_PRIORITY_MODES}, got {mode!r}")
+    mode = choose("IO_PRIORITY", mode, IO_PRIORITY_MODES)
     if mode == "auto":
         return "normal" if cuda else "idle"
     return mode

@@ -50,7 +50,7 @@ def test_keep_reuses_freed_blocks_where_the_default_maps_them_again():
 
 
 def test_unknown_mode_is_refused():
-    with pytest.raises(ValueError, match="allocator must be one of"):
+    with pytest.raises(ValueError, match="ALLOCATOR must be one of keep, system, got 'jemalloc'"):
         allocator.apply("jemalloc")
 
 

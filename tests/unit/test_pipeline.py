@@ -195,7 +195,8 @@ def test_io_threads_yield_the_cores_to_a_network_on_the_cpu(pipeline, tmp_path):
 
     assert (pool_priority("auto", cuda=False), pool_priority("auto", cuda=True)) == ("idle", "normal")
     assert pool_priority("idle", cuda=True) == "idle" and pool_priority("normal", cuda=False) == "normal"
-    with pytest.raises(ValueError, match="io_priority must be one of"):
+    assert pool_priority(" Idle ", cuda=True) == "idle"  # read as the environment's IO_PRIORITY is
+    with pytest.raises(ValueError, match="IO_PRIORITY must be one of auto, idle, normal, got 'low'"):
         pool_priority("low", cuda=False)
     assert pipeline.io_priority == ("normal" if pipeline.segmenter.cuda else "idle")
 
