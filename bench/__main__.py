@@ -200,14 +200,26 @@ def checkpoint_for(args, tmp: Path) -> tuple[Path, str]:
     return path, f"{path.name}"
 
 
+def worker_env(args) -> dict[str, str]:
+    """The workers' settings that the bench's flags set, the same for every system it starts (the
+    system stage's and the memory run's)."""
+    env = {"GPU_DECODE": args.gpu_decode, "GPU_DECODE_BATCH": args.gpu_decode_batch, "OVERLAYS": args.overlays,
+           "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode, "INFER_CPU_BF16": args.cpu_bf16,
+           "INFER_TTA": args.tta, "CUDNN_BENCHMARK": args.cudnn_benchmark, "IO_PRIORITY": args.io_priority}
+    if args.worker_concurrency:  # else the workers' own default (WORKER_CONCURRENCY=auto)
+        env["WORKER_CONCURRENCY"] = str(args.worker_concurrency)
+    return env
+
+
 def run_memory(args, ckpt: Path, out: dict) -> int:
     n = args.images or 5000
     h, w = args.size or (1000, 800)
     paths = tp.bench_images(args.cache, n, h, w, unique=100, log=log)
-    log(f"worker memory: {n} images of {h}x{w}, one worker, {args.threads} torch thread(s), allocator {args.allocator}")
+    env = out["worker_env"] = worker_env(args)
+    log(f"worker memory: {n} images of {h}x{w}, one worker, {args.threads} torch thread(s), "
+        + ", ".join(f"{k}={v}" for k, v in env.items()))
     with tp.running_system(ckpt, workers=1, threads=args.threads, batch=args.batch, chunk=args.chunk,
-                           io_threads=args.io_threads, broker=args.broker,
-                           extra_env={"ALLOCATOR": args.allocator, "INFER_TTA": args.tta}) as system:
+                           io_threads=args.io_threads, broker=args.broker, extra_env=env) as system:
         worker = tp.worker_memory(system, paths, log=log)
     out["worker_memory"] = worker
     files = [int(v) for v in args.api_files.split(",") if v]
@@ -385,13 +397,7 @@ def run(args, argv, tmp: Path) -> int:
             "the last chunk runs alone and the scaling looks worse than it is")
     if "system" in stages:
         kw = dict(threads=args.threads, batch=worker_batch, chunk=args.chunk, io_threads=args.io_threads,
-                  broker=args.broker, extra_env={"GPU_DECODE": args.gpu_decode,
-                                                 "GPU_DECODE_BATCH": args.gpu_decode_batch, "OVERLAYS": args.overlays,
-                                                 "ALLOCATOR": args.allocator, "JPEG_DECODE": args.jpeg_decode,
-                                                 "INFER_CPU_BF16": args.cpu_bf16, "INFER_TTA": args.tta,
-                                                 "CUDNN_BENCHMARK": args.cudnn_benchmark, "IO_PRIORITY": args.io_priority,
-                                                 "WORKER_CONCURRENCY": str(args.worker_concurrency),
-                                                 **standin_env},
+                  broker=args.broker, extra_env={**worker_env(args), **standin_env},
                   pin_workers=args.pin_workers, app=worker_app, api_workers=args.api_workers)
         if args.workers > 1:
             log(f"system: one worker, {args.threads} torch thread(s), {args.broker}")

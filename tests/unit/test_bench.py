@@ -5,6 +5,7 @@ Not a timed test: the numbers are the benchmark's business (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -199,12 +200,16 @@ def test_the_network_folded_or_not_is_measured_apart_from_what_workers_serve(tmp
 
 def test_memory_probes_report_worker_and_api_rss(tmp_path, capsys):
     status = main(["--memory", "--images", "6", "--size", "96x80", "--api-files", "1,3", "--batch", "2", "--chunk", "3",
-                   "--threads", "1", "--cache", str(tmp_path / "cache")])
+                   "--threads", "1", "--io-priority", "normal", "--jpeg-decode", "full", "--cache", str(tmp_path / "cache"),
+                   "--json", str(tmp_path / "memory.json")])
     out = capsys.readouterr().out
     assert status == 0
     assert re.search(r"Worker RSS over 6 images of 96x80 \(\S+ s, job done\)", out)
     last = out.strip().splitlines()[-1]
     assert re.match(r"bench memory: worker RSS \S+ -> \S+ MiB over 6 images .*API peak \S+ -> \S+ MiB", last), last
+    # the worker measured is configured by the same flags as the system stage's (it ignored all but two of them)
+    env = json.loads((tmp_path / "memory.json").read_text())["worker_env"]
+    assert env["IO_PRIORITY"] == "normal" and env["JPEG_DECODE"] == "full", env
 
 
 def test_a_stand_in_device_queues_batches_at_its_rate_and_hands_back_the_real_networks_planes():
